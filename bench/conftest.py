@@ -1,0 +1,92 @@
+"""One benchmark harness: each measurement becomes a row of bench/results/<device>.json.
+
+On a GPU, times come from triton.testing.do_bench (median of many runs, L2 flushed between runs);
+pytest-benchmark's table (synchronised calls) is printed beside them. On the CPU, pytest-benchmark's
+median is recorded; the Triton kernels are not timed there (the interpreter says nothing about speed).
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROWS: list[dict] = []
+RESULTS = Path(__file__).parent / "results"
+GPU_ONLY = "Triton kernel timings need a GPU: under the CPU interpreter they would time the interpreter"
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(fn, **row): time fn() and record the row (bench, model, module, M, K, N, ranks, dtype, impl)."""
+    def _measure(fn, **row):
+        benchmark.group = " ".join(f"{k}={row[k]}" for k in row if k != "impl")
+        fn()
+        _sync()
+        if CUDA:
+            import triton.testing
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            benchmark.pedantic(lambda: (fn(), _sync()), rounds=10, warmup_rounds=2)
+        else:
+            benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+            ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info["median_ms"] = ms
+        ROWS.append(dict(row, median_ms=float(ms)))
+        return ms
+    return _measure
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
+        return
+    import triton
+    RESULTS.mkdir(exist_ok=True)
+    name = device_name()
+    doc = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": ROWS}
+    path = RESULTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    session.config._molf_results = path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    path = getattr(config, "_molf_results", None)
+    if path is None:
+        return
+    tr = terminalreporter
+    tr.section("molf: ratios measured side by side in this run")
+    if not CUDA:
+        tr.write_line(f"No GPU here: {GPU_ONLY}. Rows compare molf's eager path with the reference "
+                      "and the baselines, on the CPU, at reduced sizes.")
+    from summary import ratio_table
+    for line in ratio_table(ROWS):
+        tr.write_line(line)
+    tr.write_line(f"rows written to {path}")

@@ -1,0 +1,71 @@
+"""The MoLF layer: molf (fused Triton) vs eager (peft-style) vs cublas_chain (unsloth-style) vs base."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import molf
+from conftest import CUDA, DEVICE, GPU_ONLY
+from molf.reference import molf_linear_reference
+from shapes import MODELS
+
+if CUDA:
+    CASES = [(m, mod, M) for m in MODELS for mod in ("q_proj", "k_proj", "gate_proj", "down_proj")
+             for M in (4096, 8192)]
+    DTYPE = torch.bfloat16
+else:  # the CPU run is a smoke run of the harness at reduced size
+    CASES = [("Qwen2.5-1.5B", mod, 128) for mod in ("q_proj", "k_proj")]
+    DTYPE = torch.float32
+RANKS = [(16,), (128,), (16, 128)]
+MODES = ["layer_fwd", "layer_fwd_bwd_frozen", "layer_fwd_bwd_full"]
+IMPLS = ["molf", "eager", "cublas_chain", "base"]
+
+
+def cublas_chain(x, w, b, As, Bs, scalings):
+    """unsloth-style: one matmul for the base, then addmm of the (concatenated) low-rank term."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, w, b)
+    if len(As) == 1:
+        a, bb = As[0], Bs[0] * scalings[0]
+    else:
+        a, bb = torch.cat(list(As)), torch.cat([B * s for B, s in zip(Bs, scalings)], dim=1)
+    return torch.addmm(y, x2 @ a.t(), bb.t()).view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ranks", RANKS, ids=lambda r: "r" + "-".join(map(str, r)))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-M{c[2]}")
+def test_layer(measure, case, ranks, mode, impl):
+    if impl == "molf" and not CUDA:
+        pytest.skip(GPU_ONLY)
+    if mode == "layer_fwd_bwd_frozen" and impl == "base":
+        pytest.skip("base alone has nothing to train when frozen")
+    model, module, M = case
+    n, k = MODELS[model][0][module]
+    train_base = mode == "layer_fwd_bwd_full"
+    lin = nn.Linear(k, n, bias=module in ("q_proj", "k_proj"), device=DEVICE, dtype=DTYPE)
+    layer = molf.MoLFLinear(lin, ranks=ranks, alphas=(32,) * len(ranks), train_base=train_base,
+                            backend="triton" if impl == "molf" else "eager")
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(std=0.01)
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE, requires_grad=mode != "layer_fwd")
+    As, Bs = list(layer.lora_A), list(layer.lora_B)
+    fwd = {
+        "molf": lambda: layer(x),
+        "eager": lambda: molf_linear_reference(x, lin.weight, lin.bias, As, Bs, layer.scalings),
+        "cublas_chain": lambda: cublas_chain(x, lin.weight, lin.bias, As, Bs, layer.scalings),
+        "base": lambda: F.linear(x, lin.weight, lin.bias),
+    }[impl]
+    if mode == "layer_fwd":
+        def fn():
+            with torch.no_grad():
+                return fwd()
+    else:
+        g = torch.randn(M, n, device=DEVICE, dtype=DTYPE)
+
+        def fn():
+            fwd().backward(g)
+    measure(fn, bench=mode, model=model, module=module, M=M, K=k, N=n, ranks=list(ranks),
+            dtype=str(DTYPE).removeprefix("torch."), impl=impl)

@@ -1,0 +1,1 @@
+"""molf.kernels: the Triton kernels (installed from the top-level kernels/ folder)."""

@@ -1,0 +1,65 @@
+"""Which parameters a MoLF optimizer updates, grouped the way the algorithm needs them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layer import MoLFLinear
+
+# Param-group kinds: the full expert's weight and bias, the LoRA experts, everything else.
+FULL, FULL_BIAS, LORA, DECAY, NO_DECAY = "full", "full_bias", "lora", "decay", "no_decay"
+
+
+@dataclass
+class Layout:
+    layer_names: list[str]
+    expert_names: list[str]
+    experts: list[list[list[nn.Parameter]]]  # [layer][expert] -> that expert's trainable parameters
+    others: list[nn.Parameter]               # trainable parameters outside MoLF layers (plain AdamW)
+    groups: list[dict]                       # torch param groups, each tagged with its "kind"
+
+
+def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_decay: float,
+                 lora_weight_decay: float) -> Layout:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (molf wraps the model, not a parameter list), "
+                        f"got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    if not layers:
+        raise ValueError("the model has no MoLF layers: call molf.wrap(model, ...) before creating MoLFAdamW")
+    names = layers[0][1].expert_names
+    for n, m in layers:
+        if m.expert_names != names:
+            raise ValueError(f"all MoLF layers must share one expert layout; {layers[0][0]} has {names} "
+                             f"but {n} has {m.expert_names}")
+    lora_lr = lr if lora_lr is None else lora_lr
+    kinds = {FULL: [], FULL_BIAS: [], LORA: [], DECAY: [], NO_DECAY: []}
+    experts, inside = [], set()
+    for _, m in layers:
+        per = []
+        if m.base.weight.requires_grad:
+            full = [m.base.weight]
+            kinds[FULL].append(m.base.weight)
+            if m.base.bias is not None and m.base.bias.requires_grad:
+                full.append(m.base.bias)
+                kinds[FULL_BIAS].append(m.base.bias)
+            per.append(full)
+        for a, b in zip(m.lora_A, m.lora_B):
+            ps = [p for p in (a, b) if p.requires_grad]
+            kinds[LORA].extend(ps)
+            per.append(ps)
+        experts.append(per)
+        inside.update(id(p) for p in m.parameters())
+    others, seen = [], set(inside)
+    for n, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        others.append(p)
+        no_decay = p.ndim < 2 or "norm" in n.lower()
+        kinds[NO_DECAY if no_decay else DECAY].append(p)
+    hyper = {FULL: (lr, weight_decay), FULL_BIAS: (lr, 0.0), LORA: (lora_lr, lora_weight_decay),
+             DECAY: (lr, weight_decay), NO_DECAY: (lr, 0.0)}
+    groups = [dict(params=ps, lr=hyper[k][0], weight_decay=hyper[k][1], kind=k) for k, ps in kinds.items() if ps]
+    return Layout([n for n, _ in layers], names, experts, others, groups)

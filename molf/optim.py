@@ -1,0 +1,236 @@
+"""MoLFAdamW: per layer and per step, the experts compete by score (EPD or PFN) and only the
+top_k winners take the AdamW update; every expert's moments advance. `../shared/molf-algorithm.md` §2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend
+from ._layout import build_layout
+from .reference import SCORES, expert_score_terms
+
+
+def check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k, n_experts):
+    for name, val in (("lr", lr), ("lora_lr", lora_lr)):
+        if val is not None and (not isinstance(val, (int, float)) or not val >= 0.0):
+            raise ValueError(f"{name} must be a float >= 0, got {val!r}")
+    for name, val in (("weight_decay", weight_decay), ("lora_weight_decay", lora_weight_decay)):
+        if not isinstance(val, (int, float)) or not val >= 0.0:
+            raise ValueError(f"{name} must be a float >= 0, got {val!r}")
+    if len(tuple(betas)) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be an int in [1, {n_experts}] (the number of experts per layer), got {top_k!r}")
+
+
+def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert_lrs: list[float], score: str,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and winners from the per-expert sums [L, E], on the device, without host synchronisation.
+
+    EPD: S = lr_e / N_e * sum;  PFN: S = sqrt(sum) / sqrt(N_e)  (inv_n holds 1/N_e or 1/sqrt(N_e)).
+    Experts without gradients score -inf and never win; ties go to the lower expert index.
+    """
+    if score == "epd":
+        scores = sums * inv_n
+        for e, lr in enumerate(expert_lrs):
+            scores[:, e] *= lr
+    else:
+        scores = sums.sqrt() * inv_n
+    scores.masked_fill_(no_grad, -math.inf)
+    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    winners = torch.zeros_like(no_grad).scatter_(1, top, True) & ~no_grad
+    return winners, scores
+
+
+def to_device(values, dtype, device) -> torch.Tensor:
+    """A host list as a device tensor, copied without a host synchronisation (pinned, non-blocking)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
+class StepPlan:
+    """The parameters that have gradients this step, in a fixed order: MoLF experts first, then the rest."""
+    params: list            # parameters with a gradient
+    owner: list[int]        # layer * n_experts + expert, or -1 outside MoLF layers
+    group: list[int]        # index of the parameter's param group
+    n_molf: int             # params[:n_molf] belong to MoLF experts
+    inv_n: torch.Tensor     # [L, E] 1/N_e (EPD) or 1/sqrt(N_e) (PFN); 0 where no gradient
+    no_grad: torch.Tensor   # [L, E] experts none of whose parameters has a gradient
+
+
+class MoLFAdamW(torch.optim.Optimizer):
+    """AdamW with MoLF routing.
+
+    Args:
+        model: a model wrapped by `molf.wrap` (or holding MoLFLinear layers).
+        lr, weight_decay: the full expert (its bias gets weight decay 0) and every trainable parameter
+            outside MoLF layers (plain AdamW there; weight decay 0 for biases and norm weights).
+        lora_lr (default `lr`), lora_weight_decay: the LoRA experts.
+        betas, eps: Adam's.
+        score: "epd" (lr_e / N_e * sum m^2/(sqrt(v)+1e-8)) or "pfn" (||m/(sqrt(v)+1e-8)|| / sqrt(N_e)).
+        top_k: experts updated per layer and step.
+        backend: "auto", "eager" or "triton".
+        state_dtype: dtype of the moments (default: the parameter's dtype, as torch.optim.AdamW).
+
+    After `step()`: `routing` (bool [n_layers, n_experts]) and `scores` (float32, same shape), on the
+    parameters' device; layers in `layer_names` order, experts in `expert_names` order.
+    """
+
+    def __init__(self, model, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0,
+                 lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
+                 top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None):
+        layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
+        check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
+                              len(layout.expert_names))
+        _backend.check_backend(backend)
+        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        devices = {p.device for per in layout.experts for ps in per for p in ps}
+        if len(devices) > 1:
+            raise ValueError(f"MoLF layers must live on one device, found {sorted(map(str, devices))}")
+        super().__init__(layout.groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.layout, self.score, self.top_k, self.backend = layout, score, top_k, backend
+        self.state_dtype = state_dtype
+        self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
+        self.device = devices.pop() if devices else torch.device("cpu")
+        # The full expert's lr is its weight's group; a LoRA expert's is the lora group.
+        kinds = [g["kind"] for g in self.param_groups]
+        self._expert_group = [kinds.index("full" if name == "full" else "lora") for name in self.expert_names]
+        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._plans: dict[tuple[bool, ...], StepPlan] = {}
+        self._impl = None
+        self.routing: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    # -- planning (host side, cached per pattern of which parameters have gradients) --
+    def _plan(self) -> StepPlan:
+        lay = self.layout
+        flat = [(p, li * len(self.expert_names) + ei) for li, per in enumerate(lay.experts)
+                for ei, ps in enumerate(per) for p in ps] + [(p, -1) for p in lay.others]
+        key = tuple(p.grad is not None for p, _ in flat)
+        plan = self._plans.get(key)
+        if plan is None:
+            with_grad = [(p, o) for (p, o), has in zip(flat, key) if has]
+            n_layers, n_experts = len(lay.layer_names), len(self.expert_names)
+            counts = [0] * (n_layers * n_experts)
+            for p, o in with_grad:
+                if o >= 0:
+                    counts[o] += p.numel()
+            inv = [(1.0 / c if self.score == "epd" else 1.0 / math.sqrt(c)) if c else 0.0 for c in counts]
+            plan = StepPlan(
+                params=[p for p, _ in with_grad], owner=[o for _, o in with_grad],
+                group=[self._group_of[id(p)] for p, _ in with_grad],
+                n_molf=sum(o >= 0 for _, o in with_grad),
+                inv_n=to_device(inv, torch.float32, self.device).view(n_layers, n_experts),
+                no_grad=to_device([c == 0 for c in counts], torch.bool, self.device).view(n_layers, n_experts))
+            self._plans[key] = plan
+        return plan
+
+    def _state(self, p):
+        st = self.state[p]
+        if not st:
+            dt = self.state_dtype or p.dtype
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return st
+
+    def _backend_impl(self):
+        name = _backend.resolve(self.backend, self.device)
+        if self._impl is None or self._impl.name != name:
+            if name == "triton":
+                from .kernels.routed_adamw import TritonRoutedAdamW
+                self._impl = TritonRoutedAdamW(self)
+            else:
+                self._impl = EagerRoutedAdamW(self)
+        return self._impl
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        for p in plan.params:
+            self._state(p)
+        impl = self._backend_impl()
+        sums = impl.moments_and_sums(plan)
+        lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
+        self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
+        impl.update(plan, self.routing)
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but moments keep `state_dtype` (torch would cast them to the parameter's dtype)
+        and step counters live on the parameter's device."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved:
+                src, st = saved[i], self.state[p]
+                dt = self.state_dtype or p.dtype
+                st["exp_avg"] = src["exp_avg"].to(device=p.device, dtype=dt, copy=True)
+                st["exp_avg_sq"] = src["exp_avg_sq"].to(device=p.device, dtype=dt, copy=True)
+                st["step"] = torch.as_tensor(src["step"], dtype=torch.float32).to(p.device, copy=True)
+        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._impl = None  # tables of state pointers must be rebuilt
+
+
+class EagerRoutedAdamW:
+    """The routed step in torch ops: foreach moments, per-expert sums, masked AdamW via torch.where."""
+    name = "eager"
+
+    def __init__(self, opt: MoLFAdamW):
+        self.opt = opt
+
+    def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
+        opt = self.opt
+        beta1, beta2 = opt.defaults["betas"]
+        sts = [opt.state[p] for p in plan.params]
+        ms, vs = [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]
+        gs = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(plan.params, ms)]
+        if ms:
+            torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+            torch._foreach_add_([s["step"] for s in sts], 1.0)
+        n = plan.inv_n.numel()
+        per_expert = [[] for _ in range(n)]
+        for i in range(plan.n_molf):
+            per_expert[plan.owner[i]].append(expert_score_terms(ms[i], vs[i], opt.score).sum())
+        zero = torch.zeros((), dtype=torch.float32, device=opt.device)
+        sums = [sum(terms[1:], terms[0]) if terms else zero for terms in per_expert]  # fixed order
+        return torch.stack(sums).view_as(plan.inv_n)
+
+    def update(self, plan: StepPlan, winners: torch.Tensor) -> None:
+        opt = self.opt
+        beta1, beta2 = opt.defaults["betas"]
+        flat = winners.view(-1)
+        for i, p in enumerate(plan.params):
+            g, st = opt.param_groups[plan.group[i]], opt.state[p]
+            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            dt = torch.promote_types(p.dtype, m.dtype)
+            # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
+            t = step.double()
+            step_size = (lr / (1.0 - torch.pow(beta1, t))).to(dt)
+            bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(dt)
+            denom = (v.to(dt).sqrt() / bc2_sqrt).add_(eps)
+            new = p.to(dt) * (1.0 - lr * wd)
+            new.sub_(m.to(dt) / denom * step_size)
+            if i < plan.n_molf:
+                new = torch.where(flat[plan.owner[i]], new, p.to(dt))
+            p.copy_(new)

@@ -1,0 +1,136 @@
+"""The eager reference: MoLF as the paper states it, written to be read, not to be fast.
+
+Every kernel and every backend of molf is tested against this module:
+
+- `molf_linear_reference`: y = x W^T + b + sum_i s_i (drop(x) A_i^T) B_i^T, peft-style (one expert at a time).
+- `MoLFAdamWReference`: the optimizer step as the authors' code runs it, a Python loop over layers and
+  experts with one host synchronisation (`.item()`) per expert score.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EPS_SCORE = 1e-8  # the score's epsilon, fixed by the algorithm (not the optimizer's eps)
+SCORES = ("epd", "pfn")
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep-mask for dropout on the LoRA path, drawn from torch's RNG (so every backend draws the same)."""
+    return torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).to(torch.bool)
+
+
+def molf_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
+                          scalings: Sequence[float], mask: torch.Tensor | None = None,
+                          p: float = 0.0) -> torch.Tensor:
+    """y = x W^T + b + sum_i s_i (drop(x) A_i^T) B_i^T with drop(x) = x * mask / (1 - p)."""
+    y = F.linear(x, weight, bias)
+    xd = x if mask is None else x * mask / (1.0 - p)
+    for s, a, b in zip(scalings, lora_A, lora_B):
+        y = y + s * F.linear(F.linear(xd, a), b)
+    return y
+
+
+def expert_score_terms(m: torch.Tensor, v: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-element score term, in fp32: EPD m^2/(sqrt(v)+eps_s), PFN (m/(sqrt(v)+eps_s))^2."""
+    m, v = m.float(), v.float()
+    if score == "epd":
+        return m.square() / (v.sqrt() + EPS_SCORE)
+    return (m / (v.sqrt() + EPS_SCORE)).square()
+
+
+def adamw_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: float, lr: float, wd: float,
+                  beta1: float, beta2: float, eps: float) -> None:
+    """Decoupled AdamW: p *= 1 - lr wd;  p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    p.mul_(1.0 - lr * wd)
+    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+class MoLFAdamWReference(torch.optim.Optimizer):
+    """MoLF AdamW, one layer and one expert at a time (the authors' structure). Same arguments,
+    param groups, state and `routing`/`scores` as `molf.MoLFAdamW`; see `../shared/molf-algorithm.md` §2.
+    """
+
+    def __init__(self, model, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0,
+                 lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
+                 top_k: int = 1):
+        from ._layout import build_layout
+        from .optim import check_hyperparameters
+
+        layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
+        check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
+                              len(layout.expert_names))
+        super().__init__(layout.groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.layout, self.score, self.top_k = layout, score, top_k
+        self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
+        self.routing: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def _group(self, p):
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("parameter not in any group")
+
+    def _advance_moments(self, p, beta1, beta2):
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        st["step"] += 1
+
+    def _update(self, p, beta1, beta2):
+        g, st = self._group(p), self.state[p]
+        adamw_update_(p, st["exp_avg"], st["exp_avg_sq"], st["step"].item(), g["lr"], g["weight_decay"],
+                      beta1, beta2, g["eps"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        beta1, beta2 = self.defaults["betas"]
+        n_layers, n_experts = len(self.layer_names), len(self.expert_names)
+        scores = torch.full((n_layers, n_experts), -math.inf)
+        routing = torch.zeros((n_layers, n_experts), dtype=torch.bool)
+        for li, experts in enumerate(self.layout.experts):
+            for ei, params in enumerate(experts):
+                with_grad = [p for p in params if p.grad is not None]
+                for p in with_grad:
+                    self._advance_moments(p, beta1, beta2)
+                if not with_grad:
+                    continue
+                total = 0.0
+                for p in with_grad:
+                    st = self.state[p]
+                    total += expert_score_terms(st["exp_avg"], st["exp_avg_sq"], self.score).sum().item()
+                n = sum(p.numel() for p in with_grad)
+                if self.score == "epd":
+                    scores[li, ei] = self._group(params[0])["lr"] / n * total
+                else:
+                    scores[li, ei] = math.sqrt(total) / math.sqrt(n)
+            order = sorted(range(n_experts), key=lambda e: scores[li, e].item(), reverse=True)  # stable: ties -> lower index
+            for ei in order[: self.top_k]:
+                if scores[li, ei] == -math.inf:
+                    continue
+                routing[li, ei] = True
+                for p in experts[ei]:
+                    if p.grad is not None:
+                        self._update(p, beta1, beta2)
+        for p in self.layout.others:
+            if p.grad is not None:
+                self._advance_moments(p, beta1, beta2)
+                self._update(p, beta1, beta2)
+        dev = self.layout.experts[0][0][0].device if self.layout.experts[0][0] else torch.device("cpu")
+        self.routing, self.scores = routing.to(dev), scores.to(dev)
+        return loss

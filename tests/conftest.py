@@ -1,0 +1,20 @@
+import os
+
+import torch
+
+# Kernels run under Triton's CPU interpreter where there is no GPU; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+BF16_INTERPRETER = ("bf16 tl.dot is wrong under Triton's CPU interpreter (triton-lang/triton#11584); "
+                    "bf16 cases run on the GPU only")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

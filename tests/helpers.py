@@ -1,0 +1,37 @@
+"""Shared test helpers: tiny models built from a config, error measures."""
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of a against b (computed in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(a, b, tol, what=""):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values (an unwritten output?)"
+    err = rel_err(a, b)
+    if not err <= tol:
+        diff = (a.double() - b.double()).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(f"{what}: relative error {err:.3g} > {tol:.1g}; worst at {idx}: "
+                             f"{a[idx].item()} vs {b[idx].item()}")
+
+
+def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab=64):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, use_cache=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def batch(seed=1, n=2, t=8, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g)

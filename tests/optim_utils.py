@@ -1,0 +1,57 @@
+"""Shared by the optimizer tests: wrapped tiny models and lockstep training loops."""
+import copy
+
+import torch
+
+import molf
+from helpers import batch, tiny_qwen2
+
+# (train_base, ranks, alphas, lr, lora_lr): learning rates chosen so that both experts win some steps.
+MOLF = (True, (8,), (8,), 1e-3, 1e-3)
+MOLF_E = (False, (2, 8), (8, 16), 1e-3, 1e-3)
+MOLF_E_PFN = (False, (2, 8), (8, 24), 1e-3, 1e-3)
+
+
+def wrapped(train_base, ranks, alphas, seed=0, dtype=torch.float32, backend="eager", layers=2, device="cpu"):
+    model = tiny_qwen2(seed=seed, dtype=dtype, layers=layers).to(device)
+    return molf.wrap(model, ranks=ranks, alphas=alphas, train_base=train_base, backend=backend)
+
+
+def make_opt(cls, model, lr, lora_lr, **kw):
+    kw.setdefault("weight_decay", 0.1)
+    kw.setdefault("lora_weight_decay", 0.01)
+    return cls(model, lr=lr, lora_lr=lora_lr, **kw)
+
+
+def train_step(model, opt, ids, scheduler=None):
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
+
+
+def flat_params(model):
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def lockstep(cfg, steps, cls_a, cls_b, kw_a=None, kw_b=None, dtype=torch.float32, ids=None, device="cpu"):
+    """Train two copies of one wrapped model side by side; returns models, optimizers and routings."""
+    train_base, ranks, alphas, lr, lora_lr = cfg
+    model_a = wrapped(train_base, ranks, alphas, dtype=dtype, device=device)
+    model_b = copy.deepcopy(model_a)
+    opt_a = make_opt(cls_a, model_a, lr, lora_lr, **(kw_a or {}))
+    opt_b = make_opt(cls_b, model_b, lr, lora_lr, **(kw_b or {}))
+    ids = batch().to(device) if ids is None else ids
+    routes_a, routes_b, scores_a, scores_b = [], [], [], []
+    for _ in range(steps):
+        train_step(model_a, opt_a, ids)
+        train_step(model_b, opt_b, ids)
+        routes_a.append(opt_a.routing.cpu().clone())
+        routes_b.append(opt_b.routing.cpu().clone())
+        scores_a.append(opt_a.scores.cpu().clone())
+        scores_b.append(opt_b.scores.cpu().clone())
+    return dict(model_a=model_a, model_b=model_b, opt_a=opt_a, opt_b=opt_b, routes_a=torch.stack(routes_a),
+                routes_b=torch.stack(routes_b), scores_a=torch.stack(scores_a), scores_b=torch.stack(scores_b))

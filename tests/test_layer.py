@@ -1,0 +1,206 @@
+"""MoLFLinear, wrap and merge on the eager backend, against float64 formulas and peft."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import molf
+from helpers import assert_close, batch, tiny_qwen2
+
+
+def f64_formula(x, w, b, As, Bs, scalings):
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    for s, a, bb in zip(scalings, As, Bs):
+        y = y + s * (x.double() @ a.double().T) @ bb.double().T
+    return y
+
+
+def make_layer(k, n, ranks, bias, train_base=True, dtype=torch.float64, backend="eager"):
+    lin = nn.Linear(k, n, bias=bias, dtype=dtype)
+    layer = molf.MoLFLinear(lin, ranks=ranks, alphas=[16.0 + 8 * i for i in range(len(ranks))],
+                            train_base=train_base, backend=backend)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("ranks", [(3,), (2, 5)], ids=["r3", "r2-5"])
+def test_forward_and_grads_match_f64_formula(bias, shape, ranks):
+    k, n = 13, 11
+    layer = make_layer(k, n, ranks, bias)
+    x = torch.randn(*shape, k, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape, n)
+    ref = f64_formula(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scalings)
+    assert_close(y, ref, 1e-12, "y")
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = [x, layer.base.weight] + ([layer.base.bias] if bias else []) + list(layer.lora_A) + list(layer.lora_B)
+    x2 = x.detach().clone().requires_grad_(True)
+    leaves = [x2] + [p.detach().clone().requires_grad_(True) for p in params[1:]]
+    w2 = leaves[1]
+    b2 = leaves[2] if bias else None
+    off = 3 if bias else 2
+    A2, B2 = leaves[off:off + len(ranks)], leaves[off + len(ranks):]
+    f64_formula(x2, w2, b2, A2, B2, layer.scalings).backward(g)
+    names = ["x", "W"] + (["b"] if bias else []) + [f"A{i}" for i in range(len(ranks))] + [f"B{i}" for i in range(len(ranks))]
+    for name, p, q in zip(names, params, leaves):
+        assert_close(p.grad, q.grad, 1e-12, f"d{name}")
+
+
+def test_scalings_rslora_and_plain():
+    lin = nn.Linear(8, 8)
+    assert molf.MoLFLinear(lin, ranks=(4, 16), alphas=(32, 32)).scalings == (16.0, 8.0)
+    assert molf.MoLFLinear(nn.Linear(8, 8), ranks=(4,), alphas=(32,), rslora=False).scalings == (8.0,)
+
+
+def test_frozen_base_gets_no_grad_and_names():
+    layer = make_layer(6, 4, (2, 3), True, train_base=False)
+    assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
+    assert layer.expert_names == ["lora_r2", "lora_r3"]
+    layer(torch.randn(5, 6, dtype=torch.float64)).sum().backward()
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert all(a.grad is not None for a in layer.lora_A)
+    assert make_layer(6, 4, (3,), True).expert_names == ["full", "lora_r3"]
+
+
+def test_dropout_only_on_lora_path_and_reproducible():
+    layer = molf.MoLFLinear(nn.Linear(16, 8, dtype=torch.float64), ranks=(4,), alphas=(8,), dropout=0.5,
+                            backend="eager").train()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B[0].normal_()
+    torch.manual_seed(3)
+    y1 = layer(x)
+    torch.manual_seed(3)
+    mask = molf.reference.dropout_mask(x, 0.5)
+    expect = layer.base(x) + layer.scalings[0] * ((x * mask / 0.5) @ layer.lora_A[0].T) @ layer.lora_B[0].T
+    assert_close(y1, expect, 1e-12, "dropout forward")
+    assert 0.3 < mask.float().mean().item() < 0.7
+    layer.eval()
+    assert_close(layer(x), f64_formula(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B,
+                                       layer.scalings), 1e-12, "eval has no dropout")
+
+
+def test_merge_equals_forward():
+    layer = make_layer(9, 7, (2, 3), True, train_base=True)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    merged = layer.merge()
+    assert type(merged) is nn.Linear
+    assert_close(merged(x), layer(x), 1e-12, "merged")
+    assert layer.lora_B[0].abs().sum() > 0  # the layer itself is unchanged
+
+
+def test_fresh_wrap_gives_same_logits():
+    model = tiny_qwen2()
+    ids = batch()
+    before = model(ids).logits
+    molf.wrap(model, ranks=(4, 8), alphas=(8, 8), train_base=True, backend="eager")
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear)]
+    assert len(wrapped) == 2 * 7 and not any("lm_head" in n for n in wrapped)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_wrap_freeze_others():
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 4), alphas=(8, 8), train_base=False, freeze_others=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_matches_peft_rslora_and_merge_and_unload():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_qwen2()
+    ids = batch()
+    ours = molf.wrap(copy.deepcopy(base), ranks=(8,), alphas=(16,), train_base=False, backend="eager")
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
+                          target_modules=list(molf.DEFAULT_TARGETS), init_lora_weights=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    # Same (random, nonzero) adapter weights in both.
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, molf.MoLFLinear):
+                m.lora_B[0].normal_(std=0.1)
+                pm = theirs.base_model.model.get_submodule(name)
+                pm.lora_A["default"].weight.copy_(m.lora_A[0])
+                pm.lora_B["default"].weight.copy_(m.lora_B[0])
+                assert math.isclose(pm.scaling["default"], m.scalings[0])
+    assert_close(ours(ids).logits, theirs(ids).logits, 1e-5, "peft logits")
+    merged_theirs = theirs.merge_and_unload()
+    merged_ours = molf.merge(ours)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in merged_ours.modules())
+    for (n1, p1), (n2, p2) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
+        assert n1 == n2
+        assert_close(p1, p2, 1e-6, n1)
+
+
+# -- bad input: clear errors, nothing changed --
+
+def test_wrap_without_match_names_target_modules():
+    model = tiny_qwen2()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"target_modules.*q_proj"):
+        molf.wrap(model, target_modules=("nope",))
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ranks=(4, 8), alphas=(8,)), "same length"),
+    (dict(ranks=(0,), alphas=(8,)), "rank"),
+    (dict(ranks=(4,), alphas=(0,)), "alpha"),
+    (dict(ranks=(4,), alphas=(-1.0,)), "alpha"),
+    (dict(ranks=(4,), alphas=(8,), dropout=1.0), "dropout"),
+    (dict(ranks=(4,), alphas=(8,), dropout=-0.1), "dropout"),
+    (dict(ranks=(4,), alphas=(8,), backend="cuda"), "backend"),
+], ids=["lengths", "rank0", "alpha0", "alpha-neg", "dropout1", "dropout-neg", "backend"])
+def test_bad_config_raises_before_changing_anything(kw, match):
+    model = tiny_qwen2()
+    with pytest.raises(ValueError, match=match):
+        molf.wrap(model, **kw)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=match):
+        molf.MoLFLinear(nn.Linear(8, 8), **kw)
+
+
+def test_wrong_input_width_names_both_shapes():
+    layer = molf.MoLFLinear(nn.Linear(8, 4), ranks=(2,), alphas=(4,))
+    with pytest.raises(ValueError, match=r"\(3, 7\).*in_features = 8.*\(4, 8\)"):
+        layer(torch.randn(3, 7))
+
+
+def test_mixed_dtype_is_a_type_error():
+    layer = molf.MoLFLinear(nn.Linear(8, 4), ranks=(2,), alphas=(4,))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_rank_above_min_dim_warns_but_works():
+    with pytest.warns(UserWarning, match="exceeds"):
+        layer = molf.MoLFLinear(nn.Linear(8, 4), ranks=(6,), alphas=(4,))
+    assert layer(torch.randn(2, 8)).shape == (2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        molf.MoLFLinear(nn.Linear(8, 4), ranks=(4,), alphas=(4,))
+
+
+def test_backend_resolution(monkeypatch):
+    from molf import _backend
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MOLF_BACKEND", raising=False)
+    assert _backend.resolve("auto", cpu) == "eager"
+    monkeypatch.setenv("MOLF_BACKEND", "triton")
+    assert _backend.resolve("auto", cpu) == "triton"
+    assert _backend.resolve("eager", cpu) == "eager"
+    monkeypatch.setenv("MOLF_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MOLF_BACKEND"):
+        _backend.resolve("auto", cpu)
