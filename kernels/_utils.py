@@ -1,5 +1,8 @@
 """Small helpers shared by the kernel families; version differences live here, as feature checks."""
+import os
+
 import torch
+import triton
 import triton.language as tl
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -7,3 +10,21 @@ TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloa
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype active for device_type, or None (torch.get_autocast_dtype is torch >= 2.4)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def config(**kw):
+    num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)

@@ -1,5 +1,183 @@
-"""Fused MoLF layer kernels (the fused-layer issue)."""
+"""Fused MoLF layer: the base GEMM and the scaled low-rank term in one accumulator, forward and backward.
+
+With A_cat = [A_1; ...; A_E] (R x K), B_cat = [B_1, ..., B_E] (N x R), s_cols the per-column scales
+(s_i repeated r_i times) and xd = drop(x):
+
+    forward   u  = (xd A_cat^T) * s_cols                        (M x R, skinny GEMM)
+              y  = x W^T + u B_cat^T + b                        (ONE launch: K-loop, then R-loop, same acc)
+    backward  v  = (g B_cat) * s_cols                           (M x R)
+              dx = g W + mask/(1-p) * (v A_cat)                 (ONE launch; without dropout one accumulator)
+              dA_cat = v^T xd,  dB_cat = g^T u                  (R x K, N x R)
+              dW = g^T x,  db = sum_m g                         (only when the base trains)
+
+Every product is one generic kernel, `_mm2`: C = A1 B1 (+ A2 B2, optionally masked) (* colscale) (+ bias),
+any strides (transposes are free), fp32 accumulation, output in the caller's dtype. R is padded in the
+kernel (masked loads), never in the user's parameters.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import autocast_dtype, cdiv, config, interpreting
 
 
-def molf_linear(*args, **kwargs):
-    raise NotImplementedError("the fused Triton MoLF layer is not implemented yet; use backend='eager'")
+def _configs():
+    if interpreting():  # one small tile keeps the CPU interpreter fast (and autotune then skips benchmarking)
+        return [config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)]
+    return [
+        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_SECOND"])
+@triton.jit
+def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
+                s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_mm, s_mn, s_cm, s_cn, inv_keep,
+                HAS_SECOND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row-tiles share each column-tile while it is in L2.
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a1 + rm[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(b1 + kk[:, None] * s_b1k + rn[None, :] * s_b1n, mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_SECOND:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_K):
+            rr = r0 + rk
+            a = tl.load(a2 + rm[:, None] * s_a2m + rr[None, :] * s_a2r, mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+            b = tl.load(b2 + rr[:, None] * s_b2r + rn[None, :] * s_b2n, mask=(rr[:, None] < R) & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc2 = tl.dot(a, b, acc2, input_precision="ieee")
+            else:
+                acc2 = tl.dot(a, b, acc2)
+        if HAS_MASK:  # dropout's keep-mask on the low-rank part of dx
+            keep = tl.load(mask + rm[:, None] * s_mm + rn[None, :] * s_mn, mask=m_ok[:, None] & n_ok[None, :], other=0)
+            acc2 = tl.where(keep != 0, acc2 * inv_keep, 0.0)
+        acc += acc2
+    if HAS_SCALE:
+        acc *= tl.load(colscale + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=None, colscale=None):
+    M, K = a1.shape
+    N = b1.shape[1]
+    R = a2.shape[1] if a2 is not None else 0
+    if M == 0 or N == 0:
+        return out
+    if K == 0 and a2 is None:
+        return out.zero_()
+    dummy = out
+    a2_, b2_ = (a2, b2) if a2 is not None else (dummy, dummy)
+    mask_ = mask if mask is not None else dummy
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _mm2_kernel[grid](
+        a1, b1, a2_, b2_, mask_, bias if bias is not None else dummy, colscale if colscale is not None else dummy,
+        out, M, N, K, R,
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2_.stride(0) if a2 is not None else 0, a2_.stride(1) if a2 is not None else 0,
+        b2_.stride(0) if a2 is not None else 0, b2_.stride(1) if a2 is not None else 0,
+        mask_.stride(0) if mask is not None else 0, mask_.stride(1) if mask is not None else 0,
+        out.stride(0), out.stride(1), float(inv_keep),
+        HAS_SECOND=a2 is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        HAS_SCALE=colscale is not None, IEEE=a1.dtype == torch.float32)
+    return out
+
+
+# torch.library ops: opaque to torch.compile (with fake implementations for tracing).
+@torch.library.custom_op("molf::mm2", mutates_args=())
+def mm2(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], colscale: Optional[torch.Tensor],
+        inv_keep: float) -> torch.Tensor:
+    """C = A1 B1 (+ mask * inv_keep * (A2 B2)) (* colscale) (+ bias), fp32 accumulation, A1's dtype."""
+    out = torch.empty((a1.shape[0], b1.shape[1]), dtype=a1.dtype, device=a1.device)
+    return _launch_mm2(out, a1, b1, a2, b2, mask, inv_keep, bias, colscale)
+
+
+@mm2.register_fake
+def _(a1, b1, a2, b2, mask, bias, colscale, inv_keep):
+    return a1.new_empty((a1.shape[0], b1.shape[1]))
+
+
+class MoLFLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T on 2-D x; gradients as in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, mask, p):
+        xd = x if mask is None else x * mask / (1.0 - p)
+        u = mm2(xd, a_cat.t(), None, None, None, None, s_cols, 1.0)
+        y = mm2(x, weight.t(), u, b_cat.t(), None, bias, None, 1.0)
+        ctx.save_for_backward(x if mask is None else xd, weight, a_cat, b_cat, s_cols, u, mask)
+        ctx.p, ctx.x_is_dropped = p, mask is not None
+        if mask is not None:
+            ctx.x_for_dw = x  # dW needs the undropped x
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, weight, a_cat, b_cat, s_cols, u, mask = ctx.saved_tensors
+        x = ctx.x_for_dw if ctx.x_is_dropped else xd
+        g = g.contiguous()
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = dw = db = da = dbb = None
+        v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0) if (need_x or need_a) else None
+        if need_x:
+            dx = mm2(g, weight, v, a_cat, mask, None, None, 1.0 / (1.0 - ctx.p))
+        if need_a:
+            da = mm2(v.t(), xd, None, None, None, None, None, 1.0)
+        if need_bb:
+            dbb = mm2(g.t(), u, None, None, None, None, None, 1.0)
+        if need_w:
+            dw = mm2(g.t(), x, None, None, None, None, None, 1.0)
+        if need_b and ctx.has_bias:
+            db = g.sum(0, dtype=torch.float32).to(g.dtype)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
+    """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype."""
+    ac = autocast_dtype(x.device.type)
+    if ac is not None:
+        x, weight = x.to(ac), weight.to(ac)
+        bias = bias.to(ac) if bias is not None else None
+        lora_A, lora_B = [a.to(ac) for a in lora_A], [b.to(ac) for b in lora_B]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    a_cat = lora_A[0] if len(lora_A) == 1 else torch.cat(list(lora_A), 0)
+    b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
+    s_cols = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32, device=x.device)
+                        for a, s in zip(lora_A, scalings)])
+    m2 = mask.reshape(-1, mask.shape[-1]) if mask is not None else None
+    y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, m2, float(p))
+    return y.view(*lead, y.shape[-1])

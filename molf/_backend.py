@@ -1,7 +1,6 @@
 """Backend choice: "eager" (torch ops), "triton" (the fused kernels) or "auto"."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -15,13 +14,19 @@ def check_backend(backend: str, arg: str = "backend") -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError, or a broken install
         return False
     return True
+
+
+_TRITON = _probe_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON
 
 
 def interpreting() -> bool:

@@ -1,0 +1,224 @@
+"""The fused MoLF layer (backend="triton") against float64 formulas and the eager backend.
+
+On the CPU the kernels run under Triton's interpreter; bf16 cases run on the GPU only (see conftest)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import molf
+from conftest import BF16_INTERPRETER, CUDA, DEVICE
+from helpers import TOL, assert_close, batch, tiny_qwen2
+from molf.kernels.molf_linear import _launch_mm2
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N, ranks): odd sizes, not multiples of any block; M = 0 and M = 1.
+SHAPES = [(37, 45, 70, (5, 19)), (1, 17, 13, (3,)), (0, 24, 8, (2,)), (70, 33, 40, (16, 1, 7))]
+
+
+def shape_id(s):
+    return f"M{s[0]}-K{s[1]}-N{s[2]}-r{'-'.join(map(str, s[3]))}"
+
+
+def skip_bf16(dtype):
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip(BF16_INTERPRETER)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every torch.empty comes back full of NaN, so an output element the kernels forget to write fails."""
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def pair(k, n, ranks, dtype, bias, train_base, dropout=0.0):
+    """The same layer twice, on the triton and on the eager backend (shared parameters)."""
+    lin = nn.Linear(k, n, bias=bias, device=DEVICE, dtype=dtype)
+    fused = molf.MoLFLinear(lin, ranks=ranks, alphas=[8.0 * (i + 1) for i in range(len(ranks))],
+                            train_base=train_base, dropout=dropout, backend="triton")
+    with torch.no_grad():
+        for b in fused.lora_B:
+            b.normal_(std=0.5)
+    eager = molf.MoLFLinear(lin, ranks=ranks, alphas=fused.alphas, train_base=train_base, dropout=dropout,
+                            backend="eager")
+    eager.lora_A, eager.lora_B = fused.lora_A, fused.lora_B
+    return fused, eager
+
+
+def params_of(layer):
+    ps = {"W": layer.base.weight, "b": layer.base.bias}
+    ps.update({f"A{i}": a for i, a in enumerate(layer.lora_A)})
+    ps.update({f"B{i}": b for i, b in enumerate(layer.lora_B)})
+    return {k: v for k, v in ps.items() if v is not None and v.requires_grad}
+
+
+def grads(layer, x, g, fn=None):
+    leaves = {"x": x, **params_of(layer)}
+    for t in leaves.values():
+        t.grad = None
+    y = (fn or layer)(x)
+    y.backward(g)
+    return y.detach(), {k: t.grad.detach().clone() for k, t in leaves.items()}
+
+
+def f64(layer, x, g):
+    """Output and gradients of the float64 formula on the same values."""
+    leaves = {"x": x, **params_of(layer)}
+    d = {k: t.detach().double().requires_grad_(True) for k, t in leaves.items()}
+    w, b = d.get("W", layer.base.weight.detach().double()), d.get("b")
+    if b is None and layer.base.bias is not None:
+        b = layer.base.bias.detach().double()
+    y = d["x"] @ w.T + (b if b is not None else 0)
+    for i, s in enumerate(layer.scalings):
+        a = d.get(f"A{i}", layer.lora_A[i].detach().double())
+        bb = d.get(f"B{i}", layer.lora_B[i].detach().double())
+        y = y + s * (d["x"] @ a.T) @ bb.T
+    y.backward(g.double())
+    return y.detach(), {k: t.grad for k, t in d.items()}
+
+
+@pytest.mark.parametrize("train_base", [True, False], ids=["full", "frozen"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forward_backward_match_f64_and_eager(nan_empty, shape, dtype, bias, train_base):
+    skip_bf16(dtype)
+    M, K, N, ranks = shape
+    fused, eager = pair(K, N, ranks, dtype, bias, train_base)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    y, gr = grads(fused, x, g)
+    y_e, gr_e = grads(eager, x, g)
+    y_64, gr_64 = f64(fused, x, g)
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == (M, N)
+    if M == 0:
+        assert all(v.abs().sum() == 0 for k, v in gr.items() if k != "x")
+        return
+    assert_close(y, y_64, tol, "y vs f64")
+    assert_close(y, y_e, tol, "y vs eager")
+    assert set(gr) == set(gr_64)
+    for k in gr:
+        assert gr[k].dtype == dtype
+        assert_close(gr[k], gr_64[k], tol, f"d{k} vs f64")
+        assert_close(gr[k], gr_e[k], tol, f"d{k} vs eager")
+    assert (fused.base.weight.grad is None) == (not train_base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nd_and_noncontiguous_input(nan_empty, dtype):
+    skip_bf16(dtype)
+    fused, eager = pair(21, 30, (4, 9), dtype, True, True)
+    base = torch.randn(5, 21, 3, device=DEVICE, dtype=dtype)
+    x = base.transpose(1, 2).detach().requires_grad_(True)  # (5, 3, 21), not contiguous
+    assert not x.is_contiguous()
+    g = torch.randn(5, 3, 30, device=DEVICE, dtype=dtype)
+    y, gr = grads(fused, x, g)
+    y_e, gr_e = grads(eager, x, g)
+    assert y.shape == (5, 3, 30)
+    assert_close(y, y_e, TOL[dtype], "y")
+    for k in gr:
+        assert_close(gr[k], gr_e[k], TOL[dtype], f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_mm2_writes_every_element(dtype):
+    a1, b1 = torch.randn(19, 23, dtype=dtype, device=DEVICE), torch.randn(23, 35, dtype=dtype, device=DEVICE)
+    a2, b2 = torch.randn(19, 6, dtype=dtype, device=DEVICE), torch.randn(6, 35, dtype=dtype, device=DEVICE)
+    mask = torch.rand(19, 35, device=DEVICE) > 0.3
+    bias, scale = torch.randn(35, dtype=dtype, device=DEVICE), torch.rand(35, device=DEVICE)
+    out = torch.full((19, 35), math.nan, dtype=dtype, device=DEVICE)
+    _launch_mm2(out, a1, b1, a2, b2, mask, 2.0, bias, scale)
+    want = (a1.double() @ b1.double() + mask * 2.0 * (a2.double() @ b2.double())) * scale.double() + bias.double()
+    assert_close(out, want, TOL[dtype], "mm2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_matches_eager_under_same_seed(dtype):
+    fused, eager = pair(29, 18, (3, 8), dtype, True, True, dropout=0.3)
+    fused.train(), eager.train()
+    x = torch.randn(4, 7, 29, device=DEVICE, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 7, 18, device=DEVICE, dtype=dtype)
+    torch.manual_seed(11)
+    y, gr = grads(fused, x, g)
+    torch.manual_seed(11)
+    y_e, gr_e = grads(eager, x, g)
+    assert_close(y, y_e, TOL[dtype], "y")
+    for k in gr:
+        assert_close(gr[k], gr_e[k], TOL[dtype], f"d{k}")
+    torch.manual_seed(12)  # another mask gives another output
+    assert (fused(x) - y).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_gives_identical_grads():
+    from torch.utils.checkpoint import checkpoint
+    fused, _ = pair(19, 22, (4,), torch.float32, True, True, dropout=0.2)
+    fused.train()
+    x = torch.randn(6, 19, device=DEVICE, requires_grad=True)
+    g = torch.randn(6, 22, device=DEVICE)
+    torch.manual_seed(5)
+    y, gr = grads(fused, x, g)
+    torch.manual_seed(5)
+    y_c, gr_c = grads(fused, x, g, fn=lambda t: checkpoint(fused, t, use_reentrant=False))
+    assert torch.equal(y, y_c)
+    for k in gr:
+        assert torch.equal(gr[k], gr_c[k]), k
+
+
+def test_merge_after_training_equals_forward():
+    fused, _ = pair(16, 12, (2, 4), torch.float32, True, True)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    x = torch.randn(8, 16, device=DEVICE)
+    for _ in range(3):
+        fused(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert_close(fused.merge()(x), fused(x), 1e-5, "merged")
+
+
+def test_torch_compile_matches_eager():
+    model = molf.wrap(tiny_qwen2(layers=1).to(DEVICE), ranks=(4, 8), alphas=(8, 8), train_base=True,
+                      backend="triton")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, molf.MoLFLinear):
+                for b in m.lora_B:
+                    b.normal_(std=0.05)
+    ids = batch().to(DEVICE)
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    out = compiled(ids, labels=ids)
+    out.loss.backward()
+    assert_close(out.logits, ref.logits, 1e-5, "compiled logits")
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            assert_close(p.grad, ref_grads[n], 1e-4, f"compiled grad {n}")
+
+
+def test_autocast_follows_autocast_dtype():
+    fused, eager = pair(24, 16, (4,), torch.float32, True, True)
+    x = torch.randn(5, 24, device=DEVICE)
+    dt = torch.bfloat16 if CUDA else torch.float16
+    with torch.autocast(DEVICE.type, dtype=dt):
+        y = fused(x)
+    assert y.dtype == dt
+    want = eager(x.to(dt).float())  # fp32 reference on the autocast-rounded input
+    assert_close(y, want, 1e-2, "autocast y")
+
+
+def test_bad_inputs_on_triton_backend():
+    fused, _ = pair(8, 4, (2,), torch.float32, True, True)
+    with pytest.raises(ValueError, match=r"\(3, 7\)"):
+        fused(torch.randn(3, 7, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        fused(torch.randn(3, 8, device=DEVICE, dtype=torch.float16))
