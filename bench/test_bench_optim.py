@@ -36,7 +36,7 @@ def test_optim_step(measure, setting, impl):
     model = build(setting)
     kw = dict(lr=5e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
     if impl == "reference":
-        opt = molf.reference.MoLFAdamWReference(model, **kw)
+        opt = molf.reference.MoLFAdamWReference(model, compile_scores=CUDA, **kw)
     elif impl == "torch_adamw_fused":
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, fused=True)

@@ -1,8 +1,235 @@
-"""Fused routed AdamW kernels (the fused-optimizer issue)."""
+"""Fused routed AdamW: three launches per step whatever the number of layers, no host synchronisation.
+
+    launch 1  moments + score:  m <- b1 m + (1-b1) g,  v <- b2 v + (1-b2) g^2  (in place, every tensor)
+              partial[block] = sum m^2/(sqrt(v)+1e-8)  (EPD)  or  sum (m/(sqrt(v)+1e-8))^2  (PFN)
+    launch 2  finish:  sums[expert] = fixed-order sum of its blocks' partials;  step <- step + 1;
+              per tensor 1/(1-b1^t) and sqrt(1-b2^t), in float64
+    (routing: torch ops on the device, molf.optim.route)
+    launch 3  masked update, for blocks whose expert won (or outside MoLF layers):
+              p <- p (1 - lr wd) - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)
+
+Launches 1 and 3 run once per combination of (param, grad, state) dtypes, normally one.
+"""
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from ..optim import to_device  # noqa: TID252  (molf.kernels is a subpackage of molf)
+from ._utils import TORCH_TO_TL, interpreting
+from .multi_tensor import TensorTable
+
+MAX_GROUPS = 5  # MoLFAdamW's param-group kinds: full, full_bias, lora, decay, no_decay
+EPS_SCORE = 1e-8
+
+
+@triton.jit
+def _group_value(gi, v0, v1, v2, v3, v4):
+    return tl.where(gi == 0, v0, tl.where(gi == 1, v1, tl.where(gi == 2, v2, tl.where(gi == 3, v3, v4))))
+
+
+@triton.jit
+def _moments_score_kernel(ptrs, blk_tensor, blk_start, blk_out, numel, owner, partials, beta1, beta2,
+                          P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                          PFN: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.load(blk_tensor + b).to(tl.int64)
+    g_ptr = tl.load(ptrs + t * 5 + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(ptrs + t * 5 + 2).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(ptrs + t * 5 + 3).to(tl.pointer_type(S_DTYPE))
+    offs = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+    ok = offs < tl.load(numel + t)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = m + (1.0 - beta1) * (g - m)  # torch's lerp_(g, 1 - b1)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    m_s = m.to(S_DTYPE)
+    v_s = v.to(S_DTYPE)
+    tl.store(m_ptr + offs, m_s, mask=ok)
+    tl.store(v_ptr + offs, v_s, mask=ok)
+    if tl.load(owner + t) >= 0:  # the score reads the stored (rounded) moments, as the reference does
+        m = m_s.to(tl.float32)
+        d = tl.sqrt(v_s.to(tl.float32)) + 1e-8
+        if PFN:
+            q = m / d
+            term = q * q
+        else:
+            term = m * m / d
+        tl.store(partials + tl.load(blk_out + b), tl.sum(tl.where(ok, term, 0.0), axis=0))
+
+
+@triton.jit
+def _finish_kernel(partials, seg_start, sums, n_seg, step_ptrs, n_tensors, betas64, bias_corr,
+                   BLOCK: tl.constexpr, TB: tl.constexpr):
+    s = tl.program_id(0)
+    if s < n_seg:
+        lo = tl.load(seg_start + s)
+        hi = tl.load(seg_start + s + 1)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(lo, hi, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            acc += tl.load(partials + offs, mask=offs < hi, other=0.0)
+        tl.store(sums + s, tl.sum(acc, axis=0))
+    idx = s * TB + tl.arange(0, TB)
+    ok = idx < n_tensors
+    sp = tl.load(step_ptrs + idx, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(sp, mask=ok, other=0.0) + 1.0
+    tl.store(sp, step, mask=ok)
+    # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
+    t64 = step.to(tl.float64)
+    bc1 = 1.0 - tl.exp(t64 * tl.log(tl.load(betas64)))
+    bc2 = 1.0 - tl.exp(t64 * tl.log(tl.load(betas64 + 1)))
+    tl.store(bias_corr + 2 * idx, (1.0 / bc1).to(tl.float32), mask=ok)
+    tl.store(bias_corr + 2 * idx + 1, tl.sqrt(bc2).to(tl.float32), mask=ok)
+
+
+@triton.jit
+def _masked_update_kernel(ptrs, blk_tensor, blk_start, numel, owner, group, tensor_id, winners, bias_corr,
+                          lr0, lr1, lr2, lr3, lr4, wd0, wd1, wd2, wd3, wd4, eps0, eps1, eps2, eps3, eps4,
+                          P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    t = tl.load(blk_tensor + b).to(tl.int64)
+    o = tl.load(owner + t)
+    active = (o < 0) | (tl.load(winners + tl.maximum(o, 0)) != 0)
+    if active:  # a losing expert's blocks load nothing more
+        p_ptr = tl.load(ptrs + t * 5).to(tl.pointer_type(P_DTYPE))
+        m_ptr = tl.load(ptrs + t * 5 + 2).to(tl.pointer_type(S_DTYPE))
+        v_ptr = tl.load(ptrs + t * 5 + 3).to(tl.pointer_type(S_DTYPE))
+        gi = tl.load(group + t)
+        lr = _group_value(gi, lr0, lr1, lr2, lr3, lr4)
+        wd = _group_value(gi, wd0, wd1, wd2, wd3, wd4)
+        eps = _group_value(gi, eps0, eps1, eps2, eps3, eps4)
+        tid = tl.load(tensor_id + t)
+        inv_bc1 = tl.load(bias_corr + 2 * tid)
+        bc2_sqrt = tl.load(bias_corr + 2 * tid + 1)
+        offs = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+        ok = offs < tl.load(numel + t)
+        p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        p = p * (1.0 - lr * wd)
+        p = p - (lr * inv_bc1) * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=ok)
+
+
+class _Launch:
+    """Tables for the tensors of one dtype combination (param, grad, state)."""
+
+    def __init__(self, items, block, device, blk_offset_of):
+        params = [p for _, p, _, _, _ in items]
+        sts = [st for _, _, st, _, _ in items]
+        self.ids = [i for i, _, _, _, _ in items]
+        self.p_dtype, self.g_dtype, self.s_dtype = params[0].dtype, params[0].grad.dtype, sts[0]["exp_avg"].dtype
+        cols = [params, [p.grad for p in params], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+                [s["step"] for s in sts]]
+        self.table = TensorTable(cols, block, device)
+        self.grad_ptrs = [p.grad.data_ptr() for p in params]
+        self.blk_out = to_device([blk_offset_of[i] + j for i, ne in zip(self.ids, self.table.numels)
+                                  for j in range(-(-ne // block))], torch.int64, device)
+        self.owner = to_device([o for _, _, _, o, _ in items], torch.int32, device)
+        self.group = to_device([gi for _, _, _, _, gi in items], torch.int32, device)
+        self.tensor_id = to_device(self.ids, torch.int32, device)
+        self.params = params
 
 
 class TritonRoutedAdamW:
+    """The routed step on Triton kernels (see the module docstring); built by MoLFAdamW."""
     name = "triton"
 
     def __init__(self, opt):
-        raise NotImplementedError("the fused Triton MoLF optimizer is not implemented yet; use backend='eager'")
+        if len(opt.param_groups) > MAX_GROUPS:
+            raise ValueError(f"the triton backend supports up to {MAX_GROUPS} param groups, "
+                             f"got {len(opt.param_groups)}")
+        self.opt = opt
+        self.block = 1024 if not interpreting() else 256
+        self.plan = None
+        b1, b2 = opt.defaults["betas"]
+        self.betas64 = to_device([b1, b2], torch.float64, opt.device)
+
+    def _build(self, plan):
+        opt, dev, block = self.opt, self.opt.device, self.block
+        items = []
+        for i, p in enumerate(plan.params):
+            items.append((i, p, opt.state[p], plan.owner[i], plan.group[i]))
+        # Global block numbering in plan order: each expert's blocks are consecutive.
+        first, n = [], 0
+        for p in plan.params:
+            first.append(n)
+            n += -(-p.numel() // block)
+        self.n_blocks = n
+        seg = [0] * (plan.inv_n.numel() + 1)
+        ends = {}
+        for i, o in enumerate(plan.owner):
+            if o >= 0:
+                ends.setdefault(o, [first[i], 0])[1] = first[i] + -(-plan.params[i].numel() // block)
+        pos = 0
+        for o in range(plan.inv_n.numel()):
+            lo, hi = ends.get(o, (pos, pos))
+            seg[o], pos = lo, hi
+            seg[o + 1] = hi
+        self.seg_start = to_device(seg, torch.int64, dev)
+        combos = {}
+        for it in items:
+            _, p, st, _, _ = it
+            combos.setdefault((p.dtype, p.grad.dtype, st["exp_avg"].dtype), []).append(it)
+        for key in combos:
+            for k in key:
+                if k not in TORCH_TO_TL:
+                    raise TypeError(f"the triton backend supports float32/float16/bfloat16 tensors, got {k}")
+        self.launches = [_Launch(its, block, dev, first) for its in combos.values()]
+        self.step_ptrs = to_device([opt.state[p]["step"].data_ptr() for p in plan.params] or [0], torch.int64, dev)
+        for p in plan.params:
+            st = opt.state[p]["step"]
+            if st.dtype != torch.float32 or st.device != dev or st.dim() != 0:
+                raise TypeError(f"step counters must be 0-d float32 tensors on {dev}, got {st.dtype} on {st.device}")
+        self.partials = torch.zeros(max(n, 1), dtype=torch.float32, device=dev)
+        self.sums = torch.zeros(plan.inv_n.shape, dtype=torch.float32, device=dev)
+        self.bias_corr = torch.empty(max(len(plan.params), 1), 2, dtype=torch.float32, device=dev)
+        self.plan = plan
+
+    def _stale(self, plan) -> bool:
+        if plan is not self.plan:
+            return True
+        for ln in self.launches:
+            if [p.grad.data_ptr() for p in ln.params] != ln.grad_ptrs:
+                return True
+            if [p.data_ptr() for p in ln.params] != [s for s, _ in ln.table.storage[: len(ln.params)]]:
+                return True
+        return False
+
+    def moments_and_sums(self, plan):
+        if self._stale(plan):
+            self._build(plan)
+        opt = self.opt
+        b1, b2 = opt.defaults["betas"]
+        pfn = opt.score == "pfn"
+        for ln in self.launches:
+            t = ln.table
+            if t.n_blocks:
+                _moments_score_kernel[(t.n_blocks,)](
+                    t.ptrs, t.blk_tensor, t.blk_start, ln.blk_out, t.numel, ln.owner, self.partials, b1, b2,
+                    P_DTYPE=TORCH_TO_TL[ln.p_dtype], G_DTYPE=TORCH_TO_TL[ln.g_dtype],
+                    S_DTYPE=TORCH_TO_TL[ln.s_dtype], PFN=pfn, BLOCK=self.block)
+        n_seg, n_t, tb = self.sums.numel(), len(plan.params), 128
+        grid = (max(n_seg, -(-n_t // tb), 1),)
+        _finish_kernel[grid](self.partials, self.seg_start, self.sums, n_seg, self.step_ptrs, n_t, self.betas64,
+                             self.bias_corr, BLOCK=128, TB=tb)
+        return self.sums.clone()
+
+    def update(self, plan, winners):
+        opt = self.opt
+        groups = opt.param_groups
+        lrs = [float(g["lr"]) for g in groups] + [0.0] * (MAX_GROUPS - len(groups))
+        wds = [float(g["weight_decay"]) for g in groups] + [0.0] * (MAX_GROUPS - len(groups))
+        epss = [float(g["eps"]) for g in groups] + [0.0] * (MAX_GROUPS - len(groups))
+        win = winners.view(-1).to(torch.uint8)
+        for ln in self.launches:
+            t = ln.table
+            if t.n_blocks:
+                _masked_update_kernel[(t.n_blocks,)](
+                    t.ptrs, t.blk_tensor, t.blk_start, t.numel, ln.owner, ln.group, ln.tensor_id, win,
+                    self.bias_corr, *lrs, *wds, *epss,
+                    P_DTYPE=TORCH_TO_TL[ln.p_dtype], S_DTYPE=TORCH_TO_TL[ln.s_dtype], BLOCK=self.block)

@@ -3,7 +3,9 @@ top_k winners take the AdamW update; every expert's moments advance. `../shared/
 """
 from __future__ import annotations
 
+import json
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         top_k: experts updated per layer and step.
         backend: "auto", "eager" or "triton".
         state_dtype: dtype of the moments (default: the parameter's dtype, as torch.optim.AdamW).
+        history_size: how many recent steps of routing and scores are kept on the device for
+            `routing_history()` / `write_routing_jsonl()` (the oldest are dropped beyond it).
 
     After `step()`: `routing` (bool [n_layers, n_experts]) and `scores` (float32, same shape), on the
     parameters' device; layers in `layer_names` order, experts in `expert_names` order.
@@ -88,7 +92,8 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def __init__(self, model, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0,
                  lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
-                 top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None):
+                 top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None,
+                 history_size: int = 10000):
         layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
         check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
                               len(layout.expert_names))
@@ -111,6 +116,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._impl = None
         self.routing: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        if not isinstance(history_size, int) or history_size < 0:
+            raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
+        self._history: deque = deque(maxlen=history_size)
+        self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --
     def _plan(self) -> StepPlan:
@@ -169,13 +178,56 @@ class MoLFAdamW(torch.optim.Optimizer):
         lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
         self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
         impl.update(plan, self.routing)
+        self.molf_step += 1
+        if self._history.maxlen:
+            self._history.append((self.molf_step, self.routing, self.scores))
         return loss
+
+    # -- routing history: kept on the device, one transfer per flush --
+    def routing_history(self, clear: bool = False) -> dict:
+        """Recent steps as host tensors: {"step": int64 [S], "routing": bool [S, L, E], "scores": float32 [S, L, E]}."""
+        L, E = len(self.layer_names), len(self.expert_names)
+        steps = torch.tensor([s for s, _, _ in self._history], dtype=torch.int64)
+        if self._history:
+            packed = torch.stack([torch.stack([sc, r.to(sc.dtype)]) for _, r, sc in self._history]).cpu()
+            scores, routing = packed[:, 0], packed[:, 1].bool()
+        else:
+            scores, routing = torch.empty(0, L, E), torch.empty(0, L, E, dtype=torch.bool)
+        if clear:
+            self._history.clear()
+        return {"step": steps, "routing": routing, "scores": scores}
+
+    def routing_records(self, clear: bool = False) -> list[dict]:
+        """One record per step: {"step", "selections": {layer: {"winners": [...], "scores": {expert: float}}}}."""
+        h = self.routing_history(clear)
+        out = []
+        for s, r, sc in zip(h["step"].tolist(), h["routing"].tolist(), h["scores"].tolist()):
+            sel = {}
+            for name, win, score in zip(self.layer_names, r, sc):
+                sel[name] = {"winners": [e for e, w in zip(self.expert_names, win) if w],
+                             "scores": {e: v for e, v in zip(self.expert_names, score) if math.isfinite(v)}}
+            out.append({"step": s, "selections": sel})
+        return out
+
+    def write_routing_jsonl(self, path, clear: bool = True) -> int:
+        """Append the kept steps to a JSONL file (the format the paper's routing plots are drawn from)."""
+        records = self.routing_records(clear)
+        with open(path, "a") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        return len(records)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["molf_step"] = self.molf_step
+        return sd
 
     def load_state_dict(self, state_dict):
         """As torch's, but moments keep `state_dtype` (torch would cast them to the parameter's dtype)
         and step counters live on the parameter's device."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        self.molf_step = int(state_dict.get("molf_step", 0))
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
