@@ -268,21 +268,27 @@ class EagerRoutedAdamW:
         return torch.stack(sums).view_as(plan.inv_n)
 
     def update(self, plan: StepPlan, winners: torch.Tensor) -> None:
+        """p <- p (1 - lr wd w) - w lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps), w = 1 for winners, 0 for losers
+        (times 1 and minus 0 leave a loser's weights bitwise unchanged, without a host synchronisation)."""
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
-        flat = winners.view(-1)
+        w_all = winners.view(-1).to(torch.float32)
         for i, p in enumerate(plan.params):
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
             m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
-            dt = torch.promote_types(p.dtype, m.dtype)
             # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
             t = step.double()
-            step_size = (lr / (1.0 - torch.pow(beta1, t))).to(dt)
-            bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(dt)
-            denom = (v.to(dt).sqrt() / bc2_sqrt).add_(eps)
-            new = p.to(dt) * (1.0 - lr * wd)
-            new.sub_(m.to(dt) / denom * step_size)
+            step_size = (lr / (1.0 - torch.pow(beta1, t))).float()
+            bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().float()
+            decay = torch.full((), 1.0 - lr * wd, device=p.device)
             if i < plan.n_molf:
-                new = torch.where(flat[plan.owner[i]], new, p.to(dt))
-            p.copy_(new)
+                w = w_all[plan.owner[i]]
+                step_size = step_size * w
+                decay = 1.0 - (lr * wd) * w
+            upd = v.sqrt().div_(bc2_sqrt).add_(eps)  # one temporary, reused in place
+            torch.div(m, upd, out=upd).mul_(step_size)
+            if p.dtype == torch.promote_types(p.dtype, m.dtype):
+                p.mul_(decay).sub_(upd)
+            else:  # wider moments than parameters (state_dtype): one rounding
+                p.copy_(p.to(m.dtype) * decay - upd)
