@@ -57,3 +57,14 @@ def test_optim_step(measure, setting, impl):
     moved = n_elem * 5 * elem + winning * 4 * elem  # read g, m, v, write m, v; winners read p, m, v, write p
     ROWS[-1]["bytes_moved"] = moved
     ROWS[-1]["achieved_GBps"] = moved / (ms * 1e-3) / 1e9
+
+
+@pytest.mark.skipif(not CUDA, reason="the copy bandwidth is the GPU's limit for the optimizer step")
+def test_copy_bandwidth(measure):
+    """The device's measured copy rate: the limit the optimizer step's achieved GB/s is compared with."""
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), bench="copy", model="-", module="-", M=0, K=0, N=src.numel(), ranks=[],
+                 dtype="uint8", impl="torch_copy")
+    ROWS[-1]["bytes_moved"] = 2 * src.numel()
+    ROWS[-1]["achieved_GBps"] = 2 * src.numel() / (ms * 1e-3) / 1e9

@@ -306,3 +306,36 @@ def test_cuda_launch_count_does_not_grow_with_layers():
             torch.cuda.synchronize()
         counts.append(sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA"))
     assert counts[0] == counts[1], counts
+
+
+def test_fp32_state_for_fp16_params_matches_eager():
+    train_base, ranks, alphas, lr, lora_lr = MOLF_E
+    out = []
+    for backend in ("triton", "eager"):
+        model = wrapped(train_base, ranks, alphas, dtype=torch.float16, device=DEVICE)
+        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, eps=1e-6, state_dtype=torch.float32, backend=backend)
+        ids = batch().to(DEVICE)
+        for _ in range(3):
+            train_step(model, opt, ids)
+        st = opt.state[next(p for p in model.parameters() if p.requires_grad)]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+        out.append((flat_params(model), opt.routing.cpu(), opt.scores.cpu()))
+    assert torch.equal(out[0][1], out[1][1])
+    assert rel_err(out[0][2], out[1][2]) <= 1e-5
+    assert rel_err(out[0][0], out[1][0]) <= 1e-3
+
+
+def test_bias_correction_over_many_steps():
+    """Step counts far past the first few: 1 - b2^t in float64 by repeated squaring, vs math.pow."""
+    before, model, ref_model, opt, ref = one_step_from_random_state(MOLF_E, torch.float32, "triton")
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        if p in opt.state:
+            opt.state[p]["step"].fill_(123456.0)
+            ref.state[q]["step"].fill_(123456.0)
+            p.grad = torch.randn_like(p) * 1e-2
+            q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(opt.routing, ref.routing)
+    assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-6
+    assert next(iter(opt.state.values()))["step"].item() == 123457.0
