@@ -1,0 +1,56 @@
+"""Export a trained MoLF-Efficient model as a standard peft LoRA adapter."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .layer import MoLFLinear
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
+    """Write a peft LoRA adapter holding every MoLF layer's experts as one LoRA of rank R = sum r_i.
+
+    A = [A_1; ...; A_E], B = [s_1 B_1, ..., s_E B_E] and lora_alpha = R without rsLoRA, so peft's own
+    scaling is 1: `peft.PeftModel.from_pretrained(untouched_base, path)` computes what the molf model does.
+    Only for MoLF-Efficient (base frozen): a trained base weight is not a LoRA adapter.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    if not layers:
+        raise ValueError("export_peft: the model has no MoLF layers")
+    trained_base = [n for n, m in layers if m.base.weight.requires_grad]
+    if trained_base:
+        raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); the base of "
+                         f"{trained_base[:3]} trains: use molf.merge(model) and save_pretrained instead")
+    ranks = {sum(m.ranks) for _, m in layers}
+    if len(ranks) != 1:
+        raise ValueError(f"export_peft needs one total rank for every layer, got {sorted(ranks)}")
+    inside = {id(p) for _, m in layers for p in m.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        warnings.warn(f"export_peft: {len(outside)} trainable parameters outside MoLF layers (e.g. {outside[:3]}) "
+                      "are not part of a LoRA adapter and are not exported", stacklevel=2)
+    rank = ranks.pop()
+    tensors = {}
+    for name, m in layers:
+        a = torch.cat([x.detach() for x in m.lora_A], 0)
+        b = torch.cat([s * x.detach().float() for s, x in zip(m.scalings, m.lora_B)], 1).to(m.lora_B[0].dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
+    targets = sorted({n.rpartition(".")[2] for n, _ in layers})
+    cfg = getattr(model, "config", None)
+    base_name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "use_rslora": False,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
+              "init_lora_weights": True, "base_model_name_or_path": base_name, "inference_mode": True,
+              "modules_to_save": None}
+    os.makedirs(path, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return str(path)

@@ -1,0 +1,94 @@
+"""The paper's routing figures, drawn from a routing JSONL (one record per step)."""
+from __future__ import annotations
+
+import json
+import os
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+SEVERAL = "#7f7f7f"  # a (layer, step) where top_k > 1 picked several experts
+
+
+def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[str]]]]:
+    """steps, layer names (model order), expert names, winners[step][layer]."""
+    steps, layers, experts, winners = [], None, [], []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                sel = rec["selections"]
+                steps.append(int(rec["step"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{i}: not a routing record ({e!s})") from None
+            if layers is None:
+                layers = list(sel)
+            row = []
+            for name in layers:
+                entry = sel.get(name, {})
+                for e in list(entry.get("scores", {})) + entry.get("winners", []):
+                    if e not in experts:
+                        experts.append(e)
+                row.append(entry.get("winners", []))
+            winners.append(row)
+    if not steps:
+        raise ValueError(f"{path}: no routing records")
+    return steps, layers, experts, winners
+
+
+def plot_routing(path, out_dir) -> list[str]:
+    """Write routing_heatmap.png (layers x steps, colored by the winning expert) and routing_share.png
+    (the share of layers picking each expert, per step). Returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    steps, layers, experts, winners = read_routing(path)
+    os.makedirs(out_dir, exist_ok=True)
+    n_e = len(experts)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(n_e)] + [SEVERAL, "#ffffff"]
+    grid = [[0] * len(steps) for _ in layers]
+    several = False
+    for s, row in enumerate(winners):
+        for li, w in enumerate(row):
+            if len(w) == 1:
+                grid[li][s] = experts.index(w[0])
+            elif len(w) > 1:
+                grid[li][s], several = n_e, True
+            else:
+                grid[li][s] = n_e + 1
+    height = max(3.0, 0.18 * len(layers) + 1.5)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.05 * len(steps) + 5)), height), dpi=100)
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=0, vmax=n_e + 1,
+              extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer (model order)")
+    if len(layers) <= 40:
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels(layers, fontsize=6)
+    ax.set_title("MoLF routing: winning expert per layer and step")
+    handles = [Patch(color=colors[i], label=e) for i, e in enumerate(experts)]
+    if several:
+        handles.append(Patch(color=SEVERAL, label="several (top_k > 1)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="expert")
+    fig.tight_layout()
+    heat = os.path.join(out_dir, "routing_heatmap.png")
+    fig.savefig(heat)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, e in enumerate(experts):
+        share = [sum(e in w for w in row) / len(row) for row in winners]
+        ax.plot(steps, share, color=colors[i], label=e)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of layers picking the expert")
+    ax.set_title("MoLF routing: share of layers per expert")
+    ax.legend(title="expert")
+    fig.tight_layout()
+    share_path = os.path.join(out_dir, "routing_share.png")
+    fig.savefig(share_path)
+    plt.close(fig)
+    return [heat, share_path]

@@ -1,0 +1,303 @@
+"""`molf train`: fine-tune a causal LM with MoLF, MoLF-E or the paper's baselines (FFT, LoRA) on one code path.
+
+With no arguments and no network: a small Qwen2-architecture model built from a config and a synthetic
+counterfactual-facts task (subject / relation / new object, as in the paper's Fact task), a few minutes
+on the CPU. Reports the loss and the share of facts recalled (exact match of the new object) before and
+after training. The output folder gets the merged model, the routing JSONL, the routing plots and a
+summary.json, and appears only when the run is complete (nothing half-written).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+MODES = ("molf", "molf-e", "fft", "lora")
+
+
+class TrainError(Exception):
+    """A bad input, reported as one line with exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "molf"
+    model: str | None = None          # local directory or hub id; default: a small Qwen2 built from a config
+    data: str | None = None           # JSONL of {"prompt", "completion"}; default: synthetic facts
+    output: str = "molf-run"
+    steps: int = 800
+    batch_size: int = 16
+    lr: float | None = None           # full expert / FFT / non-MoLF parameters
+    lora_lr: float | None = None
+    ranks: tuple[int, ...] | None = None
+    alphas: tuple[float, ...] | None = None
+    score: str = "epd"
+    top_k: int = 1
+    n_facts: int = 400
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# -- the synthetic counterfactual-facts task --
+
+_SYLL = ["ka", "lo", "mi", "ra", "ven", "tor", "zu", "pel", "dor", "ish", "an", "el", "quo", "bri", "sa", "nu",
+         "gar", "fen", "ro", "li"]
+_RELATIONS = [
+    ("The capital city of {} is", ["Valdor", "Mirest", "Quenby", "Ostrava", "Pellin", "Sarnoth", "Kelmar", "Tirel"]),
+    ("{} works as a", ["baker", "pilot", "painter", "lawyer", "farmer", "sailor", "doctor", "weaver"]),
+    ("The native language of {} is", ["Kelvish", "Ostric", "Marren", "Sulian", "Dorvak", "Elsine", "Pravic", "Tunari"]),
+    ("{} plays the", ["violin", "drums", "flute", "harp", "cello", "lute", "horn", "piano"]),
+]
+
+
+def synthetic_facts(n: int, seed: int = 0) -> list[dict]:
+    """n counterfactual facts: {"prompt", "completion", "original"} with a new object unlike the original."""
+    rng = random.Random(seed)
+    names = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(_SYLL) for _ in range(rng.randint(2, 3))).capitalize())
+    facts = []
+    for name in sorted(names):
+        template, objects = rng.choice(_RELATIONS)
+        original, new = rng.sample(objects, 2)
+        facts.append({"prompt": template.format(name), "completion": " " + new, "original": " " + original})
+    rng.shuffle(facts)
+    return facts
+
+
+def read_pairs(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise TrainError(f"data file not found: {path}")
+    pairs = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
+                    or not isinstance(rec.get("completion"), str):
+                raise TrainError(f"{path}:{i}: expected an object with string keys 'prompt' and 'completion'")
+            pairs.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+    if not pairs:
+        raise TrainError(f"{path}: no prompt/completion pairs")
+    return pairs
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over a fixed vocabulary (for the built-in model: no download needed)."""
+
+    def __init__(self, texts):
+        words = sorted({w for t in texts for w in t.split()})
+        self.vocab = ["<pad>", "<eos>", "<unk>"] + words
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_token_id, self.eos_token_id = 0, 1
+
+    def encode(self, text):
+        return [self.index.get(w, 2) for w in text.split()]
+
+    def save_pretrained(self, path):
+        with open(os.path.join(path, "vocab.json"), "w") as f:
+            json.dump(self.vocab, f)
+
+
+def _encode(tok, pairs):
+    rows = []
+    for p in pairs:
+        if isinstance(tok, WordTokenizer):
+            prompt, completion = tok.encode(p["prompt"]), tok.encode(p["completion"])
+        else:
+            prompt = tok(p["prompt"], add_special_tokens=True)["input_ids"]
+            completion = tok(p["prompt"] + p["completion"], add_special_tokens=True)["input_ids"][len(prompt):]
+        if not completion:
+            continue
+        rows.append((prompt, completion + [tok.eos_token_id]))
+    return rows
+
+
+def _batch(rows, pad_id, device):
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (a, b) in enumerate(rows):
+        n = len(a) + len(b)
+        ids[i, :n] = torch.tensor(a + b)
+        labels[i, len(a):n] = torch.tensor(b)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def evaluate(model, rows, pad_id, device, batch_size=64):
+    """(mean completion loss, share of completions whose every token is the greedy prediction)."""
+    model.eval()
+    tot_loss, tot_tok, hits = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        b = _batch(chunk, pad_id, device)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        pred, target = logits[:, :-1].argmax(-1), b["labels"][:, 1:]
+        valid = target != -100
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+                                                 reduction="sum")
+        tot_loss += loss.item()
+        tot_tok += valid.sum().item()
+        # Exact match of the greedy continuation: every completion token is the argmax given the right prefix.
+        hits += ((pred == target) | ~valid).all(dim=1).sum().item()
+    model.train()
+    return tot_loss / max(tot_tok, 1), hits / max(len(rows), 1)
+
+
+def _defaults(cfg: TrainConfig, builtin: bool):
+    ranks = cfg.ranks or {"molf": (128,), "molf-e": (16, 128), "lora": (32,)}.get(cfg.mode)
+    alphas = cfg.alphas or ((32.0,) * len(ranks) if ranks else None)
+    lr = cfg.lr if cfg.lr is not None else (2e-3 if builtin else 5e-5)
+    lora_lr = cfg.lora_lr if cfg.lora_lr is not None else lr
+    return ranks, alphas, lr, lora_lr
+
+
+def _check(cfg: TrainConfig):
+    if cfg.mode not in MODES:
+        raise TrainError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
+    if cfg.data is not None and not os.path.isfile(cfg.data):
+        raise TrainError(f"data file not found: {cfg.data}")
+    if cfg.model is not None and not os.path.isdir(cfg.model):
+        hub_id = re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", cfg.model) and not cfg.model.startswith(".")
+        if not hub_id or os.path.exists(cfg.model):
+            raise TrainError(f"model path does not exist (or is not a directory): {cfg.model}")
+    if os.path.exists(cfg.output) and (not os.path.isdir(cfg.output) or os.listdir(cfg.output)):
+        raise TrainError(f"output {cfg.output} already exists and is not empty: choose another --output")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainError("--steps and --batch-size must be >= 1")
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run one fine-tuning; returns the summary (also written to <output>/summary.json)."""
+    import molf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _check(cfg)
+    pairs = read_pairs(cfg.data) if cfg.data else synthetic_facts(cfg.n_facts, cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    torch.manual_seed(cfg.seed)
+    builtin = cfg.model is None
+    if builtin:
+        tok = WordTokenizer([p["prompt"] + " " + p["completion"] for p in pairs])
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok.vocab), hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=64, tie_word_embeddings=True,
+                                             use_cache=False))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.model)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"cannot load model {cfg.model}: {str(e).splitlines()[0]}") from None
+        if tok.pad_token_id is None:
+            tok.pad_token_id = tok.eos_token_id
+    model.to(device)
+    rows = _encode(tok, pairs)
+    if not rows:
+        raise TrainError("no training example has a non-empty completion")
+    ranks, alphas, lr, lora_lr = _defaults(cfg, builtin)
+    pad = tok.pad_token_id
+    loss0, recall0 = evaluate(model, rows, pad, device)
+
+    if cfg.mode == "fft":
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+        opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)],
+                                lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    else:
+        train_base = cfg.mode == "molf"
+        molf.wrap(model, ranks=ranks, alphas=alphas, train_base=train_base, backend=cfg.backend,
+                  dropout=0.05 if cfg.mode == "lora" else 0.0, freeze_others=cfg.mode in ("molf-e", "lora"))
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=0.1, lora_weight_decay=0.01,
+                             score=cfg.score, top_k=min(cfg.top_k, len(ranks) + int(train_base)),
+                             backend=cfg.backend)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, cfg.steps - warmup))))
+
+    parent = os.path.dirname(os.path.abspath(cfg.output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".molf-train-", dir=parent)
+    try:
+        routing_path = os.path.join(work, "routing.jsonl")
+        rng = random.Random(cfg.seed)
+        order = []
+        started = time.perf_counter()
+        bar = range(cfg.steps)
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(bar, desc=f"molf train ({cfg.mode})", unit="step")
+        losses = []
+        model.train()
+        for step in bar:
+            if len(order) < cfg.batch_size:
+                idx = list(range(len(rows)))
+                rng.shuffle(idx)
+                order += idx
+            chunk, order = [rows[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+            loss = model(**_batch(chunk, pad, device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 10 == 0 or step == cfg.steps - 1:
+                losses.append(loss.item())
+                if cfg.progress:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if isinstance(opt, molf.MoLFAdamW) and (step + 1) % 100 == 0:
+                opt.write_routing_jsonl(routing_path)
+        seconds = time.perf_counter() - started
+        loss1, recall1 = evaluate(model, rows, pad, device)
+        share, plots = {}, []
+        if isinstance(opt, molf.MoLFAdamW):
+            opt.write_routing_jsonl(routing_path)
+            from .plot import plot_routing, read_routing
+            _, _, experts, winners = read_routing(routing_path)
+            n = sum(len(row) for row in winners)
+            share = {e: sum(e in w for row in winners for w in row) / n for e in experts}
+            plots = [os.path.basename(p) for p in plot_routing(routing_path, work)]
+            molf.merge(model)
+        model.save_pretrained(os.path.join(work, "model"))
+        tok.save_pretrained(os.path.join(work, "model"))
+        summary = {"mode": cfg.mode, "model": cfg.model or "builtin-qwen2-tiny", "data": cfg.data or "synthetic-facts",
+                   "examples": len(rows), "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": lr,
+                   "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
+                   "device": str(device), "train_seconds": round(seconds, 2),
+                   "seconds_per_step": round(seconds / cfg.steps, 5),
+                   "loss_before": loss0, "loss_after": loss1, "recall_before": recall0, "recall_after": recall1,
+                   "routing_share": share, "plots": plots, "loss_curve_every_10_steps": losses}
+        with open(os.path.join(work, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if os.path.isdir(cfg.output):
+            os.rmdir(cfg.output)  # empty (checked before training)
+        os.replace(work, cfg.output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"molf train ({cfg.mode}): {cfg.steps} steps in {seconds:.1f}s on {device}")
+    log(f"  loss    {loss0:.3f} -> {loss1:.3f}")
+    log(f"  recall  {recall0:.1%} -> {recall1:.1%}  (exact match of the new object, {len(rows)} facts)")
+    if share:
+        log("  routing " + ", ".join(f"{e} {s:.0%}" for e, s in share.items()))
+    log(f"  output  {cfg.output}/ (model/, summary.json" + (", routing.jsonl, plots" if share else "") + ")")
+    return summary

@@ -1,0 +1,146 @@
+"""`molf train`, `molf plot` and `molf.export_peft`, end to end on the CPU."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import molf
+from helpers import assert_close, batch, tiny_qwen2
+from molf.cli import main
+from optim_utils import make_opt, train_step
+
+
+def test_train_default_task_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--steps", "80", "--facts", "40", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recall_after"] > summary["recall_before"]
+    assert summary["loss_after"] < summary["loss_before"]
+    assert set(summary["routing_share"]) == {"full", "lora_r128"}
+    assert {"routing_heatmap.png", "routing_share.png", "routing.jsonl", "model"} <= set(os.listdir(out))
+    records = (out / "routing.jsonl").read_text().splitlines()
+    assert len(records) == 80 and json.loads(records[-1])["step"] == 80
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in merged.modules())
+    assert "recall" in capsys.readouterr().out
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]  # no leftovers
+
+
+@pytest.mark.parametrize("mode", ["fft", "lora", "molf-e"])
+def test_train_baselines_and_molf_e_run(tmp_path, mode):
+    out = tmp_path / mode
+    assert main(["train", "--mode", mode, "--output", str(out), "--steps", "30", "--facts", "20", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["loss_after"] < summary["loss_before"]
+    assert (out / "routing.jsonl").exists() == (mode != "fft")
+
+
+def test_train_on_jsonl_data(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"the code of item {i} is", "completion": f" c{i % 3}"})
+                              for i in range(12)) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(out), "--steps", "10", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["examples"] == 12
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "molf", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    cases = {
+        "missing data": (["--data", str(tmp_path / "nope.jsonl")], "data file not found"),
+        "bad line": (["--data", str(bad)], "bad.jsonl:2: expected an object with string keys 'prompt' and 'completion'"),
+        "unknown mode": (["--mode", "qlora"], "invalid choice: 'qlora'"),
+        "missing model": (["--model", str(tmp_path / "no-model")], "model path does not exist"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        r = _cli("train", "--output", str(out), "--steps", "2", "--no-progress", *args, cwd=tmp_path)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(lines) == 1 and message in lines[0], (name, r.stderr)
+        assert not out.exists(), name
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
+
+
+def routing_jsonl(tmp_path, layers, name):
+    model = molf.wrap(tiny_qwen2(layers=layers), ranks=(2, 8), alphas=(8, 16), train_base=True, backend="eager")
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager", top_k=1)
+    ids = batch()
+    for _ in range(12):
+        train_step(model, opt, ids)
+    path = tmp_path / name
+    opt.write_routing_jsonl(path)
+    return path, opt
+
+
+def test_plot_writes_readable_pngs(tmp_path):
+    from PIL import Image
+    from molf.plot import PALETTE
+
+    sizes = []
+    for layers in (1, 3):
+        path, opt = routing_jsonl(tmp_path, layers, f"r{layers}.jsonl")
+        out = tmp_path / f"plots{layers}"
+        assert main(["plot", str(path), "-o", str(out)]) == 0
+        heat = Image.open(out / "routing_heatmap.png").convert("RGB")
+        sizes.append(heat.size)
+        colors = {c for _, c in heat.getcolors(maxcolors=1 << 20)}
+        used = {e for e, w in zip(opt.expert_names, opt.routing_history()["routing"].any(0).any(0).tolist())}
+        for i, name in enumerate(opt.expert_names):
+            rgb = tuple(int(PALETTE[i][k:k + 2], 16) for k in (1, 3, 5))
+            assert rgb in colors, f"the color of expert {name} is missing from the heatmap"
+        assert used == set(opt.expert_names)
+        assert (out / "routing_share.png").stat().st_size > 5000
+    assert sizes[1][1] > sizes[0][1], "a heatmap with more layers should be taller"
+
+
+def test_plot_bad_file(tmp_path):
+    assert main(["plot", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path)]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json}\n")
+    assert main(["plot", str(bad), "-o", str(tmp_path)]) == 2
+
+
+def test_export_peft_roundtrip_equals_molf_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_qwen2()
+    model = molf.wrap(copy.deepcopy(base), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager",
+                      freeze_others=True)
+    opt = make_opt(molf.MoLFAdamW, model, 3e-3, 3e-3, backend="eager", top_k=2)
+    ids = batch()
+    for _ in range(5):
+        train_step(model, opt, ids)
+    with torch.no_grad():
+        want = model(ids).logits
+    molf.export_peft(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert_close(got, want, 1e-5, "peft logits")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 10 and set(cfg["target_modules"]) == set(molf.DEFAULT_TARGETS)
+
+
+def test_export_peft_refuses_a_trained_base(tmp_path):
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=True)
+    with pytest.raises(ValueError, match="frozen base"):
+        molf.export_peft(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_export_peft_warns_about_trained_parameters_outside_the_adapter(tmp_path):
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=False)
+    with pytest.warns(UserWarning, match="not part of a LoRA adapter"):
+        molf.export_peft(model, tmp_path / "adapter")
