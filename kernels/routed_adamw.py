@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..optim import to_device  # noqa: TID252  (molf.kernels is a subpackage of molf)
+from .._dist import local  # noqa: TID252  (molf.kernels is a subpackage of molf)
+from ..optim import to_device  # noqa: TID252
 from ._utils import TORCH_TO_TL, interpreting
 from .multi_tensor import TensorTable
 
@@ -132,14 +133,16 @@ class _Launch:
     """Tables for the tensors of one dtype combination (param, grad, state)."""
 
     def __init__(self, items, block, device, blk_offset_of):
-        params = [p for _, p, _, _, _ in items]
+        params = [local(p) for _, p, _, _, _ in items]  # FSDP2: this rank's shards
         sts = [st for _, _, st, _, _ in items]
         self.ids = [i for i, _, _, _, _ in items]
-        self.p_dtype, self.g_dtype, self.s_dtype = params[0].dtype, params[0].grad.dtype, sts[0]["exp_avg"].dtype
-        cols = [params, [p.grad for p in params], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+        self.p_dtype, self.g_dtype, self.s_dtype = params[0].dtype, items[0][1].grad.dtype, sts[0]["exp_avg"].dtype
+        self.grads = [local(p.grad) for _, p, _, _, _ in items]
+        cols = [params, self.grads, [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts],
                 [s["step"] for s in sts]]
         self.table = TensorTable(cols, block, device)
-        self.grad_ptrs = [p.grad.data_ptr() for p in params]
+        self.dtensors = [p for _, p, _, _, _ in items]
+        self.grad_ptrs = [g.data_ptr() for g in self.grads]
         self.blk_out = to_device([blk_offset_of[i] + j for i, ne in zip(self.ids, self.table.numels)
                                   for j in range(-(-ne // block))], torch.int64, device)
         self.owner = to_device([o for _, _, _, o, _ in items], torch.int32, device)
@@ -171,13 +174,13 @@ class TritonRoutedAdamW:
         first, n = [], 0
         for p in plan.params:
             first.append(n)
-            n += -(-p.numel() // block)
+            n += -(-local(p).numel() // block)
         self.n_blocks = n
         seg = [0] * (plan.inv_n.numel() + 1)
         ends = {}
         for i, o in enumerate(plan.owner):
             if o >= 0:
-                ends.setdefault(o, [first[i], 0])[1] = first[i] + -(-plan.params[i].numel() // block)
+                ends.setdefault(o, [first[i], 0])[1] = first[i] + -(-local(plan.params[i]).numel() // block)
         pos = 0
         for o in range(plan.inv_n.numel()):
             lo, hi = ends.get(o, (pos, pos))
@@ -207,9 +210,9 @@ class TritonRoutedAdamW:
         if plan is not self.plan:
             return True
         for ln in self.launches:
-            if [p.grad.data_ptr() for p in ln.params] != ln.grad_ptrs:
+            if [local(p.grad).data_ptr() for p in ln.dtensors] != ln.grad_ptrs:
                 return True
-            if [p.data_ptr() for p in ln.params] != [s for s, _ in ln.table.storage[: len(ln.params)]]:
+            if [local(p).data_ptr() for p in ln.dtensors] != [s for s, _ in ln.table.storage[: len(ln.params)]]:
                 return True
         return False
 

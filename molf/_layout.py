@@ -18,6 +18,7 @@ class Layout:
     experts: list[list[list[nn.Parameter]]]  # [layer][expert] -> that expert's trainable parameters
     others: list[nn.Parameter]               # trainable parameters outside MoLF layers (plain AdamW)
     groups: list[dict]                       # torch param groups, each tagged with its "kind"
+    modules: list                            # the MoLFLinear layers, in layer_names order
 
 
 def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_decay: float,
@@ -62,4 +63,4 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     hyper = {FULL: (lr, weight_decay), FULL_BIAS: (lr, 0.0), LORA: (lora_lr, lora_weight_decay),
              DECAY: (lr, weight_decay), NO_DECAY: (lr, 0.0)}
     groups = [dict(params=ps, lr=hyper[k][0], weight_decay=hyper[k][1], kind=k) for k, ps in kinds.items() if ps]
-    return Layout([n for n, _ in layers], names, experts, others, groups)
+    return Layout([n for n, _ in layers], names, experts, others, groups, [m for _, m in layers])

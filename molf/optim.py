@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend
+from ._dist import local, shard_group
 from ._layout import build_layout
 from .reference import SCORES, expert_score_terms
 
@@ -113,6 +114,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._expert_group = [kinds.index("full" if name == "full" else "lora") for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
+        self._param_ids = [tuple(id(p) for p in m.parameters()) for m in layout.modules]
+        # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
+        self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
         self.routing: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -129,6 +133,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         key = tuple(p.grad is not None for p, _ in flat)
         plan = self._plans.get(key)
         if plan is None:
+            self._check_params_not_replaced()
             with_grad = [(p, o) for (p, o), has in zip(flat, key) if has]
             n_layers, n_experts = len(lay.layer_names), len(self.expert_names)
             counts = [0] * (n_layers * n_experts)
@@ -144,6 +149,14 @@ class MoLFAdamW(torch.optim.Optimizer):
                 no_grad=to_device([c == 0 for c in counts], torch.bool, self.device).view(n_layers, n_experts))
             self._plans[key] = plan
         return plan
+
+    def _check_params_not_replaced(self):
+        for name, m, ids in zip(self.layer_names, self.layout.modules, self._param_ids):
+            if tuple(id(p) for p in m.parameters()) != ids:
+                raise RuntimeError(
+                    f"the parameters of {name} were replaced after MoLFAdamW was created (by fully_shard, "
+                    "to_empty, load_state_dict(assign=True), ...): this optimizer would train stale tensors. "
+                    "Create the optimizer after sharding or moving the model.")
 
     def _state(self, p):
         st = self.state[p]
@@ -175,6 +188,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._state(p)
         impl = self._backend_impl()
         sums = impl.moments_and_sums(plan)
+        if self._reduce_group is not None:
+            torch.distributed.all_reduce(sums, group=self._reduce_group)  # one collective for the whole model
         lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
         self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
         impl.update(plan, self.routing)
@@ -252,8 +267,9 @@ class EagerRoutedAdamW:
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
         sts = [opt.state[p] for p in plan.params]
-        ms, vs = [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]
-        gs = [p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype) for p, m in zip(plan.params, ms)]
+        ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
+        gs = [local(p.grad) for p in plan.params]
+        gs = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(gs, ms)]
         if ms:
             torch._foreach_lerp_(ms, gs, 1.0 - beta1)
             torch._foreach_mul_(vs, beta2)
@@ -276,7 +292,7 @@ class EagerRoutedAdamW:
         for i, p in enumerate(plan.params):
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
-            m, v, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
             # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
             t = step.double()
             step_size = (lr / (1.0 - torch.pow(beta1, t))).float()

@@ -1,0 +1,35 @@
+"""torch.distributed helpers: local shards of FSDP2's DTensors, and the group a score sum is reduced over."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch without the public DTensor API
+    DTensor, Shard = (), ()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a (possibly sharded) tensor; in-place ops on it update the DTensor."""
+    return t.to_local() if DTensor and isinstance(t, DTensor) else t
+
+
+def shard_group(params):
+    """The process group over which FSDP2 shards these parameters (None when nothing is sharded).
+
+    Per-expert score sums are partial on each rank along sharded mesh dimensions and equal along
+    replicated ones (HSDP), so they are summed over the sharded dimension's group only."""
+    groups = set()
+    for p in params:
+        if DTensor and isinstance(p, DTensor):
+            dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            if len(dims) > 1:
+                raise NotImplementedError("MoLFAdamW supports parameters sharded along one mesh dimension")
+            if dims:
+                groups.add((id(p.device_mesh), dims[0], p.device_mesh))
+    if not groups:
+        return None
+    if len({(g[0], g[1]) for g in groups}) > 1:
+        raise NotImplementedError("MoLFAdamW needs every sharded parameter on one device mesh dimension")
+    _, dim, mesh = groups.pop()
+    return mesh.get_group(mesh_dim=dim)

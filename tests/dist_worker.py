@@ -1,0 +1,104 @@
+"""Worker processes for tests/test_distributed.py (2 ranks, gloo, CPU)."""
+import functools
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import molf
+from helpers import batch, tiny_qwen2
+
+CFG = dict(ranks=(2, 8), alphas=(8, 16), train_base=True)
+OPT = dict(lr=1e-3, lora_lr=1e-3, weight_decay=0.1, lora_weight_decay=0.01)
+
+
+def build(mode, world, backend, shard_before_optimizer=True, device="cpu"):
+    model = molf.wrap(tiny_qwen2(seed=0).to(device), backend="eager" if device == "cpu" else "auto", **CFG)
+    inner = model
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        inner = model.module
+    elif mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(torch.device(device).type, (world,))
+        if not shard_before_optimizer:
+            opt = molf.MoLFAdamW(inner, backend=backend, **OPT)
+        for layer in inner.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(inner, mesh=mesh)
+        if not shard_before_optimizer:
+            return model, inner, opt
+    return model, inner, molf.MoLFAdamW(inner, backend=backend, **OPT)
+
+
+def full_params(inner):
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+                      for p in inner.parameters()])
+
+
+def steps(model, opt, ids, n):
+    routes = []
+    for _ in range(n):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        routes.append(opt.routing.clone())
+    return routes
+
+
+def run(rank, world, initfile, mode, backend, outdir, nccl=False):
+    if nccl:
+        torch.cuda.set_device(rank)
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{initfile}", rank=rank,
+                            world_size=world)
+    device = f"cuda:{rank}" if nccl else "cpu"
+    make = functools.partial(build, device=device)
+    result = {}
+    try:
+        torch.manual_seed(0)
+        ids = batch(n=2 * world)[2 * rank: 2 * rank + 2].to(device)  # this rank's half of the global batch
+        model, inner, opt = make(mode, world, backend)
+        routes = steps(model, opt, ids, 10)
+        result.update(routes=torch.stack(routes), params=full_params(inner))
+        # Save after 5 steps, load into a fresh model and optimizer, continue: same as uninterrupted.
+        model2, inner2, opt2 = make(mode, world, backend)
+        steps(model2, opt2, ids, 5)
+        saved = (inner2.state_dict(), opt2.state_dict())
+        path = os.path.join(outdir, f"ckpt{rank}.pt")
+        torch.save(saved, path)
+        model3, inner3, opt3 = make(mode, world, backend)
+        msd, osd = torch.load(path, weights_only=False)
+        inner3.load_state_dict(msd)
+        opt3.load_state_dict(osd)
+        result.update(resumed_routes=torch.stack(steps(model3, opt3, ids, 5)), resumed_params=full_params(inner3))
+        if mode == "fsdp2":
+            # Experts are sharded like every parameter; merge works on gathered full weights.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.tensor import DTensor
+            a = inner.model.layers[0].self_attn.q_proj.lora_A[0]
+            result["lora_sharded"] = isinstance(a, DTensor) and a.to_local().shape[0] < a.shape[0]
+            full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            ids_cpu = ids.cpu()
+            with torch.no_grad():
+                sharded_logits = model(ids).logits
+            if rank == 0:
+                plain = molf.wrap(tiny_qwen2(seed=1), backend="eager", **CFG)
+                plain.load_state_dict(full)
+                molf.merge(plain)
+                with torch.no_grad():
+                    result["merged_logits"], result["sharded_logits"] = plain(ids_cpu).logits, sharded_logits
+            model4, inner4, opt4 = make(mode, world, backend, shard_before_optimizer=False)
+            try:
+                steps(model4, opt4, ids, 1)
+                result["stale_error"] = None
+            except RuntimeError as e:
+                result["stale_error"] = str(e)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    result = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()

@@ -1,0 +1,66 @@
+"""DDP and FSDP2 (2 processes, gloo, CPU): identical routing on every rank, equal to one process."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import molf
+from dist_worker import CFG, OPT, full_params, steps
+from helpers import batch, rel_err, tiny_qwen2
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    torch.manual_seed(0)
+    model = molf.wrap(tiny_qwen2(seed=0), backend="eager", **CFG)
+    opt = molf.MoLFAdamW(model, backend="eager", **OPT)
+    routes = steps(model, opt, batch(n=2 * WORLD), 10)
+    return torch.stack(routes), full_params(model)
+
+
+def spawn(tmp_path, mode, backend, nccl=False):
+    import dist_worker
+    mp.spawn(dist_worker.run, args=(WORLD, str(tmp_path / "init"), mode, backend, str(tmp_path), nccl), nprocs=WORLD)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in results:
+        assert "error" not in r, r.get("error")
+    return results
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_routing_identical_on_ranks_and_equal_to_one_process(tmp_path, single_process, mode, backend):
+    if mode == "fsdp2":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+        from torch.distributed import fsdp
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not available in this torch")
+    ref_routes, ref_params = single_process
+    r0, r1 = spawn(tmp_path, mode, backend)
+    assert torch.equal(r0["routes"], r1["routes"])
+    assert torch.equal(r0["routes"], ref_routes)
+    assert (ref_routes.sum((0, 1)) > 0).all(), "the run should route to both experts"
+    assert torch.equal(r0["params"], r1["params"])
+    assert rel_err(r0["params"], ref_params) <= 1e-5
+    # save after 5 steps and resume: the same last 5 steps
+    assert torch.equal(r0["resumed_routes"], ref_routes[5:])
+    assert torch.equal(r0["resumed_params"], r0["params"])
+    if mode == "fsdp2":
+        assert r0["lora_sharded"] and r1["lora_sharded"]
+        assert rel_err(r0["merged_logits"], r0["sharded_logits"]) <= 1e-5
+        assert r0["stale_error"] is not None and "replaced after MoLFAdamW was created" in r0["stale_error"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="NCCL needs 2 CUDA GPUs")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_nccl_routing_identical_on_ranks(tmp_path, mode):
+    r0, r1 = spawn(tmp_path, mode, "triton", nccl=True)
+    assert torch.equal(r0["routes"], r1["routes"])
+    assert torch.equal(r0["params"], r1["params"])
+    assert torch.equal(r0["resumed_routes"], r0["routes"][5:])
