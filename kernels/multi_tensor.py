@@ -61,15 +61,21 @@ def _sumsq_partials_kernel(ptrs, blk_tensor, blk_start, numel, partials, DTYPE: 
 
 
 @triton.jit
-def _segment_sum_kernel(partials, seg_start, out, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
+def segment_total(partials, seg_start, s, BLOCK: tl.constexpr):
+    """sum(partials[seg_start[s]:seg_start[s+1]]): BLOCK lanes in index order, then one fixed tree."""
     lo = tl.load(seg_start + s)
     hi = tl.load(seg_start + s + 1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(lo, hi, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < hi, other=0.0)
-    tl.store(out + s, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _segment_sum_kernel(partials, seg_start, out, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    tl.store(out + s, segment_total(partials, seg_start, s, BLOCK))
 
 
 def segment_sum(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import triton.language as tl
 from .._dist import local  # noqa: TID252  (molf.kernels is a subpackage of molf)
 from ..optim import to_device  # noqa: TID252
 from ._utils import TORCH_TO_TL, interpreting
-from .multi_tensor import TensorTable
+from .multi_tensor import TensorTable, segment_total
 
 MAX_GROUPS = 5  # MoLFAdamW's param-group kinds: full, full_bias, lora, decay, no_decay
 EPS_SCORE = 1e-8
@@ -80,13 +80,7 @@ def _finish_kernel(partials, seg_start, sums, n_seg, step_ptrs, n_tensors, betas
                    BLOCK: tl.constexpr, TB: tl.constexpr):
     s = tl.program_id(0)
     if s < n_seg:
-        lo = tl.load(seg_start + s)
-        hi = tl.load(seg_start + s + 1)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i in range(lo, hi, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            acc += tl.load(partials + offs, mask=offs < hi, other=0.0)
-        tl.store(sums + s, tl.sum(acc, axis=0))
+        tl.store(sums + s, segment_total(partials, seg_start, s, BLOCK))
     idx = s * TB + tl.arange(0, TB)
     ok = idx < n_tensors
     sp = tl.load(step_ptrs + idx, mask=ok, other=0).to(tl.pointer_type(tl.float32))

@@ -114,6 +114,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._expert_group = [kinds.index("full" if name == "full" else "lora") for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
+        n_exp = len(self.expert_names)
+        self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
+                      for p in ps] + [(p, -1) for p in layout.others]
         self._param_ids = [tuple(id(p) for p in m.parameters()) for m in layout.modules]
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
@@ -127,9 +130,7 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --
     def _plan(self) -> StepPlan:
-        lay = self.layout
-        flat = [(p, li * len(self.expert_names) + ei) for li, per in enumerate(lay.experts)
-                for ei, ps in enumerate(per) for p in ps] + [(p, -1) for p in lay.others]
+        lay, flat = self.layout, self._flat
         key = tuple(p.grad is not None for p, _ in flat)
         plan = self._plans.get(key)
         if plan is None:

@@ -81,12 +81,10 @@ class MoLFAdamWReference(torch.optim.Optimizer):
         # The authors ship their score functions under torch.compile(mode="reduce-overhead"); the benchmark
         # times the reference that way on the GPU.
         self._score_sum = torch.compile(_score_sum, mode="reduce-overhead") if compile_scores else _score_sum
+        self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
 
     def _group(self, p):
-        for g in self.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
-        raise KeyError("parameter not in any group")
+        return self.param_groups[self._group_of[id(p)]]  # by index: load_state_dict replaces the group dicts
 
     def _advance_moments(self, p, beta1, beta2):
         st = self.state[p]
