@@ -1,17 +1,23 @@
 # Two commands for a fresh machine: `make bench` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.molf-installed
 
-.PHONY: test bench plots clean
+.PHONY: test bench clean
 
-# --system-site-packages: a GPU image's own torch (and triton) stay visible and are kept.
-# Without any torch, install the CPU build: torch==2.13.0 resolves to a local CPU wheel here,
-# while a plain `torch` would pull a multi-GB CUDA build.
+# Keep a torch that is already installed: .venv sees the system's packages, and when $(PYTHON) is itself
+# a virtual environment holding torch (GPU images), a .pth file lends its site-packages to .venv.
+# Without any torch, install the CPU build: torch==2.13.0 resolves to a local CPU wheel here, while a
+# plain `torch` would pull a multi-GB CUDA build. --no-build-isolation: no download needed to build molf.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	if ! $(PY) -c "import torch" 2>/dev/null && $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  $(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
+	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_molf_host_site.pth"; fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install -q "setuptools>=64"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 test: $(STAMP)

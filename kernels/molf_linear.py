@@ -135,17 +135,15 @@ class MoLFLinearFunction(torch.autograd.Function):
         xd = x if mask is None else x * mask / (1.0 - p)
         u = mm2(xd, a_cat.t(), None, None, None, None, s_cols, 1.0)
         y = mm2(x, weight.t(), u, b_cat.t(), None, bias, None, 1.0)
-        ctx.save_for_backward(x if mask is None else xd, weight, a_cat, b_cat, s_cols, u, mask)
-        ctx.p, ctx.x_is_dropped = p, mask is not None
-        if mask is not None:
-            ctx.x_for_dw = x  # dW needs the undropped x
-        ctx.has_bias = bias is not None
+        # dA needs drop(x), dW the undropped x: both are kept only when dropout is on.
+        ctx.save_for_backward(x, None if mask is None else xd, weight, a_cat, b_cat, s_cols, u, mask)
+        ctx.p, ctx.has_bias = p, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
-        xd, weight, a_cat, b_cat, s_cols, u, mask = ctx.saved_tensors
-        x = ctx.x_for_dw if ctx.x_is_dropped else xd
+        x, xd, weight, a_cat, b_cat, s_cols, u, mask = ctx.saved_tensors
+        xd = x if xd is None else xd
         g = g.contiguous()
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = None

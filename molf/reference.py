@@ -80,7 +80,8 @@ class MoLFAdamWReference(torch.optim.Optimizer):
         self.scores: torch.Tensor | None = None
         # The authors ship their score functions under torch.compile(mode="reduce-overhead"); the benchmark
         # times the reference that way on the GPU.
-        self._score_sum = torch.compile(_score_sum, mode="reduce-overhead") if compile_scores else _score_sum
+        self._score_sum = (torch.compile(_score_sum, mode="reduce-overhead", dynamic=True) if compile_scores
+                           else _score_sum)
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
 
     def _group(self, p):
