@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	  $(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
 	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_molf_host_site.pth"; fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install -q "setuptools>=64"
+	$(PY) -c "import setuptools as s, sys; sys.exit(int(s.__version__.split('.')[0]) < 71)" 2>/dev/null \
+	  || $(PY) -m pip install -q "setuptools>=71"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
