@@ -1,5 +1,4 @@
 """Linear-layer shapes (out_features N, in_features K) of the models the paper fine-tunes."""
-import torch
 from torch import nn
 
 QWEN25_15B = {"q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),

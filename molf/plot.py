@@ -1,8 +1,9 @@
 """The paper's routing figures, drawn from a routing JSONL (one record per step)."""
 from __future__ import annotations
 
-import json
 import os
+
+from ._jsonl import read_jsonl
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 SEVERAL = "#7f7f7f"  # a (layer, step) where top_k > 1 picked several experts
@@ -11,26 +12,22 @@ SEVERAL = "#7f7f7f"  # a (layer, step) where top_k > 1 picked several experts
 def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[str]]]]:
     """steps, layer names (model order), expert names, winners[step][layer]."""
     steps, layers, experts, winners = [], None, [], []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                sel = rec["selections"]
-                steps.append(int(rec["step"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{i}: not a routing record ({e!s})") from None
-            if layers is None:
-                layers = list(sel)
-            row = []
-            for name in layers:
-                entry = sel.get(name, {})
-                for e in list(entry.get("scores", {})) + entry.get("winners", []):
-                    if e not in experts:
-                        experts.append(e)
-                row.append(entry.get("winners", []))
-            winners.append(row)
+    for i, rec in read_jsonl(path):
+        try:
+            sel = rec["selections"]
+            steps.append(int(rec["step"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{i}: not a routing record (missing or bad {e!s})") from None
+        if layers is None:
+            layers = list(sel)
+        row = []
+        for name in layers:
+            entry = sel.get(name, {})
+            for e in list(entry.get("scores", {})) + entry.get("winners", []):
+                if e not in experts:
+                    experts.append(e)
+            row.append(entry.get("winners", []))
+        winners.append(row)
     if not steps:
         raise ValueError(f"{path}: no routing records")
     return steps, layers, experts, winners

@@ -16,9 +16,11 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from ._jsonl import read_jsonl
 
 MODES = ("molf", "molf-e", "fft", "lora")
 
@@ -46,7 +48,6 @@ class TrainConfig:
     device: str = "auto"
     backend: str = "auto"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # -- the synthetic counterfactual-facts task --
@@ -80,18 +81,14 @@ def read_pairs(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise TrainError(f"data file not found: {path}")
     pairs = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    try:
+        for i, rec in read_jsonl(path):
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
                     or not isinstance(rec.get("completion"), str):
                 raise TrainError(f"{path}:{i}: expected an object with string keys 'prompt' and 'completion'")
             pairs.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if not pairs:
         raise TrainError(f"{path}: no prompt/completion pairs")
     return pairs

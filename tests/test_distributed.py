@@ -1,5 +1,4 @@
 """DDP and FSDP2 (2 processes, gloo, CPU): identical routing on every rank, equal to one process."""
-import os
 
 import pytest
 import torch

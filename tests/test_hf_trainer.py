@@ -38,7 +38,7 @@ def make_trainer(out, max_steps, **kw):
 
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     full = make_trainer(tmp_path / "full", 6)
-    out = full.train()
+    full.train()
     losses = [h["loss"] for h in full.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
     opt = full.molf_optimizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import molf
-from conftest import CUDA, DEVICE, gpu_only
+from conftest import DEVICE, gpu_only
 from helpers import batch, rel_err
 from molf.reference import MoLFAdamWReference
 from optim_utils import MOLF, MOLF_E, MOLF_E_PFN, flat_params, lockstep, make_opt, train_step, wrapped
