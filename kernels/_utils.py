@@ -28,3 +28,12 @@ def autocast_dtype(device_type: str):
 def config(**kw):
     num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """x cast to DTYPE with round-to-nearest-even (explicit: Triton's interpreter truncates fp32 -> bf16)."""
+    if DTYPE == tl.float32:
+        return x
+    else:
+        return x.to(DTYPE, fp_downcast_rounding="rtne")

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._dist import local  # noqa: TID252  (molf.kernels is a subpackage of molf)
 from ..optim import to_device  # noqa: TID252
-from ._utils import TORCH_TO_TL
+from ._utils import TORCH_TO_TL, round_to
 from .multi_tensor import TensorTable, segment_total
 
 MAX_GROUPS = 5  # MoLFAdamW's param-group kinds: full, full_bias, lora, decay, no_decay
@@ -47,8 +47,8 @@ def _moments_score_kernel(ptrs, blk_tensor, blk_start, blk_out, numel, owner, pa
     v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     m = m + (1.0 - beta1) * (g - m)  # torch's lerp_(g, 1 - b1)
     v = beta2 * v + (1.0 - beta2) * g * g
-    m_s = m.to(S_DTYPE)
-    v_s = v.to(S_DTYPE)
+    m_s = round_to(m, S_DTYPE)
+    v_s = round_to(v, S_DTYPE)
     tl.store(m_ptr + offs, m_s, mask=ok)
     tl.store(v_ptr + offs, v_s, mask=ok)
     if tl.load(owner + t) >= 0:  # the score reads the stored (rounded) moments, as the reference does
@@ -97,8 +97,9 @@ def _finish_kernel(partials, seg_start, sums, n_seg, step_ptrs, n_tensors, betas
 
 @triton.jit
 def _masked_update_kernel(ptrs, blk_tensor, blk_start, numel, owner, group, tensor_id, winners, bias_corr,
-                          lr0, lr1, lr2, lr3, lr4, wd0, wd1, wd2, wd3, wd4, eps0, eps1, eps2, eps3, eps4,
-                          P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                          lr0, lr1, lr2, lr3, lr4, wd0, wd1, wd2, wd3, wd4, eps0, eps1, eps2, eps3, eps4, seed,
+                          P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                          BLOCK: tl.constexpr):
     b = tl.program_id(0)
     t = tl.load(blk_tensor + b).to(tl.int64)
     o = tl.load(owner + t)
@@ -121,7 +122,12 @@ def _masked_update_kernel(ptrs, blk_tensor, blk_start, numel, owner, group, tens
         v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         p = p * (1.0 - lr * wd)
         p = p - (lr * inv_bc1) * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=ok)
+        if STOCHASTIC:  # bf16: add 16 random low bits, truncate: rounds up with probability = the remainder
+            r = tl.randint(seed, (tid.to(tl.int64) << 32) + offs)
+            bits = p.to(tl.uint32, bitcast=True) + (r & 0xFFFF).to(tl.uint32)
+            rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+            p = tl.where(tl.abs(p) < float("inf"), rounded, p)
+        tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=ok)
 
 
 class _Launch:
@@ -242,5 +248,6 @@ class TritonRoutedAdamW:
             if t.n_blocks:
                 _masked_update_kernel[(t.n_blocks,)](
                     t.ptrs, t.blk_tensor, t.blk_start, t.numel, ln.owner, ln.group, ln.tensor_id, win,
-                    self.bias_corr, *lrs, *wds, *epss,
-                    P_DTYPE=TORCH_TO_TL[ln.p_dtype], S_DTYPE=TORCH_TO_TL[ln.s_dtype], BLOCK=self.block)
+                    self.bias_corr, *lrs, *wds, *epss, opt.rounding_seed(),
+                    P_DTYPE=TORCH_TO_TL[ln.p_dtype], S_DTYPE=TORCH_TO_TL[ln.s_dtype],
+                    STOCHASTIC=opt.stochastic_rounding and ln.p_dtype == torch.bfloat16, BLOCK=self.block)

@@ -84,6 +84,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         top_k: experts updated per layer and step.
         backend: "auto", "eager" or "triton".
         state_dtype: dtype of the moments (default: the parameter's dtype, as torch.optim.AdamW).
+        stochastic_rounding: round bf16 parameters stochastically after the update (unbiased: an update
+            smaller than half a bf16 ulp still moves the weight in expectation); other dtypes unaffected.
         history_size: how many recent steps of routing and scores are kept on the device for
             `routing_history()` / `write_routing_jsonl()` (the oldest are dropped beyond it).
 
@@ -94,7 +96,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     def __init__(self, model, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0,
                  lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
                  top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None,
-                 history_size: int = 10000):
+                 stochastic_rounding: bool = False, history_size: int = 10000):
         layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
         check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
                               len(layout.expert_names))
@@ -127,6 +129,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
         self._history: deque = deque(maxlen=history_size)
         self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        # Drawn from torch's RNG once: runs seeded alike round alike; per step, seed + step (resumes exactly).
+        self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --
     def _plan(self) -> StepPlan:
@@ -150,6 +155,10 @@ class MoLFAdamW(torch.optim.Optimizer):
                 no_grad=to_device([c == 0 for c in counts], torch.bool, self.device).view(n_layers, n_experts))
             self._plans[key] = plan
         return plan
+
+    def rounding_seed(self) -> int:
+        """The stochastic-rounding seed of the step being taken (a host int: no device read)."""
+        return (self._seed_base + self.molf_step) % (2 ** 31 - 1)
 
     def _check_params_not_replaced(self):
         for name, m, ids in zip(self.layer_names, self.layout.modules, self._param_ids):
@@ -236,6 +245,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["molf_step"] = self.molf_step
+        sd["molf_seed"] = self._seed_base
         return sd
 
     def load_state_dict(self, state_dict):
@@ -244,6 +254,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.molf_step = int(state_dict.get("molf_step", 0))
+        self._seed_base = int(state_dict.get("molf_seed", self._seed_base))
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
@@ -290,6 +301,9 @@ class EagerRoutedAdamW:
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
         w_all = winners.view(-1).to(torch.float32)
+        gen = None
+        if opt.stochastic_rounding:
+            gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())
         for i, p in enumerate(plan.params):
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
@@ -305,7 +319,16 @@ class EagerRoutedAdamW:
                 decay = 1.0 - (lr * wd) * w
             upd = v.sqrt().div_(bc2_sqrt).add_(eps)  # one temporary, reused in place
             torch.div(m, upd, out=upd).mul_(step_size)
-            if p.dtype == torch.promote_types(p.dtype, m.dtype):
+            if gen is not None and p.dtype == torch.bfloat16:
+                p.copy_(stochastic_round_bf16(p.float() * decay - upd.float(), gen))
+            elif p.dtype == torch.promote_types(p.dtype, m.dtype):
                 p.mul_(decay).sub_(upd)
             else:  # wider moments than parameters (state_dtype): one rounding
                 p.copy_(p.to(m.dtype) * decay - upd)
+
+
+def stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16 rounding up with probability equal to the dropped remainder (unbiased); inf/nan kept."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=gen)
+    bits = (x.view(torch.int32) + noise) & -65536  # 0xFFFF0000: the low 16 bits are what bf16 drops
+    return torch.where(x.isfinite(), bits.view(torch.float32), x).to(torch.bfloat16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import molf
-from conftest import DEVICE, gpu_only
+from conftest import CUDA, DEVICE, gpu_only
 from helpers import batch, rel_err
 from molf.reference import MoLFAdamWReference
 from optim_utils import MOLF, MOLF_E, MOLF_E_PFN, flat_params, lockstep, make_opt, train_step, wrapped
@@ -339,3 +339,30 @@ def test_bias_correction_over_many_steps():
     assert torch.equal(opt.routing, ref.routing)
     assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-6
     assert next(iter(opt.state.values()))["step"].item() == 123457.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_stochastic_rounding_of_bf16_is_unbiased(backend):
+    """Weights at 1.5 and an Adam step of lr = 1e-3, below half a bf16 ulp (2^-8 there): round-to-nearest
+    leaves every weight at 1.5; stochastic rounding moves the mean by -lr (to within sampling noise).
+    Triton's CPU interpreter truncates fp32 -> bf16 casts (1.499 -> 1.492, also with
+    fp_downcast_rounding="rtne"), so there the round-to-nearest half is checked on the GPU only; the
+    stochastic half works on the bits and is exact everywhere."""
+    means = {}
+    for sr in (False, True):
+        torch.manual_seed(0)
+        layer = molf.MoLFLinear(torch.nn.Linear(64, 96, bias=False, device=DEVICE, dtype=torch.bfloat16),
+                                ranks=(4,), alphas=(8,), backend="eager")
+        model = torch.nn.Sequential(layer)
+        opt = molf.MoLFAdamW(model, lr=1e-3, top_k=2, backend=backend, stochastic_rounding=sr)
+        with torch.no_grad():
+            layer.base.weight.fill_(1.5)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        means[sr] = layer.base.weight.double().mean().item()
+        losers = layer.lora_B[0]  # its update is exact in bf16 too: bitwise what nearest rounding gives
+        assert torch.isfinite(losers).all()
+    if backend == "eager" or CUDA:
+        assert means[False] == 1.5
+    assert abs(means[True] - (1.5 - 1e-3)) < 2e-4, means
