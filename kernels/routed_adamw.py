@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dist import local  # noqa: TID252  (molf.kernels is a subpackage of molf)
-from ..optim import to_device  # noqa: TID252
+# kernels/ is installed as molf.kernels, so ".." is the molf package.
+from .._dist import local
+from ..optim import to_device
 from ._utils import TORCH_TO_TL, round_to
 from .multi_tensor import TensorTable, segment_total
 

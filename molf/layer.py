@@ -112,7 +112,7 @@ class MoLFLinear(nn.Module):
         mask = dropout_mask(x, self.dropout) if self.training and self.dropout > 0 else None
         backend = _backend.resolve(self.backend, x.device)
         if backend == "triton":
-            from .kernels import molf_linear as _fused  # noqa: F401  (raises until the kernels land)
+            from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
                                       self.scalings, mask, self.dropout)
         return molf_linear_reference(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
