@@ -1,0 +1,69 @@
+"""Compile every Triton kernel of molf for a real GPU target (no GPU needed): run as a script, without
+TRITON_INTERPRET. Catches what the interpreter cannot: type errors and unsupported ops in the CUDA backend.
+Prints one line per compiled variant; exits non-zero on the first failure."""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from molf.kernels import molf_linear as L  # noqa: E402
+from molf.kernels import multi_tensor as MT  # noqa: E402
+from molf.kernels import routed_adamw as R  # noqa: E402
+
+TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+
+
+def raw(fn):
+    """The @triton.jit function under an @triton.autotune wrapper."""
+    return fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+
+
+def compile_one(fn, sig, constexprs, target, **options):
+    src = ASTSource(fn=raw(fn), signature={**sig, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=target, options=options or None)
+
+
+def variants():
+    i32, i64, f32 = "i32", "i64", "fp32"
+    for dt in ("fp32", "fp16", "bf16"):
+        for second, mask, bias, scale in ((True, False, True, False), (False, False, False, True), (True, True, False, False)):
+            sig = {"a1": f"*{dt}", "b1": f"*{dt}", "a2": f"*{dt}", "b2": f"*{dt}", "mask": "*i1", "bias": f"*{dt}",
+                   "colscale": "*fp32", "c": f"*{dt}", "M": i32, "N": i32, "K": i32, "R": i32,
+                   **{s: i32 for s in ("s_a1m", "s_a1k", "s_b1k", "s_b1n", "s_a2m", "s_a2r", "s_b2r", "s_b2n",
+                                       "s_mm", "s_mn", "s_cm", "s_cn")}, "inv_keep": f32}
+            cx = dict(HAS_SECOND=second, HAS_MASK=mask, HAS_BIAS=bias, HAS_SCALE=scale, IEEE=dt == "fp32",
+                      BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+            yield f"_mm2 {dt} second={second} mask={mask}", L._mm2_kernel, sig, cx, dict(num_warps=8, num_stages=3)
+    table = {"ptrs": "*i64", "blk_tensor": "*i32", "blk_start": "*i64"}
+    for p, s in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32")):
+        for pfn in (False, True):
+            sig = {**table, "blk_out": "*i64", "numel": "*i64", "owner": "*i32", "partials": "*fp32", "beta1": f32,
+                   "beta2": f32}
+            cx = dict(P_DTYPE=TL[p], G_DTYPE=TL[p], S_DTYPE=TL[s], PFN=pfn, BLOCK=1024)
+            yield f"moments_score p={p} s={s} pfn={pfn}", R._moments_score_kernel, sig, cx, {}
+        for sr in (False, True):
+            sig = {**table, "numel": "*i64", "owner": "*i32", "group": "*i32", "tensor_id": "*i32", "winners": "*u8",
+                   "bias_corr": "*fp32", **{f"{n}{i}": f32 for n in ("lr", "wd", "eps") for i in range(5)},
+                   "seed": i32}
+            cx = dict(P_DTYPE=TL[p], S_DTYPE=TL[s], STOCHASTIC=sr and p == "bf16", BLOCK=1024)
+            yield f"masked_update p={p} s={s} sr={sr}", R._masked_update_kernel, sig, cx, {}
+    yield "finish", R._finish_kernel, {"partials": "*fp32", "seg_start": "*i64", "sums": "*fp32", "n_seg": i32,
+                                       "step_ptrs": "*i64", "n_tensors": i32, "betas64": "*fp64",
+                                       "bias_corr": "*fp32"}, dict(BLOCK=128, TB=128), {}
+    yield "sumsq_partials", MT._sumsq_partials_kernel, {**table, "numel": "*i64", "partials": "*fp32"}, \
+        dict(DTYPE=tl.bfloat16, BLOCK=1024), {}
+    yield "segment_sum", MT._segment_sum_kernel, {"partials": "*fp32", "seg_start": "*i64", "out": "*fp32"}, \
+        dict(BLOCK=128), {}
+
+
+if __name__ == "__main__":
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    target = GPUTarget("cuda", arch, 32)
+    for name, fn, sig, cx, opts in variants():
+        k = compile_one(fn, sig, cx, target, **opts)
+        print(f"ok sm_{arch} {name}: {len(k.asm['ptx'])} chars of PTX")
