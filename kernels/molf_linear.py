@@ -38,6 +38,22 @@ def _configs():
     ]
 
 
+@triton.jit
+def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn, IEEE: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """acc += A[rm, :K] B[:K, rn] in steps of BLOCK_K (masked loads: K, or the rank R, is padded here only)."""
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(a + rm[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        y = tl.load(b + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+    return acc
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_SECOND"])
 @triton.jit
 def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
@@ -55,31 +71,17 @@ def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
     pid_n = (pid % width) // size_m
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(a1 + rm[:, None] * s_a1m + kk[None, :] * s_a1k, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-        b = tl.load(b1 + kk[:, None] * s_b1k + rn[None, :] * s_b1n, mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a1, b1, rm, rn, m_ok, n_ok, K,
+                              s_a1m, s_a1k, s_b1k, s_b1n, IEEE, BLOCK_K)
     if HAS_SECOND:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            rr = r0 + rk
-            a = tl.load(a2 + rm[:, None] * s_a2m + rr[None, :] * s_a2r, mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
-            b = tl.load(b2 + rr[:, None] * s_b2r + rn[None, :] * s_b2n, mask=(rr[:, None] < R) & n_ok[None, :], other=0.0)
-            if IEEE:
-                acc2 = tl.dot(a, b, acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(a, b, acc2)
-        if HAS_MASK:  # dropout's keep-mask on the low-rank part of dx
+        if HAS_MASK:  # dropout's keep-mask applies to the low-rank part of dx only: a second accumulator
+            low = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a2, b2, rm, rn, m_ok, n_ok,
+                                       R, s_a2m, s_a2r, s_b2r, s_b2n, IEEE, BLOCK_K)
             keep = tl.load(mask + rm[:, None] * s_mm + rn[None, :] * s_mn, mask=m_ok[:, None] & n_ok[None, :], other=0)
-            acc2 = tl.where(keep != 0, acc2 * inv_keep, 0.0)
-        acc += acc2
+            acc += tl.where(keep != 0, low * inv_keep, 0.0)
+        else:  # the low-rank term goes into the same accumulator
+            acc = _accumulate_product(acc, a2, b2, rm, rn, m_ok, n_ok, R, s_a2m, s_a2r, s_b2r, s_b2n, IEEE, BLOCK_K)
     if HAS_SCALE:
         acc *= tl.load(colscale + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
