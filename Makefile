@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make bench` and `make test`. Both create .venv when missing.
 PYTHON ?= python3
 VENV   ?= .venv
+BENCH  ?= bench    # one file at a time: make bench BENCH=bench/test_bench_optim.py
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.molf-installed
 
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q bench -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-group-by=group
+	$(PY) -m pytest -q $(BENCH) -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-group-by=group
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

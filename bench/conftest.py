@@ -70,9 +70,21 @@ def pytest_sessionfinish(session, exitstatus):
     import triton
     RESULTS.mkdir(exist_ok=True)
     name = device_name()
-    doc = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": ROWS}
+    commit = _commit()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     path = RESULTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+    # Running one bench file replaces that file's kinds of rows and keeps the others (each row says when).
+    ran = {r["bench"] for r in ROWS}
+    kept = []
+    if path.exists():
+        try:
+            kept = [r for r in json.loads(path.read_text())["rows"] if r["bench"] not in ran]
+        except (ValueError, KeyError):
+            kept = []
+    rows = kept + [dict(r, commit=commit, date=date, torch=torch.__version__, triton=triton.__version__)
+                   for r in ROWS]
+    doc = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+           "date": date, "rows": rows}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     session.config._molf_results = path
 
