@@ -29,7 +29,7 @@ def compile_one(fn, sig, constexprs, target, **options):
 
 
 def variants():
-    i32, i64, f32 = "i32", "i64", "fp32"
+    i32, f32 = "i32", "fp32"
     for dt in ("fp32", "fp16", "bf16"):
         for second, mask, bias, scale in ((True, False, True, False), (False, False, False, True), (True, True, False, False)):
             sig = {"a1": f"*{dt}", "b1": f"*{dt}", "a2": f"*{dt}", "b2": f"*{dt}", "mask": "*i1", "bias": f"*{dt}",

@@ -1,6 +1,5 @@
 """MoLFAdamW (eager backend) against the reference, torch.optim.AdamW and float64 formulas."""
 import copy
-import io
 import math
 
 import pytest
@@ -10,7 +9,8 @@ import molf
 from helpers import assert_close, batch, rel_err, tiny_qwen2
 from molf.optim import route
 from molf.reference import MoLFAdamWReference
-from optim_utils import MOLF, MOLF_E, MOLF_E_PFN, flat_params, lockstep, make_opt, train_step, wrapped
+from optim_utils import (MOLF, MOLF_E, MOLF_E_PFN, check_state_dict_roundtrip, flat_params, lockstep, make_opt,
+                         train_step, wrapped)
 
 
 @pytest.mark.parametrize("cfg, score, mixed", [
@@ -164,46 +164,14 @@ def test_scheduler_changes_step_and_epd_score():
     assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-6
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["param-dtype", "fp32-state"])
 @pytest.mark.parametrize("cfg", [MOLF, MOLF_E], ids=["molf", "molfe"])
 def test_state_dict_roundtrip_continues_bitwise(cfg, state_dtype):
-    train_base, ranks, alphas, lr, lora_lr = cfg
     dtype = torch.float32 if state_dtype is None else torch.float16
-    ids = batch()
-    model = wrapped(train_base, ranks, alphas, dtype=dtype)
-    start = copy.deepcopy(model.state_dict())
-    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="eager", state_dtype=state_dtype)
-    routes = []
-    for _ in range(8):
-        train_step(model, opt, ids)
-        routes.append(opt.routing.clone())
-
-    model2 = wrapped(train_base, ranks, alphas, seed=5, dtype=dtype)
-    model2.load_state_dict(start)
-    opt2 = make_opt(molf.MoLFAdamW, model2, lr, lora_lr, backend="eager", state_dtype=state_dtype)
-    for _ in range(4):
-        train_step(model2, opt2, ids)
-    saved_model, saved_opt = _roundtrip(model2.state_dict()), _roundtrip(opt2.state_dict())
-    model3 = wrapped(train_base, ranks, alphas, seed=7, dtype=dtype)
-    model3.load_state_dict(saved_model)
-    opt3 = make_opt(molf.MoLFAdamW, model3, 0.5, 0.5, backend="eager", state_dtype=state_dtype)
-    opt3.load_state_dict(saved_opt)
-    assert opt3.param_groups[0]["lr"] == lr
+    opt = check_state_dict_roundtrip(cfg, dtype=dtype, backend="eager", state_dtype=state_dtype)
     if state_dtype is not None:
-        st = next(iter(opt3.state.values()))
+        st = next(iter(opt.state.values()))
         assert st["exp_avg"].dtype == torch.float32
-    for i in range(4, 8):
-        train_step(model3, opt3, ids)
-        assert torch.equal(opt3.routing, routes[i])
-    for (n, p), q in zip(model.named_parameters(), model3.parameters()):
-        assert torch.equal(p, q), n
 
 
 def test_train_merge_save_reload_same_logits(tmp_path):

@@ -2,7 +2,6 @@
 
 On the CPU the kernels run under Triton's interpreter; the GPU-only tests skip there with a reason."""
 import copy
-import io
 import json
 
 import pytest
@@ -12,7 +11,8 @@ import molf
 from conftest import CUDA, DEVICE, gpu_only
 from helpers import batch, rel_err
 from molf.reference import MoLFAdamWReference
-from optim_utils import MOLF, MOLF_E, MOLF_E_PFN, flat_params, lockstep, make_opt, train_step, wrapped
+from optim_utils import (MOLF, MOLF_E, MOLF_E_PFN, check_state_dict_roundtrip, flat_params, lockstep, make_opt,
+                         train_step, wrapped)
 
 TRITON = dict(backend="triton")
 
@@ -110,39 +110,9 @@ def test_bitwise_deterministic_across_runs():
     assert torch.equal(runs[0]["routes_a"], runs[1]["routes_a"])
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("cfg", [MOLF, MOLF_E], ids=["molf", "molfe"])
 def test_state_dict_roundtrip_continues_bitwise(cfg):
-    train_base, ranks, alphas, lr, lora_lr = cfg
-    ids = batch().to(DEVICE)
-    model = wrapped(train_base, ranks, alphas, device=DEVICE)
-    start = copy.deepcopy(model.state_dict())
-    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, **TRITON)
-    routes = []
-    for _ in range(8):
-        train_step(model, opt, ids)
-        routes.append(opt.routing.clone())
-    model2 = wrapped(train_base, ranks, alphas, seed=3, device=DEVICE)
-    model2.load_state_dict(start)
-    opt2 = make_opt(molf.MoLFAdamW, model2, lr, lora_lr, **TRITON)
-    for _ in range(4):
-        train_step(model2, opt2, ids)
-    saved_model, saved_opt = _roundtrip(model2.state_dict()), _roundtrip(opt2.state_dict())
-    model3 = wrapped(train_base, ranks, alphas, seed=4, device=DEVICE)
-    model3.load_state_dict(saved_model)
-    opt3 = make_opt(molf.MoLFAdamW, model3, lr, lora_lr, **TRITON)
-    opt3.load_state_dict(saved_opt)
-    assert opt3.molf_step == 4
-    for i in range(4, 8):
-        train_step(model3, opt3, ids)
-        assert torch.equal(opt3.routing, routes[i])
-    assert torch.equal(flat_params(model3), flat_params(model))
+    check_state_dict_roundtrip(cfg, device=DEVICE, **TRITON)
 
 
 def count_triton_launches(monkeypatch):
