@@ -13,6 +13,9 @@ Launches 1 and 3 run once per combination of (param, grad, state) dtypes, normal
 from __future__ import annotations
 
 
+from bisect import bisect_left
+from itertools import accumulate
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +23,7 @@ import triton.language as tl
 # kernels/ is installed as molf.kernels, so ".." is the molf package.
 from .._dist import local
 from ..optim import to_device
-from ._utils import TORCH_TO_TL, round_to
+from ._utils import TORCH_TO_TL, cdiv, round_to
 from .multi_tensor import TensorTable, segment_total
 
 MAX_GROUPS = 5  # MoLFAdamW's param-group kinds: full, full_bias, lora, decay, no_decay
@@ -144,13 +147,13 @@ class _Launch:
                 [s["step"] for s in sts]]
         self.table = TensorTable(cols, block, device)
         self.dtensors = [p for _, p, _, _, _ in items]
+        self.param_ptrs = [p.data_ptr() for p in params]
         self.grad_ptrs = [g.data_ptr() for g in self.grads]
         self.blk_out = to_device([blk_offset_of[i] + j for i, ne in zip(self.ids, self.table.numels)
                                   for j in range(-(-ne // block))], torch.int64, device)
         self.owner = to_device([o for _, _, _, o, _ in items], torch.int32, device)
         self.group = to_device([gi for _, _, _, _, gi in items], torch.int32, device)
         self.tensor_id = to_device(self.ids, torch.int32, device)
-        self.params = params
 
 
 class TritonRoutedAdamW:
@@ -172,22 +175,12 @@ class TritonRoutedAdamW:
         items = []
         for i, p in enumerate(plan.params):
             items.append((i, p, opt.state[p], plan.owner[i], plan.group[i]))
-        # Global block numbering in plan order: each expert's blocks are consecutive.
-        first, n = [], 0
-        for p in plan.params:
-            first.append(n)
-            n += -(-local(p).numel() // block)
-        self.n_blocks = n
-        seg = [0] * (plan.inv_n.numel() + 1)
-        ends = {}
-        for i, o in enumerate(plan.owner):
-            if o >= 0:
-                ends.setdefault(o, [first[i], 0])[1] = first[i] + -(-local(plan.params[i]).numel() // block)
-        pos = 0
-        for o in range(plan.inv_n.numel()):
-            lo, hi = ends.get(o, (pos, pos))
-            seg[o], pos = lo, hi
-            seg[o + 1] = hi
+        # Global block numbering in plan order. MoLF tensors come first with non-decreasing owners, so each
+        # expert's blocks are one run: it starts at its first tensor (an expert without gradients: empty run).
+        first = list(accumulate([cdiv(local(p).numel(), block) for p in plan.params], initial=0))
+        n = self.n_blocks = first[-1]
+        owners = plan.owner[: plan.n_molf]
+        seg = [first[bisect_left(owners, o)] for o in range(plan.inv_n.numel() + 1)]
         self.seg_start = to_device(seg, torch.int64, dev)
         combos = {}
         for it in items:
@@ -214,7 +207,7 @@ class TritonRoutedAdamW:
         for ln in self.launches:
             if [local(p.grad).data_ptr() for p in ln.dtensors] != ln.grad_ptrs:
                 return True
-            if [local(p).data_ptr() for p in ln.dtensors] != [s for s, _ in ln.table.storage[: len(ln.params)]]:
+            if [local(p).data_ptr() for p in ln.dtensors] != ln.param_ptrs:
                 return True
         return False
 
