@@ -14,7 +14,7 @@ Every product is one generic kernel, `_mm2`: C = A1 B1 (+ A2 B2, optionally mask
 any strides (transposes are free), fp32 accumulation, output in the caller's dtype. R is padded in the
 kernel (masked loads), never in the user's parameters.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -39,6 +39,15 @@ def _configs():
 
 
 @triton.jit
+def _dot(x, y, acc, IEEE: tl.constexpr):
+    """acc + x y with fp32 accumulation; fp32 operands in IEEE precision (no TF32)."""
+    if IEEE:
+        return tl.dot(x, y, acc, input_precision="ieee")
+    else:
+        return tl.dot(x, y, acc)
+
+
+@triton.jit
 def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn, IEEE: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """acc += A[rm, :K] B[:K, rn] in steps of BLOCK_K (masked loads: K, or the rank R, is padded here only)."""
@@ -47,10 +56,7 @@ def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn
         kk = k0 + rk
         x = tl.load(a + rm[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
         y = tl.load(b + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, y, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, y, acc)
+        acc = _dot(x, y, acc, IEEE)
     return acc
 
 
@@ -129,6 +135,87 @@ def _(a1, b1, a2, b2, mask, bias, colscale, inv_keep):
     return a1.new_empty((a1.shape[0], b1.shape[1]))
 
 
+@triton.jit
+def _lowrank_grads_kernel(g, b, u, vp, dbp, dbias_p, M, N, R, cols, s_gm, s_gn, s_bn, s_br, s_um, s_ur,
+                          HAS_DBIAS: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over the g tiles of rows i and columns j: vp[j, rows] = g[rows, cols_j] B[cols_j],
+    dbp[i, n] = g[rows_i, n]^T u[rows_i] (and dbias_p[i, n] = sum over rows_i of g), all fp32 partials."""
+    pid_m, pid_q = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, r_ok = rm < M, rr < R
+    ut = tl.load(u + rm[:, None] * s_um + rr[None, :] * s_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n_first = pid_q * cols
+    n_end = tl.minimum(n_first + cols, N)
+    for n0 in range(0, cols, BLOCK_N):
+        rn = n_first + n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_end
+        gt = tl.load(g + rm[:, None] * s_gm + rn[None, :] * s_gn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(gt, bt, acc, IEEE)
+        part = _dot(tl.trans(gt), ut, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), IEEE)
+        tl.store(dbp + (pid_m * N + rn[:, None]) * R + rr[None, :], part, mask=n_ok[:, None] & r_ok[None, :])
+        if HAS_DBIAS:
+            tl.store(dbias_p + pid_m * N + rn, tl.sum(gt.to(tl.float32), axis=0), mask=n_ok)
+    tl.store(vp + (pid_q * M + rm[:, None]) * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+def _one_pass_grid(M, N, R, elsize, device):
+    """(BLOCK_M, BLOCK_N, BLOCK_R, p, q, cols): p row tiles times q column ranges of `cols` columns, enough
+    programs to fill the GPU. Tiles chosen by ptxas (8 warps, no spills up to BLOCK_R = 32 in 16-bit, 64 in
+    fp32), not yet by measurement."""
+    if interpreting():  # small tiles, so the tests' odd shapes cover several row tiles and column ranges
+        block_m, block_n, programs = 16, 16, 4
+    else:
+        block_m, block_n = (128, 64) if elsize == 2 else (64, 32)
+        programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    p = cdiv(M, block_m)
+    q = max(1, min(cdiv(programs, p), cdiv(N, block_n)))
+    cols = cdiv(cdiv(N, q), block_n) * block_n
+    return block_m, block_n, max(16, triton.next_power_of_2(R)), p, cdiv(N, cols), cols
+
+
+def one_pass_pays(M: int, N: int, R: int, elsize: int, with_dbias: bool, device) -> bool:
+    """Whether v, dB (and db) from one read of g beat separate launches. The one pass writes and reads back
+    fp32 partials, 8 (R (p N + q M) + p N [db]) bytes; it saves one read of g (two with db), M N elsize each.
+    The partials grow with R: the one pass pays for small ranks only (about R < 32 in bf16 at M = 8192)."""
+    if M == 0 or N == 0:
+        return False
+    _, _, block_r, p, q, _ = _one_pass_grid(M, N, R, elsize, device)
+    partials = 8 * (R * (p * N + q * M) + (p * N if with_dbias else 0))
+    return block_r <= 64 and partials < M * N * elsize * (2 if with_dbias else 1)
+
+
+@torch.library.custom_op("molf::lowrank_grads", mutates_args=())
+def lowrank_grads(g: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, s_cols: torch.Tensor,
+                  with_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v, dB_cat, db) = ((g B_cat) * s_cols, g^T u, sum_m g) from one read of g, in g's dtype; db is empty
+    unless with_dbias. Partials are summed in a fixed order: deterministic, no atomics."""
+    M, N = g.shape
+    R = u.shape[1]
+    if M == 0 or N == 0:  # nothing to read: zero sums
+        return g.new_zeros((M, R)), g.new_zeros((N, R)), g.new_zeros((N,) if with_dbias else (0,))
+    block_m, block_n, block_r, p, q, cols = _one_pass_grid(M, N, R, g.element_size(), g.device)
+    vp = torch.empty((q, M, R), dtype=torch.float32, device=g.device)
+    dbp = torch.empty((p, N, R), dtype=torch.float32, device=g.device)
+    dbias_p = torch.empty((p, N) if with_dbias else (0,), dtype=torch.float32, device=g.device)
+    _lowrank_grads_kernel[(p, q)](
+        g, b_cat, u, vp, dbp, dbias_p, M, N, R, cols, g.stride(0), g.stride(1), b_cat.stride(0), b_cat.stride(1),
+        u.stride(0), u.stride(1), HAS_DBIAS=with_dbias, IEEE=g.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8)
+    v = (vp.sum(0) * s_cols).to(g.dtype)
+    db = dbias_p.sum(0).to(g.dtype) if with_dbias else g.new_empty((0,))
+    return v, dbp.sum(0).to(g.dtype), db
+
+
+@lowrank_grads.register_fake
+def _(g, b_cat, u, s_cols, with_dbias):
+    M, N = g.shape
+    return g.new_empty((M, u.shape[1])), g.new_empty((N, u.shape[1])), g.new_empty((N,) if with_dbias else (0,))
+
+
 class MoLFLinearFunction(torch.autograd.Function):
     """y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T on 2-D x; gradients as in the module docstring."""
 
@@ -148,19 +235,23 @@ class MoLFLinearFunction(torch.autograd.Function):
         xd = x if xd is None else xd
         g = g.contiguous()
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dx = dw = db = da = dbb = None
-        v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0) if (need_x or need_a) else None
+        dx = dw = db = da = dbb = v = None
+        need_v, need_db = need_x or need_a, need_b and ctx.has_bias
+        if need_v and need_bb and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
+            v, dbb, db = lowrank_grads(g, b_cat, u, s_cols, need_db)
+        elif need_v:
+            v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0)
         if need_x:
             dx = mm2(g, weight, v, a_cat, mask, None, None, 1.0 / (1.0 - ctx.p))
         if need_a:
             da = mm2(v.t(), xd, None, None, None, None, None, 1.0)
-        if need_bb:
+        if need_bb and dbb is None:
             dbb = mm2(g.t(), u, None, None, None, None, None, 1.0)
         if need_w:
             dw = mm2(g.t(), x, None, None, None, None, None, 1.0)
-        if need_b and ctx.has_bias:
+        if need_db and db is None:
             db = g.sum(0, dtype=torch.float32).to(g.dtype)
-        return dx, dw, db, da, dbb, None, None, None
+        return dx, dw, db if need_db else None, da, dbb, None, None, None
 
 
 def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):

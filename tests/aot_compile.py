@@ -39,6 +39,12 @@ def variants():
             cx = dict(HAS_SECOND=second, HAS_MASK=mask, HAS_BIAS=bias, HAS_SCALE=scale, IEEE=dt == "fp32",
                       BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
             yield f"_mm2 {dt} second={second} mask={mask}", L._mm2_kernel, sig, cx, dict(num_warps=8, num_stages=3)
+        for dbias in (False, True):
+            sig = {"g": f"*{dt}", "b": f"*{dt}", "u": f"*{dt}", "vp": "*fp32", "dbp": "*fp32", "dbias_p": "*fp32",
+                   **{n: i32 for n in ("M", "N", "R", "cols", "s_gm", "s_gn", "s_bn", "s_br", "s_um", "s_ur")}}
+            bm, bn = (64, 32) if dt == "fp32" else (128, 64)  # as molf_linear._one_pass_grid
+            cx = dict(HAS_DBIAS=dbias, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16 if dbias else 64)
+            yield f"lowrank_grads {dt} dbias={dbias}", L._lowrank_grads_kernel, sig, cx, dict(num_warps=8)
     table = {"ptrs": "*i64", "blk_tensor": "*i32", "blk_start": "*i64"}
     for p, s in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32")):
         for pfn in (False, True):

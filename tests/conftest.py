@@ -18,3 +18,11 @@ BF16_INTERPRETER = ("bf16 tl.dot is wrong under Triton's CPU interpreter (triton
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the item (item.rep_call), for fixtures that check after a passed test."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -2,6 +2,7 @@
 
 On the CPU the kernels run under Triton's interpreter; bf16 cases run on the GPU only (see conftest)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 import molf
 from conftest import BF16_INTERPRETER, CUDA, DEVICE
 from helpers import TOL, assert_close, batch, tiny_qwen2
+from molf.kernels import molf_linear as L
 from molf.kernels.molf_linear import _launch_mm2
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -35,6 +37,33 @@ def nan_empty(monkeypatch):
         t = real(*args, **kwargs)
         return t.fill_(math.nan) if t.is_floating_point() else t
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+class KernelSpy:
+    """Counts the launches of a Triton kernel (kernel[grid](...)) and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.may_stay_idle = kernel, 0, False
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=["one_pass", "two_pass"])
+def lowrank_path(request, monkeypatch):
+    """Both backward paths for v and dB: one read of g (lowrank_grads), or separate mm2 launches; checks after
+    the test that the one-pass kernel ran exactly when forced."""
+    spy = KernelSpy(L._lowrank_grads_kernel)
+    monkeypatch.setattr(L, "_lowrank_grads_kernel", spy)
+    monkeypatch.setattr(L, "one_pass_pays", lambda *args: request.param == "one_pass")
+    yield spy
+    if not request.node.rep_call.passed:
+        return
+    if request.param == "two_pass":
+        assert spy.launches == 0
+    elif not spy.may_stay_idle:
+        assert spy.launches > 0
 
 
 def pair(k, n, ranks, dtype, bias, train_base, dropout=0.0):
@@ -87,9 +116,10 @@ def f64(layer, x, g):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_forward_backward_match_f64_and_eager(nan_empty, shape, dtype, bias, train_base):
+def test_forward_backward_match_f64_and_eager(nan_empty, lowrank_path, shape, dtype, bias, train_base):
     skip_bf16(dtype)
     M, K, N, ranks = shape
+    lowrank_path.may_stay_idle = M == 0  # nothing to read
     fused, eager = pair(K, N, ranks, dtype, bias, train_base)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device=DEVICE, dtype=dtype)
@@ -112,7 +142,7 @@ def test_forward_backward_match_f64_and_eager(nan_empty, shape, dtype, bias, tra
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nd_and_noncontiguous_input(nan_empty, dtype):
+def test_nd_and_noncontiguous_input(nan_empty, lowrank_path, dtype):
     skip_bf16(dtype)
     fused, eager = pair(21, 30, (4, 9), dtype, True, True)
     base = torch.randn(5, 21, 3, device=DEVICE, dtype=dtype)
@@ -139,8 +169,21 @@ def test_mm2_writes_every_element(dtype):
     assert_close(out, want, TOL[dtype], "mm2")
 
 
+def test_one_pass_pays_for_small_ranks_only(monkeypatch):
+    """The bytes model of the backward at real shapes (M = 8192, bf16, an H100's 132 SMs)."""
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert L.one_pass_pays(8192, 8960, 16, 2, False, cuda)  # gate_proj, r = 16: partials about half of g
+    assert L.one_pass_pays(8192, 1536, 16, 2, True, cuda)  # q_proj with its bias: saves two reads of g
+    assert not L.one_pass_pays(8192, 256, 16, 2, False, cuda)  # k_proj: partials as large as g
+    assert not L.one_pass_pays(8192, 8960, 48, 2, False, cuda)
+    assert not L.one_pass_pays(8192, 8960, 144, 2, False, cuda)  # the MoLF-E pair (16, 128)
+    assert not L.one_pass_pays(0, 8960, 16, 2, False, cuda)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_dropout_matches_eager_under_same_seed(dtype):
+def test_dropout_matches_eager_under_same_seed(lowrank_path, dtype):
     fused, eager = pair(29, 18, (3, 8), dtype, True, True, dropout=0.3)
     fused.train(), eager.train()
     x = torch.randn(4, 7, 29, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -156,7 +199,7 @@ def test_dropout_matches_eager_under_same_seed(dtype):
     assert (fused(x) - y).abs().max() > 1e-3
 
 
-def test_gradient_checkpointing_gives_identical_grads():
+def test_gradient_checkpointing_gives_identical_grads(lowrank_path):
     from torch.utils.checkpoint import checkpoint
     fused, _ = pair(19, 22, (4,), torch.float32, True, True, dropout=0.2)
     fused.train()
@@ -183,7 +226,7 @@ def test_merge_after_training_equals_forward():
         assert_close(fused.merge()(x), fused(x), 1e-5, "merged")
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(lowrank_path):
     model = molf.wrap(tiny_qwen2(layers=1).to(DEVICE), ranks=(4, 8), alphas=(8, 8), train_base=True,
                       backend="triton")
     with torch.no_grad():
