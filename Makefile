@@ -1,7 +1,7 @@
 # Two commands for a fresh machine: `make bench` and `make test`. Both create .venv when missing.
 PYTHON ?= python3
 VENV   ?= .venv
-BENCH  ?= bench    # one file at a time: make bench BENCH=bench/test_bench_optim.py
+BENCH  ?= bench    # or one file (or part: BENCH="bench/test_bench_layer.py -k Gemma")
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.molf-installed
 

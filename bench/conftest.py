@@ -64,6 +64,14 @@ def _commit() -> str:
         return "unknown"
 
 
+_STAMPS = ("median_ms", "commit", "date", "torch", "triton")
+
+
+def _identity(row) -> tuple:
+    """What a row measured (everything but the time and the stamps)."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in row.items() if k not in _STAMPS))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not ROWS:
         return
@@ -73,12 +81,13 @@ def pytest_sessionfinish(session, exitstatus):
     commit = _commit()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     path = RESULTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
-    # Running one bench file replaces that file's kinds of rows and keeps the others (each row says when).
-    ran = {r["bench"] for r in ROWS}
+    # A run replaces the rows it measured again (same bench, shape, ranks, dtype, impl) and keeps the others,
+    # so one file, or part of one (-k), can run at a time; each row says when and at which commit.
+    ran = {_identity(r) for r in ROWS}
     kept = []
     if path.exists():
         try:
-            kept = [r for r in json.loads(path.read_text())["rows"] if r["bench"] not in ran]
+            kept = [r for r in json.loads(path.read_text())["rows"] if _identity(r) not in ran]
         except (ValueError, KeyError):
             kept = []
     rows = kept + [dict(r, commit=commit, date=date, torch=torch.__version__, triton=triton.__version__)

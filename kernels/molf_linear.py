@@ -12,7 +12,9 @@ With A_cat = [A_1; ...; A_E] (R x K), B_cat = [B_1, ..., B_E] (N x R), s_cols th
 
 Every product is one generic kernel, `_mm2`: C = A1 B1 (+ A2 B2, optionally masked) (* colscale) (+ bias),
 any strides (transposes are free), fp32 accumulation, output in the caller's dtype. R is padded in the
-kernel (masked loads), never in the user's parameters.
+kernel (masked loads), never in the user's parameters. A single product whose output is too small to fill
+the GPU (dA, dB: reductions over the M tokens) is split over K-ranges into fp32 partials summed in a fixed
+order. For small ranks, v, dB (and db) come from one read of g (`lowrank_grads`); both are deterministic.
 """
 from typing import Optional, Tuple
 
@@ -38,6 +40,9 @@ def _configs():
     ]
 
 
+_K_STEP = max(c.kwargs["BLOCK_K"] for c in _configs())
+
+
 @triton.jit
 def _dot(x, y, acc, IEEE: tl.constexpr):
     """acc + x y with fp32 accumulation; fp32 operands in IEEE precision (no TF32)."""
@@ -60,12 +65,12 @@ def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_SECOND"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_SECOND", "SPLIT_K"])
 @triton.jit
-def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
-                s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_mm, s_mn, s_cm, s_cn, inv_keep,
+def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R, k_split,
+                s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_mm, s_mn, s_cs, s_cm, s_cn, inv_keep,
                 HAS_SECOND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -78,7 +83,14 @@ def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
-    acc = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a1, b1, rm, rn, m_ok, n_ok, K,
+    k_len = K
+    if SPLIT_K:  # this program sums K-range [pid_s k_split, + k_split) into its own fp32 slice c[pid_s]
+        pid_s = tl.program_id(1).to(tl.int64)
+        a1 += pid_s * k_split * s_a1k
+        b1 += pid_s * k_split * s_b1k
+        c += pid_s * s_cs
+        k_len = tl.minimum(k_split, K - pid_s * k_split)
+    acc = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a1, b1, rm, rn, m_ok, n_ok, k_len,
                               s_a1m, s_a1k, s_b1k, s_b1n, IEEE, BLOCK_K)
     if HAS_SECOND:
         if HAS_MASK:  # dropout's keep-mask applies to the low-rank part of dx only: a second accumulator
@@ -95,7 +107,49 @@ def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R,
     tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=None, colscale=None):
+@triton.jit
+def _sum_partials_kernel(part, out, colscale, bias, n_parts, numel, n_cols,
+                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[e] = (sum_i part[i, e], in order i = 0, 1, ...) * colscale[e % n_cols] + bias[e % n_cols], for a
+    contiguous (n_parts, numel) fp32 part and a contiguous out of numel elements (cast to out's dtype)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(n_parts):
+        total += tl.load(part + i * numel + e, mask=ok, other=0.0)
+    if HAS_SCALE:
+        total *= tl.load(colscale + e % n_cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias + e % n_cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + e, total.to(out.dtype.element_ty), mask=ok)
+
+
+def _sum_partials(part, out, colscale=None, bias=None):
+    """out = part.sum(0) (* colscale) (+ bias) in one launch; part (n_parts, *out.shape) fp32, out contiguous."""
+    numel, n_cols = out.numel(), (out.shape[-1] if out.dim() else 1)
+    if numel:
+        _sum_partials_kernel[(cdiv(numel, 1024),)](
+            part, out, colscale if colscale is not None else part, bias if bias is not None else part,
+            part.shape[0], numel, n_cols, HAS_SCALE=colscale is not None, HAS_BIAS=bias is not None, BLOCK=1024)
+    return out
+
+
+def _split_k(M: int, N: int, K: int, device) -> int:
+    """Into how many K-ranges a plain product is split so that a small output still fills the GPU (dA is
+    R x K and dB N x R, both reducing over the M tokens): fp32 partials, summed in a fixed order afterwards
+    (deterministic, no atomics). Threshold and minimum range from the tile counts, not yet measured."""
+    if interpreting():
+        tile, min_k, programs = 32, 32, 8
+    else:
+        tile, min_k = 128, 512
+        programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    tiles = cdiv(M, tile) * cdiv(N, tile)
+    if tiles * 4 > programs:
+        return 1
+    return max(1, min(cdiv(programs, tiles), K // min_k))
+
+
+def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=None, colscale=None, split=None):
     M, K = a1.shape
     N = b1.shape[1]
     R = a2.shape[1] if a2 is not None else 0
@@ -103,20 +157,33 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=Non
         return out
     if K == 0 and a2 is None:
         return out.zero_()
+    plain = a2 is None and mask is None
+    if split is None:
+        split = _split_k(M, N, K, a1.device) if plain else 1
+    if split > 1 and not plain:
+        raise ValueError("split-K applies to a single product only (no second product, no mask)")
+    k_split = cdiv(cdiv(K, split), _K_STEP) * _K_STEP  # a multiple of every BLOCK_K: no K-range overlaps the next
+    split = cdiv(K, k_split) if split > 1 else 1
+    c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
     dummy = out
     a2_, b2_ = (a2, b2) if a2 is not None else (dummy, dummy)
     mask_ = mask if mask is not None else dummy
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
     _mm2_kernel[grid](
         a1, b1, a2_, b2_, mask_, bias if bias is not None else dummy, colscale if colscale is not None else dummy,
-        out, M, N, K, R,
+        c, M, N, K, R, k_split,
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2_.stride(0) if a2 is not None else 0, a2_.stride(1) if a2 is not None else 0,
         b2_.stride(0) if a2 is not None else 0, b2_.stride(1) if a2 is not None else 0,
         mask_.stride(0) if mask is not None else 0, mask_.stride(1) if mask is not None else 0,
-        out.stride(0), out.stride(1), float(inv_keep),
-        HAS_SECOND=a2 is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        HAS_SCALE=colscale is not None, IEEE=a1.dtype == torch.float32)
+        c.stride(0) if split > 1 else 0, c.stride(-2), c.stride(-1), float(inv_keep),
+        HAS_SECOND=a2 is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None and split == 1,
+        HAS_SCALE=colscale is not None and split == 1, IEEE=a1.dtype == torch.float32, SPLIT_K=split > 1)
+    if split > 1:  # the epilogue after the fixed-order sum of the partials
+        dst = out if out.is_contiguous() else torch.empty((M, N), dtype=out.dtype, device=out.device)
+        _sum_partials(c, dst, colscale, bias)
+        if dst is not out:
+            out.copy_(dst)
     return out
 
 
@@ -177,15 +244,19 @@ def _one_pass_grid(M, N, R, elsize, device):
     return block_m, block_n, max(16, triton.next_power_of_2(R)), p, cdiv(N, cols), cols
 
 
+_LAUNCH_BYTES = 8_000_000  # a small extra launch costs about as much GPU time as moving this many bytes (~2.5 us)
+
+
 def one_pass_pays(M: int, N: int, R: int, elsize: int, with_dbias: bool, device) -> bool:
     """Whether v, dB (and db) from one read of g beat separate launches. The one pass writes and reads back
-    fp32 partials, 8 (R (p N + q M) + p N [db]) bytes; it saves one read of g (two with db), M N elsize each.
-    The partials grow with R: the one pass pays for small ranks only (about R < 32 in bf16 at M = 8192)."""
+    fp32 partials, 8 (R (p N + q M) + p N [db]) bytes, and without db needs one launch more (3 against 2);
+    it saves one read of g (two with db), M N elsize bytes each. The partials grow with R: the one pass pays
+    for small ranks and large outputs only (R = 16 on the MLP and q_proj shapes, not k_proj's N = 256)."""
     if M == 0 or N == 0:
         return False
     _, _, block_r, p, q, _ = _one_pass_grid(M, N, R, elsize, device)
-    partials = 8 * (R * (p * N + q * M) + (p * N if with_dbias else 0))
-    return block_r <= 64 and partials < M * N * elsize * (2 if with_dbias else 1)
+    cost = 8 * (R * (p * N + q * M) + (p * N if with_dbias else 0)) + (0 if with_dbias else _LAUNCH_BYTES)
+    return block_r <= 64 and cost < M * N * elsize * (2 if with_dbias else 1)
 
 
 @torch.library.custom_op("molf::lowrank_grads", mutates_args=())
@@ -205,9 +276,8 @@ def lowrank_grads(g: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, s_cols:
         g, b_cat, u, vp, dbp, dbias_p, M, N, R, cols, g.stride(0), g.stride(1), b_cat.stride(0), b_cat.stride(1),
         u.stride(0), u.stride(1), HAS_DBIAS=with_dbias, IEEE=g.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8)
-    v = (vp.sum(0) * s_cols).to(g.dtype)
-    db = dbias_p.sum(0).to(g.dtype) if with_dbias else g.new_empty((0,))
-    return v, dbp.sum(0).to(g.dtype), db
+    v, d_b = _sum_partials(vp, g.new_empty((M, R)), s_cols), _sum_partials(dbp, g.new_empty((N, R)))
+    return v, d_b, _sum_partials(dbias_p, g.new_empty((N,))) if with_dbias else g.new_empty((0,))
 
 
 @lowrank_grads.register_fake

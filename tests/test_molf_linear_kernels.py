@@ -40,30 +40,35 @@ def nan_empty(monkeypatch):
 
 
 class KernelSpy:
-    """Counts the launches of a Triton kernel (kernel[grid](...)) and forwards them."""
+    """Records the grids a Triton kernel is launched with (kernel[grid](...)) and forwards the launches."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches, self.may_stay_idle = kernel, 0, False
+        self.kernel, self.grids = kernel, []
 
     def __getitem__(self, grid):
-        self.launches += 1
+        self.grids.append(grid)
         return self.kernel[grid]
 
 
-@pytest.fixture(params=["one_pass", "two_pass"])
-def lowrank_path(request, monkeypatch):
-    """Both backward paths for v and dB: one read of g (lowrank_grads), or separate mm2 launches; checks after
-    the test that the one-pass kernel ran exactly when forced."""
-    spy = KernelSpy(L._lowrank_grads_kernel)
-    monkeypatch.setattr(L, "_lowrank_grads_kernel", spy)
-    monkeypatch.setattr(L, "one_pass_pays", lambda *args: request.param == "one_pass")
-    yield spy
+@pytest.fixture(params=["one_pass", "two_pass", "split_k"])
+def backward_plan(request, monkeypatch):
+    """The backward's plans, each forced: v, dB (and db) from one read of g (lowrank_grads); separate
+    launches; separate launches with every single product split over 3 K-ranges. After a passed test, checks
+    that the plan really ran (a test whose shapes launch nothing sets `may_stay_idle`)."""
+    plan = request.param
+    one_pass, mm = KernelSpy(L._lowrank_grads_kernel), KernelSpy(L._mm2_kernel)
+    monkeypatch.setattr(L, "_lowrank_grads_kernel", one_pass)
+    monkeypatch.setattr(L, "_mm2_kernel", mm)
+    monkeypatch.setattr(L, "one_pass_pays", lambda *args: plan == "one_pass")
+    reductions = []  # the K of every single product: it splits when K spans more than one BLOCK_K step
+    monkeypatch.setattr(L, "_split_k", lambda M, N, K, device: reductions.append(K) or (3 if plan == "split_k" else 1))
+    state = SimpleNamespace(may_stay_idle=False)
+    yield state
     if not request.node.rep_call.passed:
         return
-    if request.param == "two_pass":
-        assert spy.launches == 0
-    elif not spy.may_stay_idle:
-        assert spy.launches > 0
+    splits = [grid(dict(BLOCK_M=32, BLOCK_N=32))[1] for grid in mm.grids]
+    assert bool(one_pass.grids) == (plan == "one_pass" and not state.may_stay_idle)
+    assert any(s > 1 for s in splits) == (plan == "split_k" and any(k > L._K_STEP for k in reductions))
 
 
 def pair(k, n, ranks, dtype, bias, train_base, dropout=0.0):
@@ -116,10 +121,10 @@ def f64(layer, x, g):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_forward_backward_match_f64_and_eager(nan_empty, lowrank_path, shape, dtype, bias, train_base):
+def test_forward_backward_match_f64_and_eager(nan_empty, backward_plan, shape, dtype, bias, train_base):
     skip_bf16(dtype)
     M, K, N, ranks = shape
-    lowrank_path.may_stay_idle = M == 0  # nothing to read
+    backward_plan.may_stay_idle = M == 0  # nothing to launch
     fused, eager = pair(K, N, ranks, dtype, bias, train_base)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
     g = torch.randn(M, N, device=DEVICE, dtype=dtype)
@@ -142,7 +147,7 @@ def test_forward_backward_match_f64_and_eager(nan_empty, lowrank_path, shape, dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nd_and_noncontiguous_input(nan_empty, lowrank_path, dtype):
+def test_nd_and_noncontiguous_input(nan_empty, backward_plan, dtype):
     skip_bf16(dtype)
     fused, eager = pair(21, 30, (4, 9), dtype, True, True)
     base = torch.randn(5, 21, 3, device=DEVICE, dtype=dtype)
@@ -169,6 +174,33 @@ def test_mm2_writes_every_element(dtype):
     assert_close(out, want, TOL[dtype], "mm2")
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_mm2_split_k(dtype, split):
+    """A single product split over K-ranges (fp32 partials, fixed-order sum, then colscale and bias)."""
+    a1, b1 = torch.randn(19, 101, dtype=dtype, device=DEVICE), torch.randn(101, 35, dtype=dtype, device=DEVICE)
+    bias, scale = torch.randn(35, dtype=dtype, device=DEVICE), torch.rand(35, device=DEVICE)
+    out = torch.full((19, 35), math.nan, dtype=dtype, device=DEVICE)
+    _launch_mm2(out, a1, b1, bias=bias, colscale=scale, split=split)
+    want = (a1.double() @ b1.double()) * scale.double() + bias.double()
+    assert_close(out, want, TOL[dtype], f"mm2 split {split}")
+    again = torch.full_like(out, math.nan)
+    assert torch.equal(_launch_mm2(again, a1, b1, bias=bias, colscale=scale, split=split), out)  # deterministic
+    with pytest.raises(ValueError, match="split-K"):
+        _launch_mm2(out, a1, b1, a1[:, :3], b1[:3], split=2)
+
+
+def test_split_k_only_for_small_outputs(monkeypatch):
+    """The split rule at real shapes (M = 8192 tokens, an H100's 132 SMs)."""
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert L._split_k(144, 1536, 8192, cuda) == 6  # dA of the MoLF-E pair on q_proj: 24 tiles
+    assert L._split_k(256, 144, 8192, cuda) == 16  # dB on k_proj: 2 tiles, at least 512 of K per range
+    assert L._split_k(8960, 1536, 8192, cuda) == 1  # dW of gate_proj: 840 tiles
+    assert L._split_k(8192, 144, 1536, cuda) == 1  # u in the forward: 64 tiles already
+
+
 def test_one_pass_pays_for_small_ranks_only(monkeypatch):
     """The bytes model of the backward at real shapes (M = 8192, bf16, an H100's 132 SMs)."""
     monkeypatch.setattr(L, "interpreting", lambda: False)
@@ -183,7 +215,7 @@ def test_one_pass_pays_for_small_ranks_only(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_dropout_matches_eager_under_same_seed(lowrank_path, dtype):
+def test_dropout_matches_eager_under_same_seed(backward_plan, dtype):
     fused, eager = pair(29, 18, (3, 8), dtype, True, True, dropout=0.3)
     fused.train(), eager.train()
     x = torch.randn(4, 7, 29, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -199,7 +231,7 @@ def test_dropout_matches_eager_under_same_seed(lowrank_path, dtype):
     assert (fused(x) - y).abs().max() > 1e-3
 
 
-def test_gradient_checkpointing_gives_identical_grads(lowrank_path):
+def test_gradient_checkpointing_gives_identical_grads(backward_plan):
     from torch.utils.checkpoint import checkpoint
     fused, _ = pair(19, 22, (4,), torch.float32, True, True, dropout=0.2)
     fused.train()
@@ -226,7 +258,7 @@ def test_merge_after_training_equals_forward():
         assert_close(fused.merge()(x), fused(x), 1e-5, "merged")
 
 
-def test_torch_compile_matches_eager(lowrank_path):
+def test_torch_compile_matches_eager(backward_plan):
     model = molf.wrap(tiny_qwen2(layers=1).to(DEVICE), ranks=(4, 8), alphas=(8, 8), train_base=True,
                       backend="triton")
     with torch.no_grad():
