@@ -134,6 +134,10 @@ def _sum_partials(part, out, colscale=None, bias=None):
     return out
 
 
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _split_k(M: int, N: int, K: int, device) -> int:
     """Into how many K-ranges a plain product is split so that a small output still fills the GPU (dA is
     R x K and dB N x R, both reducing over the M tokens): fp32 partials, summed in a fixed order afterwards
@@ -141,8 +145,7 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     if interpreting():
         tile, min_k, programs = 32, 32, 8
     else:
-        tile, min_k = 128, 512
-        programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        tile, min_k, programs = 128, 512, _sm_count(device)
     tiles = cdiv(M, tile) * cdiv(N, tile)
     if tiles * 4 > programs:
         return 1
@@ -237,7 +240,7 @@ def _one_pass_grid(M, N, R, elsize, device):
         block_m, block_n, programs = 16, 16, 4
     else:
         block_m, block_n = (128, 64) if elsize == 2 else (64, 32)
-        programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        programs = _sm_count(device)
     p = cdiv(M, block_m)
     q = max(1, min(cdiv(programs, p), cdiv(N, block_n)))
     cols = cdiv(cdiv(N, q), block_n) * block_n
@@ -251,7 +254,7 @@ def one_pass_pays(M: int, N: int, R: int, elsize: int, with_dbias: bool, device)
     """Whether v, dB (and db) from one read of g beat separate launches. The one pass writes and reads back
     fp32 partials, 8 (R (p N + q M) + p N [db]) bytes, and without db needs one launch more (3 against 2);
     it saves one read of g (two with db), M N elsize bytes each. The partials grow with R: the one pass pays
-    for small ranks and large outputs only (R = 16 on the MLP and q_proj shapes, not k_proj's N = 256)."""
+    for small ranks and large outputs only (at R = 16: the MLP and q_proj shapes, k_proj only with its bias)."""
     if M == 0 or N == 0:
         return False
     _, _, block_r, p, q, _ = _one_pass_grid(M, N, R, elsize, device)

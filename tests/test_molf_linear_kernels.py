@@ -186,6 +186,8 @@ def test_mm2_split_k(dtype, split):
     assert_close(out, want, TOL[dtype], f"mm2 split {split}")
     again = torch.full_like(out, math.nan)
     assert torch.equal(_launch_mm2(again, a1, b1, bias=bias, colscale=scale, split=split), out)  # deterministic
+    strided = torch.full((35, 19), math.nan, dtype=dtype, device=DEVICE).t()  # an output view, not contiguous
+    assert torch.equal(_launch_mm2(strided, a1, b1, bias=bias, colscale=scale, split=split), out)
     with pytest.raises(ValueError, match="split-K"):
         _launch_mm2(out, a1, b1, a1[:, :3], b1[:3], split=2)
 
