@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.molf-installed
 # Keep a torch that is already installed: .venv sees the system's packages, and when $(PYTHON) is itself
 # a virtual environment holding torch (GPU images), a .pth file lends its site-packages to .venv.
 # Without any torch, install the CPU build: torch==2.13.0 resolves to a local CPU wheel here, while a
-# plain `torch` would pull a multi-GB CUDA build. --no-build-isolation: no download needed to build molf.
+# plain `torch` would pull a multi-GB CUDA build. --no-build-isolation: no download needed to build molf
+# (a setuptools older than 71 builds the wheel with the `wheel` package, which offline GPU images carry).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	if ! $(PY) -c "import torch" 2>/dev/null && $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_molf_host_site.pth"; fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -c "import setuptools as s, sys; sys.exit(int(s.__version__.split('.')[0]) < 71)" 2>/dev/null \
-	  || $(PY) -m pip install -q "setuptools>=71"
+	  || $(PY) -c "import wheel" 2>/dev/null || $(PY) -m pip install -q "setuptools>=71"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
