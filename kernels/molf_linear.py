@@ -16,6 +16,7 @@ kernel (masked loads), never in the user's parameters. A single product whose ou
 the GPU (dA, dB: reductions over the M tokens) is split over K-ranges into fp32 partials summed in a fixed
 order. For small ranks, v, dB (and db) come from one read of g (`lowrank_grads`); both are deterministic.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -134,6 +135,7 @@ def _sum_partials(part, out, colscale=None, bias=None):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -312,6 +314,7 @@ class MoLFLinearFunction(torch.autograd.Function):
         need_v, need_db = need_x or need_a, need_b and ctx.has_bias
         if need_v and need_bb and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
             v, dbb, db = lowrank_grads(g, b_cat, u, s_cols, need_db)
+            db = db if need_db else None  # the op returns an empty db when the bias takes no gradient
         elif need_v:
             v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0)
         if need_x:
@@ -324,7 +327,7 @@ class MoLFLinearFunction(torch.autograd.Function):
             dw = mm2(g.t(), x, None, None, None, None, None, 1.0)
         if need_db and db is None:
             db = g.sum(0, dtype=torch.float32).to(g.dtype)
-        return dx, dw, db if need_db else None, da, dbb, None, None, None
+        return dx, dw, db, da, dbb, None, None, None
 
 
 def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):

@@ -192,22 +192,28 @@ def test_mm2_split_k(dtype, split):
         _launch_mm2(out, a1, b1, a1[:, :3], b1[:3], split=2)
 
 
-def test_split_k_only_for_small_outputs(monkeypatch):
-    """The split rule at real shapes (M = 8192 tokens, an H100's 132 SMs)."""
+@pytest.fixture
+def h100(monkeypatch):
+    """The tile rules as compiled code on an H100 (132 SMs) sees them; yields that device."""
     monkeypatch.setattr(L, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    cuda = torch.device("cuda")
+    L._sm_count.cache_clear()
+    yield torch.device("cuda")
+    L._sm_count.cache_clear()  # no fake SM count left behind for later tests
+
+
+def test_split_k_only_for_small_outputs(h100):
+    """The split rule at real shapes (M = 8192 tokens, an H100's 132 SMs)."""
+    cuda = h100
     assert L._split_k(144, 1536, 8192, cuda) == 6  # dA of the MoLF-E pair on q_proj: 24 tiles
     assert L._split_k(256, 144, 8192, cuda) == 16  # dB on k_proj: 2 tiles, at least 512 of K per range
     assert L._split_k(8960, 1536, 8192, cuda) == 1  # dW of gate_proj: 840 tiles
     assert L._split_k(8192, 144, 1536, cuda) == 1  # u in the forward: 64 tiles already
 
 
-def test_one_pass_pays_for_small_ranks_only(monkeypatch):
+def test_one_pass_pays_for_small_ranks_only(h100):
     """The bytes model of the backward at real shapes (M = 8192, bf16, an H100's 132 SMs)."""
-    monkeypatch.setattr(L, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    cuda = torch.device("cuda")
+    cuda = h100
     assert L.one_pass_pays(8192, 8960, 16, 2, False, cuda)  # gate_proj, r = 16: partials about half of g
     assert L.one_pass_pays(8192, 1536, 16, 2, True, cuda)  # q_proj with its bias: saves two reads of g
     assert not L.one_pass_pays(8192, 256, 16, 2, False, cuda)  # k_proj: partials as large as g
