@@ -338,13 +338,13 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
         bias = bias.to(ac) if bias is not None else None
         lora_A, lora_B = [a.to(ac) for a in lora_A], [b.to(ac) for b in lora_B]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])  # -1 is ambiguous when K = 0
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     a_cat = lora_A[0] if len(lora_A) == 1 else torch.cat(list(lora_A), 0)
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
     s_cols = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32, device=x.device)
                         for a, s in zip(lora_A, scalings)])
-    m2 = mask.reshape(-1, mask.shape[-1]) if mask is not None else None
+    m2 = mask.reshape(lead.numel(), mask.shape[-1]) if mask is not None else None
     y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, m2, float(p))
     return y.view(*lead, y.shape[-1])

@@ -143,8 +143,9 @@ class _Launch:
         self.ids = [i for i, _, _, _, _ in items]
         self.p_dtype, self.g_dtype, self.s_dtype = params[0].dtype, items[0][1].grad.dtype, sts[0]["exp_avg"].dtype
         self.grads = [local(p.grad) for _, p, _, _, _ in items]
-        cols = [params, self.grads, [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts],
-                [s["step"] for s in sts]]
+        ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
+        cols = [params, self.grads, ms, vs, [s["step"] for s in sts]]
+        self.state_ptrs = [t.data_ptr() for t in ms + vs]
         self.table = TensorTable(cols, block, device)
         self.dtensors = [p for _, p, _, _, _ in items]
         self.param_ptrs = [p.data_ptr() for p in params]
@@ -174,7 +175,16 @@ class TritonRoutedAdamW:
         opt, dev, block = self.opt, self.opt.device, self.block
         items = []
         for i, p in enumerate(plan.params):
-            items.append((i, p, opt.state[p], plan.owner[i], plan.group[i]))
+            st = opt.state[p]
+            items.append((i, p, st, plan.owner[i], plan.group[i]))
+            # The kernels index every column by the parameter's numel: a smaller moment would be written out of
+            # bounds. One host check per tensor, where the tables are built.
+            cols = [local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+            if len({t.numel() for t in cols}) > 1 or len({t.device for t in cols}) > 1:
+                raise ValueError(
+                    f"{opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient {tuple(p.grad.shape)}, "
+                    f"moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} on "
+                    f"{st['exp_avg'].device}: the moments must have the parameter's shape and device")
         # Global block numbering in plan order. MoLF tensors come first with non-decreasing owners, so each
         # expert's blocks are one run: it starts at its first tensor (an expert without gradients: empty run).
         first = list(accumulate([cdiv(local(p).numel(), block) for p in plan.params], initial=0))
@@ -208,6 +218,9 @@ class TritonRoutedAdamW:
             if [local(p.grad).data_ptr() for p in ln.dtensors] != ln.grad_ptrs:
                 return True
             if [local(p).data_ptr() for p in ln.dtensors] != ln.param_ptrs:
+                return True
+            sts = [self.opt.state[p] for p in ln.dtensors]
+            if [local(s[k]).data_ptr() for k in ("exp_avg", "exp_avg_sq") for s in sts] != ln.state_ptrs:
                 return True
         return False
 

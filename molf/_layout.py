@@ -19,6 +19,8 @@ class Layout:
     others: list[nn.Parameter]               # trainable parameters outside MoLF layers (plain AdamW)
     groups: list[dict]                       # torch param groups, each tagged with its "kind"
     modules: list                            # the MoLFLinear layers, in layer_names order
+    names: dict                              # id(parameter) -> a readable name (layer, expert, tensor)
+    slots: list                              # (module, attribute, parameter) of every trainable parameter
 
 
 def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_decay: float,
@@ -29,15 +31,16 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
     if not layers:
         raise ValueError("the model has no MoLF layers: call molf.wrap(model, ...) before creating MoLFAdamW")
-    names = layers[0][1].expert_names
+    expert_names = layers[0][1].expert_names
     for n, m in layers:
-        if m.expert_names != names:
-            raise ValueError(f"all MoLF layers must share one expert layout; {layers[0][0]} has {names} "
+        if m.expert_names != expert_names:
+            raise ValueError(f"all MoLF layers must share one expert layout; {layers[0][0]} has {expert_names} "
                              f"but {n} has {m.expert_names}")
     lora_lr = lr if lora_lr is None else lora_lr
     kinds = {FULL: [], FULL_BIAS: [], LORA: [], DECAY: [], NO_DECAY: []}
-    experts, inside = [], set()
-    for _, m in layers:
+    experts, inside, names = [], set(), {}
+    for lname, m in layers:
+        own = {id(p): n for n, p in m.named_parameters()}
         per = []
         if m.base.weight.requires_grad:
             full = [m.base.weight]
@@ -52,15 +55,23 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
             per.append(ps)
         experts.append(per)
         inside.update(id(p) for p in m.parameters())
+        for ename, ps in zip(m.expert_names, per):
+            names.update((id(p), f"{lname}.{own[id(p)]} (expert {ename})") for p in ps)
     others, seen = [], set(inside)
     for n, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
         others.append(p)
+        names[id(p)] = n
         no_decay = p.ndim < 2 or "norm" in n.lower()
         kinds[NO_DECAY if no_decay else DECAY].append(p)
     hyper = {FULL: (lr, weight_decay), FULL_BIAS: (lr, 0.0), LORA: (lora_lr, lora_weight_decay),
              DECAY: (lr, weight_decay), NO_DECAY: (lr, 0.0)}
     groups = [dict(params=ps, lr=hyper[k][0], weight_decay=hyper[k][1], kind=k) for k, ps in kinds.items() if ps]
-    return Layout([n for n, _ in layers], names, experts, others, groups, [m for _, m in layers])
+    # Where each trained parameter lives, so that a replaced one (load_state_dict(assign=True), fully_shard,
+    # to_empty) is caught by an identity check per step.
+    slots = [(mod, attr, p) for mod in model.modules() for attr, p in mod._parameters.items()
+             if p is not None and id(p) in names]
+    return Layout([n for n, _ in layers], expert_names, experts, others, groups, [m for _, m in layers], names,
+                  slots)

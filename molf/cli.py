@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks (default: molf 128, molf-e 16,128, lora 32)")
     t.add_argument("--alphas", type=_floats, help="comma-separated alphas (default 32 each)")
     t.add_argument("--score", default="epd", choices=("epd", "pfn"))
-    t.add_argument("--top-k", type=int, default=1)
+    t.add_argument("--top-k", type=int, help="experts updated per layer and step (default 1; not for fft)")
+    t.add_argument("--max-length", type=int,
+                   help="tokens per example, longer ones are truncated (default: the model's max positions)")
     t.add_argument("--facts", type=int, default=400, help="number of synthetic facts (default 400)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     t.add_argument("--backend", default="auto", choices=("auto", "eager", "triton"))
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl = sub.add_parser("plot", help="draw the routing heatmap and expert shares from a routing JSONL")
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         from .train import TrainConfig, TrainError, train
         cfg = TrainConfig(mode=args.mode, model=args.model, data=args.data, output=args.output, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr, ranks=args.ranks,
-                          alphas=args.alphas, score=args.score, top_k=args.top_k, n_facts=args.facts,
+                          alphas=args.alphas, score=args.score, top_k=args.top_k, max_length=args.max_length,
+                          n_facts=args.facts,
                           seed=args.seed, device=args.device, backend=args.backend, progress=not args.no_progress)
         try:
             train(cfg)

@@ -6,35 +6,32 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _checks
 from .reference import molf_linear_reference, dropout_mask
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _check_experts(ranks: Sequence[int], alphas: Sequence[float], dropout: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    if isinstance(ranks, int) or isinstance(alphas, (int, float)):
-        raise TypeError(f"ranks and alphas must be sequences (one entry per expert), got ranks={ranks!r}, alphas={alphas!r}")
+    if isinstance(ranks, (int, str)) or not isinstance(ranks, Iterable):
+        raise TypeError(f"ranks must be a sequence of ints (one per LoRA expert), got {ranks!r}")
+    if isinstance(alphas, (int, float, str)) or not isinstance(alphas, Iterable):
+        raise TypeError(f"alphas must be a sequence of numbers (one per LoRA expert), got {alphas!r}")
     ranks, alphas = tuple(ranks), tuple(alphas)
     if len(ranks) == 0:
         raise ValueError("ranks must name at least one LoRA expert, got ()")
     if len(ranks) != len(alphas):
         raise ValueError(f"ranks and alphas must have the same length, got ranks={ranks} (len {len(ranks)}) "
                          f"and alphas={alphas} (len {len(alphas)})")
-    for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"every rank must be an int >= 1, got ranks={ranks}")
-    for a in alphas:
-        if not isinstance(a, (int, float)) or not a > 0:
-            raise ValueError(f"every alpha must be > 0, got alphas={alphas}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return ranks, tuple(float(a) for a in alphas)
+    ranks = tuple(_checks.integer(f"ranks[{i}]", r, low=1) for i, r in enumerate(ranks))
+    alphas = tuple(_checks.real(f"alphas[{i}]", a, low=0.0, low_open=True) for i, a in enumerate(alphas))
+    _checks.real("dropout", dropout, 0.0, 1.0, high_open=True)
+    return ranks, alphas
 
 
 def expert_names(ranks: Sequence[int], train_base: bool) -> list[str]:
@@ -64,6 +61,7 @@ class MoLFLinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         ranks, alphas = _check_experts(ranks, alphas, dropout)
+        train_base, rslora = _checks.flag("train_base", train_base), _checks.flag("rslora", rslora)
         self.backend = _backend.check_backend(backend)
         k, n = base.in_features, base.out_features
         if max(ranks) > min(k, n):
@@ -71,9 +69,9 @@ class MoLFLinear(nn.Module):
                           "the low-rank term cannot use the extra rank", stacklevel=2)
         self.base = base
         self.in_features, self.out_features = k, n
-        self.ranks, self.alphas, self.rslora = ranks, alphas, bool(rslora)
+        self.ranks, self.alphas, self.rslora = ranks, alphas, rslora
         self.dropout = float(dropout)
-        self.train_base = bool(train_base)
+        self.train_base = train_base
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
         if not train_base:
             for p in base.parameters():
@@ -99,6 +97,9 @@ class MoLFLinear(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype} (token ids go through "
+                            "the embedding, not a linear layer)")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input of shape {tuple(x.shape)} does not match the layer: its last dimension must be "
                              f"in_features = {self.in_features} (weight shape {tuple(self.base.weight.shape)})")
@@ -152,18 +153,32 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,), train_base: bool = True,
-         target_modules: Sequence[str] = DEFAULT_TARGETS, rslora: bool = True, dropout: float = 0.0,
+         target_modules: Sequence[str] | None = DEFAULT_TARGETS, rslora: bool = True, dropout: float = 0.0,
          backend: str = "auto", freeze_others: bool = False) -> nn.Module:
-    """Replace, in place, every nn.Linear whose name ends in one of `target_modules` with a MoLFLinear.
+    """Replace, in place, every nn.Linear whose name ends in one of `target_modules` with a MoLFLinear
+    (None: `DEFAULT_TARGETS`).
 
     lm_head is never wrapped. `freeze_others=True` also freezes every parameter outside the wrapped
     linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-Efficient's option).
     Returns `model`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if target_modules is None:
+        target_modules = DEFAULT_TARGETS
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a sequence of module names (or None for the defaults), "
+                        f"got {target_modules!r}")
+    target_modules = tuple(target_modules)
+    bad = [t for t in target_modules if not isinstance(t, str)]
+    if bad or not target_modules:
+        raise TypeError(f"target_modules must be a non-empty sequence of str, got {target_modules!r}")
     targets = set(target_modules)
-    _check_experts(ranks, alphas, dropout)
+    ranks, alphas = _check_experts(ranks, alphas, dropout)
+    train_base, rslora = _checks.flag("train_base", train_base), _checks.flag("rslora", rslora)
+    freeze_others = _checks.flag("freeze_others", freeze_others)
     _backend.check_backend(backend)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     chosen = [(n, m) for n, m in linears

@@ -5,32 +5,39 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from . import _backend
+from . import _backend, _checks
 from ._dist import local, shard_group
 from ._layout import build_layout
 from .reference import SCORES, expert_score_terms
 
 
-def check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k, n_experts):
-    for name, val in (("lr", lr), ("lora_lr", lora_lr)):
-        if val is not None and (not isinstance(val, (int, float)) or not val >= 0.0):
-            raise ValueError(f"{name} must be a float >= 0, got {val!r}")
-    for name, val in (("weight_decay", weight_decay), ("lora_weight_decay", lora_weight_decay)):
-        if not isinstance(val, (int, float)) or not val >= 0.0:
-            raise ValueError(f"{name} must be a float >= 0, got {val!r}")
-    if len(tuple(betas)) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+def check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
+                          n_experts: int | None = None) -> dict:
+    """The hyperparameters as plain floats and ints (numpy scalars accepted), or a TypeError/ValueError
+    naming the argument. `betas` may be any iterable of two numbers (consumed once)."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
+        raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
+    betas = tuple(betas)
+    if len(betas) != 2:
         raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if score not in SCORES:
+    if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be an int in [1, {n_experts}] (the number of experts per layer), got {top_k!r}")
+    return dict(
+        lr=_checks.real("lr", lr, low=0.0),
+        lora_lr=None if lora_lr is None else _checks.real("lora_lr", lora_lr, low=0.0),
+        weight_decay=_checks.real("weight_decay", weight_decay, low=0.0),
+        lora_weight_decay=_checks.real("lora_weight_decay", lora_weight_decay, low=0.0),
+        betas=tuple(_checks.real(f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)),
+        eps=_checks.real("eps", eps, low=0.0), score=score,
+        top_k=_checks.integer("top_k (experts updated per layer, at most the number of experts)", top_k, 1,
+                              n_experts))
 
 
 def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert_lrs: list[float], score: str,
@@ -38,7 +45,8 @@ def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert
     """Scores and winners from the per-expert sums [L, E], on the device, without host synchronisation.
 
     EPD: S = lr_e / N_e * sum;  PFN: S = sqrt(sum) / sqrt(N_e)  (inv_n holds 1/N_e or 1/sqrt(N_e)).
-    Experts without gradients score -inf and never win; ties go to the lower expert index.
+    Order of preference: finite scores (highest first), then non-finite ones (NaN or inf, from non-finite
+    moments), then experts without gradients (-inf, never picked); ties go to the lower expert index.
     """
     if score == "epd":
         scores = sums * inv_n
@@ -47,7 +55,12 @@ def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert
     else:
         scores = sums.sqrt() * inv_n
     scores.masked_fill_(no_grad, -math.inf)
-    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    finite = scores.isfinite()
+    # Two stable sorts: by score (non-finite as 0), then by class (finite 2, non-finite 1, no gradient 0).
+    order = torch.sort(torch.where(finite, scores, 0.0), dim=1, descending=True, stable=True).indices
+    cls = finite.to(torch.int8) + (~no_grad).to(torch.int8)
+    by_class = torch.sort(cls.gather(1, order), dim=1, descending=True, stable=True).indices
+    top = order.gather(1, by_class[:, :top_k])
     winners = torch.zeros_like(no_grad).scatter_(1, top, True) & ~no_grad
     return winners, scores
 
@@ -97,16 +110,22 @@ class MoLFAdamW(torch.optim.Optimizer):
                  lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
                  top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, history_size: int = 10000):
-        layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
-        check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
+        hp = check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k)
+        lr, lora_lr, weight_decay, betas, eps = hp["lr"], hp["lora_lr"], hp["weight_decay"], hp["betas"], hp["eps"]
+        layout = build_layout(model, lr, lora_lr, weight_decay, hp["lora_weight_decay"])
+        check_hyperparameters(lr, lora_lr, weight_decay, hp["lora_weight_decay"], betas, eps, score, top_k,
                               len(layout.expert_names))
+        top_k = hp["top_k"]
         _backend.check_backend(backend)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        stochastic_rounding = _checks.flag("stochastic_rounding", stochastic_rounding)
+        history_size = _checks.integer("history_size", history_size, low=0)
         devices = {p.device for per in layout.experts for ps in per for p in ps}
         if len(devices) > 1:
             raise ValueError(f"MoLF layers must live on one device, found {sorted(map(str, devices))}")
-        super().__init__(layout.groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(layout.groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._groups_fixed = True  # see add_param_group
         self.layout, self.score, self.top_k, self.backend = layout, score, top_k, backend
         self.state_dtype = state_dtype
         self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
@@ -119,17 +138,17 @@ class MoLFAdamW(torch.optim.Optimizer):
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
-        self._param_ids = [tuple(id(p) for p in m.parameters()) for m in layout.modules]
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
         self.routing: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
-        if not isinstance(history_size, int) or history_size < 0:
-            raise ValueError(f"history_size must be an int >= 0, got {history_size!r}")
         self._history: deque = deque(maxlen=history_size)
         self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
-        self.stochastic_rounding = bool(stochastic_rounding)
+        self.stochastic_rounding = stochastic_rounding
+        # Non-finite scores seen so far (experts x steps), on the device: read only where history is flushed.
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._warned_nonfinite = False
         # Drawn from torch's RNG once: runs seeded alike round alike; per step, seed + step (resumes exactly).
         self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
 
@@ -139,7 +158,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         key = tuple(p.grad is not None for p, _ in flat)
         plan = self._plans.get(key)
         if plan is None:
-            self._check_params_not_replaced()
             with_grad = [(p, o) for (p, o), has in zip(flat, key) if has]
             n_layers, n_experts = len(lay.layer_names), len(self.expert_names)
             counts = [0] * (n_layers * n_experts)
@@ -161,12 +179,26 @@ class MoLFAdamW(torch.optim.Optimizer):
         return (self._seed_base + self.molf_step) % (2 ** 31 - 1)
 
     def _check_params_not_replaced(self):
-        for name, m, ids in zip(self.layer_names, self.layout.modules, self._param_ids):
-            if tuple(id(p) for p in m.parameters()) != ids:
+        """Every step (one identity check per parameter): a parameter replaced in its module after the
+        optimizer was built would otherwise train a detached tensor silently."""
+        for mod, attr, p in self.layout.slots:
+            if mod._parameters.get(attr) is not p:
                 raise RuntimeError(
-                    f"the parameters of {name} were replaced after MoLFAdamW was created (by fully_shard, "
-                    "to_empty, load_state_dict(assign=True), ...): this optimizer would train stale tensors. "
-                    "Create the optimizer after sharding or moving the model.")
+                    f"the parameter {self.layout.names[id(p)]} was replaced after MoLFAdamW was created (by "
+                    "load_state_dict(assign=True), fully_shard, to_empty, ...): this optimizer would train a stale "
+                    "tensor. Create the optimizer after loading, sharding or moving the model.")
+
+    def param_name(self, p) -> str:
+        """A readable name of a parameter this optimizer trains: its layer, expert and tensor."""
+        return self.layout.names.get(id(p), "<a parameter outside the model>")
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_groups_fixed", False):
+            raise NotImplementedError(
+                "MoLFAdamW builds its param groups from the model's MoLF layers (kinds full, full_bias, lora, decay, "
+                "no_decay) and cannot take more: add the parameters to the model before creating the optimizer, "
+                "or give them an optimizer of their own")
+        super().add_param_group(param_group)
 
     def _state(self, p):
         st = self.state[p]
@@ -193,6 +225,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_params_not_replaced()
         plan = self._plan()
         for p in plan.params:
             self._state(p)
@@ -202,6 +235,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             torch.distributed.all_reduce(sums, group=self._reduce_group)  # one collective for the whole model
         lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
         self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
+        self._nonfinite += (~self.scores.isfinite() & ~plan.no_grad).sum()  # on the device, no synchronisation
         impl.update(plan, self.routing)
         self.molf_step += 1
         if self._history.maxlen:
@@ -210,7 +244,11 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     # -- routing history: kept on the device, one transfer per flush --
     def routing_history(self, clear: bool = False) -> dict:
-        """Recent steps as host tensors: {"step": int64 [S], "routing": bool [S, L, E], "scores": float32 [S, L, E]}."""
+        """Recent steps as host tensors: {"step": int64 [S], "routing": bool [S, L, E], "scores": float32 [S, L, E]}.
+
+        Scores are kept as computed: -inf for an expert without gradients, NaN or inf for one whose moments
+        are not finite (it did not win while another expert of its layer had a finite score). The first
+        flush after a non-finite score warns once."""
         L, E = len(self.layer_names), len(self.expert_names)
         steps = torch.tensor([s for s, _, _ in self._history], dtype=torch.int64)
         if self._history:
@@ -220,18 +258,42 @@ class MoLFAdamW(torch.optim.Optimizer):
             scores, routing = torch.empty(0, L, E), torch.empty(0, L, E, dtype=torch.bool)
         if clear:
             self._history.clear()
+        self._warn_nonfinite()
         return {"step": steps, "routing": routing, "scores": scores}
 
+    def nonfinite_scores(self) -> int:
+        """How many (step, layer, expert) scores were NaN or inf so far (one device read)."""
+        return int(self._nonfinite.item())
+
+    def _warn_nonfinite(self):
+        if self._warned_nonfinite:
+            return
+        n = self.nonfinite_scores()
+        if n:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"MoLFAdamW: {n} expert score(s) were NaN or inf (non-finite gradients or moments). Such an expert "
+                "never wins while another expert of its layer has a finite score; its moments stay non-finite "
+                "until they decay. Check the loss scale, clip gradients, or use torch.amp.GradScaler (which skips "
+                "steps with inf/NaN gradients).", RuntimeWarning, stacklevel=3)
+
     def routing_records(self, clear: bool = False) -> list[dict]:
-        """One record per step: {"step", "selections": {layer: {"winners": [...], "scores": {expert: float}}}}."""
+        """One record per step: {"step", "selections": {layer: {"winners": [...], "scores": {expert: float}}},
+        "non_finite": n}. A NaN or inf score is written as null (JSON has neither) and counted in
+        "non_finite"; an expert without gradients is left out of "scores"."""
         h = self.routing_history(clear)
         out = []
         for s, r, sc in zip(h["step"].tolist(), h["routing"].tolist(), h["scores"].tolist()):
-            sel = {}
+            sel, bad = {}, 0
             for name, win, score in zip(self.layer_names, r, sc):
-                sel[name] = {"winners": [e for e, w in zip(self.expert_names, win) if w],
-                             "scores": {e: v for e, v in zip(self.expert_names, score) if math.isfinite(v)}}
-            out.append({"step": s, "selections": sel})
+                scores = {}
+                for e, v in zip(self.expert_names, score):
+                    if math.isfinite(v):
+                        scores[e] = v
+                    elif v != -math.inf:
+                        scores[e], bad = None, bad + 1
+                sel[name] = {"winners": [e for e, w in zip(self.expert_names, win) if w], "scores": scores}
+            out.append({"step": s, "selections": sel, "non_finite": bad})
         return out
 
     def write_routing_jsonl(self, path, clear: bool = True) -> int:
@@ -239,7 +301,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         records = self.routing_records(clear)
         with open(path, "a") as f:
             for rec in records:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
         return len(records)
 
     def state_dict(self):
@@ -248,9 +310,47 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd["molf_seed"] = self._seed_base
         return sd
 
+    def _check_state_dict(self, state_dict) -> None:
+        """Raise (before anything changes) unless state_dict fits this optimizer: same param groups, kinds
+        and sizes, and every moment shaped like its parameter."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from MoLFAdamW.state_dict()), "
+                            f"got {type(state_dict).__name__}")
+        groups = state_dict["param_groups"]
+        if not all(isinstance(g, dict) and "kind" in g for g in groups):
+            raise ValueError("this state dict's param groups have no 'kind' tag: it comes from another optimizer "
+                             "(torch.optim.AdamW?), whose groups and moments molf cannot map onto its experts; "
+                             "load a MoLFAdamW state dict, or start the MoLF optimizer fresh")
+        mine = [(g["kind"], len(g["params"])) for g in self.param_groups]
+        theirs = [(g["kind"], len(g["params"])) for g in groups]
+        if mine != theirs:
+            raise ValueError(f"the state dict's param groups (kind, size) {theirs} do not match this optimizer's "
+                             f"{mine}: it was saved for another model or another wrap (ranks, train_base, "
+                             "freeze_others)")
+        saved = state_dict["state"]
+        for g, sg in zip(self.param_groups, groups):
+            for p, i in zip(g["params"], sg["params"]):
+                st = saved.get(i)
+                if st is None:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = st.get(key) if isinstance(st, dict) else None
+                    if not isinstance(t, torch.Tensor):
+                        raise ValueError(f"the state of {self.param_name(p)} has no tensor {key!r}")
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(f"the state of {self.param_name(p)} does not fit it: {key} has shape "
+                                         f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
+                    if not t.is_floating_point():
+                        raise ValueError(f"the state of {self.param_name(p)}: {key} has dtype {t.dtype}")
+                step = st.get("step")
+                if step is None or torch.as_tensor(step).numel() != 1:
+                    raise ValueError(f"the state of {self.param_name(p)} has no scalar 'step'")
+
     def load_state_dict(self, state_dict):
-        """As torch's, but moments keep `state_dtype` (torch would cast them to the parameter's dtype)
-        and step counters live on the parameter's device."""
+        """As torch's, but checked first (a state dict of another model or optimizer raises a ValueError naming
+        the parameter, and nothing changes), moments keep `state_dtype` (torch would cast them to the
+        parameter's dtype) and step counters live on the parameter's device."""
+        self._check_state_dict(state_dict)
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.molf_step = int(state_dict.get("molf_step", 0))
@@ -274,6 +374,8 @@ class EagerRoutedAdamW:
 
     def __init__(self, opt: MoLFAdamW):
         self.opt = opt
+        # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
+        self.host_routing = opt.device.type == "cpu"
 
     def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
         opt = self.opt
@@ -296,15 +398,22 @@ class EagerRoutedAdamW:
         return torch.stack(sums).view_as(plan.inv_n)
 
     def update(self, plan: StepPlan, winners: torch.Tensor) -> None:
-        """p <- p (1 - lr wd w) - w lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps), w = 1 for winners, 0 for losers
-        (times 1 and minus 0 leave a loser's weights bitwise unchanged, without a host synchronisation)."""
+        """p <- p (1 - lr wd) - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps) for winners (and parameters outside
+        MoLF layers); a loser's weights stay bitwise unchanged, whatever its moments hold (NaN included).
+
+        On the CPU the winners are read on the host (a synchronisation costs nothing there) and losers are
+        skipped; on a GPU the new values are selected by torch.where, without a host synchronisation."""
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
-        w_all = winners.view(-1).to(torch.float32)
+        host_win = winners.view(-1).tolist() if self.host_routing else None
+        win = winners.view(-1)
         gen = None
         if opt.stochastic_rounding:
             gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())
         for i, p in enumerate(plan.params):
+            molf_param = i < plan.n_molf
+            if molf_param and host_win is not None and not host_win[plan.owner[i]]:
+                continue
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
             p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
@@ -312,19 +421,18 @@ class EagerRoutedAdamW:
             t = step.double()
             step_size = (lr / (1.0 - torch.pow(beta1, t))).float()
             bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().float()
-            decay = torch.full((), 1.0 - lr * wd, device=p.device)
-            if i < plan.n_molf:
-                w = w_all[plan.owner[i]]
-                step_size = step_size * w
-                decay = 1.0 - (lr * wd) * w
+            decay = 1.0 - lr * wd
             upd = v.sqrt().div_(bc2_sqrt).add_(eps)  # one temporary, reused in place
             torch.div(m, upd, out=upd).mul_(step_size)
+            masked = molf_param and host_win is None
             if gen is not None and p.dtype == torch.bfloat16:
-                p.copy_(stochastic_round_bf16(p.float() * decay - upd.float(), gen))
-            elif p.dtype == torch.promote_types(p.dtype, m.dtype):
+                new = stochastic_round_bf16(p.float() * decay - upd.float(), gen)
+            elif not masked and p.dtype == torch.promote_types(p.dtype, m.dtype):
                 p.mul_(decay).sub_(upd)
-            else:  # wider moments than parameters (state_dtype): one rounding
-                p.copy_(p.to(m.dtype) * decay - upd)
+                continue
+            else:  # masked, or wider moments than parameters (state_dtype): one rounding
+                new = (p.to(upd.dtype) * decay).sub_(upd).to(p.dtype)
+            p.copy_(torch.where(win[plan.owner[i]], new, p) if masked else new)
 
 
 def stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -50,6 +50,14 @@ def _score_sum(ms, vs, score: str) -> torch.Tensor:
     return total
 
 
+def _preference(score: float) -> tuple[int, float]:
+    """Sort key, highest first: finite scores, then NaN/inf (molf's safeguard), then -inf (no gradient).
+    Python's sort is stable with reverse=True too: ties go to the lower expert index."""
+    if math.isfinite(score):
+        return 2, score
+    return (0, 0.0) if score == -math.inf else (1, 0.0)
+
+
 def adamw_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: float, lr: float, wd: float,
                   beta1: float, beta2: float, eps: float) -> None:
     """Decoupled AdamW: p *= 1 - lr wd;  p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
@@ -126,7 +134,7 @@ class MoLFAdamWReference(torch.optim.Optimizer):
                     scores[li, ei] = self._group(params[0])["lr"] / n * total
                 else:
                     scores[li, ei] = math.sqrt(total) / math.sqrt(n)
-            order = sorted(range(n_experts), key=lambda e: scores[li, e].item(), reverse=True)  # stable: ties -> lower index
+            order = sorted(range(n_experts), key=lambda e: _preference(scores[li, e].item()), reverse=True)
             for ei in order[: self.top_k]:
                 if scores[li, ei] == -math.inf:
                     continue

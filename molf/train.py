@@ -14,8 +14,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +45,8 @@ class TrainConfig:
     ranks: tuple[int, ...] | None = None
     alphas: tuple[float, ...] | None = None
     score: str = "epd"
-    top_k: int = 1
+    top_k: int | None = None          # default 1; not for fft
+    max_length: int | None = None     # tokens per example; default: the model's max_position_embeddings
     n_facts: int = 400
     seed: int = 0
     device: str = "auto"
@@ -125,6 +129,21 @@ def _encode(tok, pairs):
     return rows
 
 
+def truncate(rows, max_length: int):
+    """Rows cut to max_length tokens (the completion's end is cut; a row whose prompt alone fills it is
+    dropped). Returns (rows, number truncated, number dropped)."""
+    out, cut, dropped = [], 0, 0
+    for prompt, completion in rows:
+        if len(prompt) + len(completion) <= max_length:
+            out.append((prompt, completion))
+        elif len(prompt) >= max_length:
+            dropped += 1
+        else:
+            cut += 1
+            out.append((prompt, completion[: max_length - len(prompt)]))
+    return out, cut, dropped
+
+
 def _batch(rows, pad_id, device):
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -168,6 +187,9 @@ def _defaults(cfg: TrainConfig, builtin: bool):
 
 
 def _check(cfg: TrainConfig):
+    """Every input that can be checked before a model is built: one TrainError line each."""
+    from . import _checks
+
     if cfg.mode not in MODES:
         raise TrainError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if cfg.data is not None and not os.path.isfile(cfg.data):
@@ -178,18 +200,145 @@ def _check(cfg: TrainConfig):
             raise TrainError(f"model path does not exist (or is not a directory): {cfg.model}")
     if os.path.exists(cfg.output) and (not os.path.isdir(cfg.output) or os.listdir(cfg.output)):
         raise TrainError(f"output {cfg.output} already exists and is not empty: choose another --output")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise TrainError("--steps and --batch-size must be >= 1")
+    try:
+        for name, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--facts", cfg.n_facts)):
+            _checks.integer(name, val, low=1)
+        if cfg.max_length is not None:
+            _checks.integer("--max-length", cfg.max_length, low=2)
+        for name, val in (("--lr", cfg.lr), ("--lora-lr", cfg.lora_lr)):
+            if val is not None:
+                _checks.real(name, val, low=0.0)
+        if cfg.ranks is not None:
+            for r in cfg.ranks:
+                _checks.integer("every --ranks entry", r, low=1)
+        if cfg.alphas is not None:
+            for a in cfg.alphas:
+                _checks.real("every --alphas entry", a, low=0.0, low_open=True)
+    except (TypeError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    if cfg.mode == "fft":
+        given = [flag for flag, val in (("--ranks", cfg.ranks), ("--alphas", cfg.alphas), ("--lora-lr", cfg.lora_lr),
+                                        ("--top-k", cfg.top_k)) if val is not None]
+        if given:
+            raise TrainError(f"{', '.join(given)} do(es) not apply to --mode fft (full fine-tuning has no experts)")
+        return
+    ranks, alphas, _, _ = _defaults(cfg, True)
+    if len(alphas) != len(ranks):
+        raise TrainError(f"--alphas has {len(alphas)} entries but there are {len(ranks)} LoRA experts "
+                         f"(ranks {','.join(map(str, ranks))}): give one alpha per rank")
+    if cfg.mode == "lora" and len(ranks) != 1:
+        raise TrainError(f"--mode lora trains one LoRA adapter: give one rank, got --ranks {','.join(map(str, ranks))}")
+    n_experts = len(ranks) + int(cfg.mode == "molf")
+    if cfg.top_k is not None and not 1 <= cfg.top_k <= n_experts:
+        raise TrainError(f"--top-k must be between 1 and the number of experts per layer ({n_experts} in mode "
+                         f"{cfg.mode}), got {cfg.top_k}")
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    from ._backend import interpreting, triton_available
+
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    except (RuntimeError, ValueError):
+        raise TrainError(f"unknown --device {cfg.device!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {cfg.device}: no CUDA device is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise TrainError(f"--device {cfg.device}: molf train runs on cpu or cuda")
+    if cfg.backend == "triton" and cfg.mode != "fft":
+        if not triton_available():
+            raise TrainError("--backend triton: the triton package is not importable")
+        if device.type != "cuda" and not interpreting():
+            raise TrainError(f"--backend triton needs a CUDA device (the run is on {device}); use --backend eager "
+                             "or auto on the CPU")
+    return device
+
+
+def _new_work_dir(output: str) -> str:
+    """The hidden folder the run is written to, next to --output (so the final rename stays on one file
+    system), with the permissions a plain mkdir would give. A TrainError when it cannot be made."""
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=".molf-train-", dir=parent)
+    except OSError as e:
+        raise TrainError(f"cannot write the output next to {output}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    return work
+
+
+def _publish(work: str, output: str, log) -> str:
+    """Move the finished run to `output`; if someone took that name meanwhile, to the first free
+    `output-N` beside it. The finished run is never deleted: if no move works it stays in `work`."""
+    try:
+        os.replace(work, output)  # also replaces an empty directory
+        return output
+    except OSError:
+        pass
+    for k in range(1, 1000):
+        alt = f"{output.rstrip(os.sep)}-{k}"
+        if os.path.exists(alt):
+            continue
+        try:
+            os.rename(work, alt)
+        except OSError:
+            continue
+        log(f"molf train: warning: {output} was created by someone else during training; the run is in {alt}")
+        return alt
+    raise TrainError(f"{output} is taken and no free name was found next to it; the finished run is in {work}")
+
+
+@contextmanager
+def _signals_raise():
+    """SIGTERM and SIGHUP (what `timeout`, Slurm and a closed terminal send) raise SystemExit(128 + signal)
+    like Ctrl-C raises KeyboardInterrupt, so that the work folder is cleaned up on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run one fine-tuning; returns the summary (also written to <output>/summary.json)."""
+    _check(cfg)
+    device = _device(cfg)
+    work = _new_work_dir(cfg.output)
+    finished = False
+    with _signals_raise():
+        try:
+            summary, lines = _run(cfg, device, work, log)
+            finished = True
+            final = _publish(work, cfg.output, log)
+        except BaseException:
+            if not finished:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    summary["output"] = final
+    for line in lines:
+        log(line.replace("{output}", final))
+    return summary
+
+
+def _run(cfg: TrainConfig, device, work, log):
     import molf
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    _check(cfg)
     pairs = read_pairs(cfg.data) if cfg.data else synthetic_facts(cfg.n_facts, cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)
     builtin = cfg.model is None
     if builtin:
@@ -209,8 +358,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
             tok.pad_token_id = tok.eos_token_id
     model.to(device)
     rows = _encode(tok, pairs)
+    max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None)
+    if max_length:
+        rows, cut, dropped = truncate(rows, max_length)
+        if cut or dropped:
+            log(f"molf train: {cut} example(s) truncated to {max_length} tokens (--max-length)"
+                + (f", {dropped} dropped (the prompt alone fills it)" if dropped else ""))
     if not rows:
-        raise TrainError("no training example has a non-empty completion")
+        raise TrainError("no training example has a non-empty completion" + (f" within {max_length} tokens"
+                                                                              if max_length else ""))
     ranks, alphas, lr, lora_lr = _defaults(cfg, builtin)
     pad = tok.pad_token_id
     loss0, recall0 = evaluate(model, rows, pad, device)
@@ -222,79 +378,71 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                 lr=lr, betas=(0.9, 0.999), eps=1e-8)
     else:
         train_base = cfg.mode == "molf"
-        molf.wrap(model, ranks=ranks, alphas=alphas, train_base=train_base, backend=cfg.backend,
-                  dropout=0.05 if cfg.mode == "lora" else 0.0, freeze_others=cfg.mode in ("molf-e", "lora"))
-        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=0.1, lora_weight_decay=0.01,
-                             score=cfg.score, top_k=min(cfg.top_k, len(ranks) + int(train_base)),
-                             backend=cfg.backend)
+        try:
+            molf.wrap(model, ranks=ranks, alphas=alphas, train_base=train_base, backend=cfg.backend,
+                      dropout=0.05 if cfg.mode == "lora" else 0.0, freeze_others=cfg.mode in ("molf-e", "lora"))
+            opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=0.1, lora_weight_decay=0.01,
+                                 score=cfg.score, top_k=cfg.top_k or 1, backend=cfg.backend)
+        except (TypeError, ValueError) as e:
+            raise TrainError(str(e)) from None
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, cfg.steps - warmup))))
 
-    parent = os.path.dirname(os.path.abspath(cfg.output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".molf-train-", dir=parent)
-    try:
-        routing_path = os.path.join(work, "routing.jsonl")
-        rng = random.Random(cfg.seed)
-        order = []
-        started = time.perf_counter()
-        bar = range(cfg.steps)
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(bar, desc=f"molf train ({cfg.mode})", unit="step")
-        losses = []
-        model.train()
-        for step in bar:
-            if len(order) < cfg.batch_size:
-                idx = list(range(len(rows)))
-                rng.shuffle(idx)
-                order += idx
-            chunk, order = [rows[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-            loss = model(**_batch(chunk, pad, device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step % 10 == 0 or step == cfg.steps - 1:
-                losses.append(loss.item())
-                if cfg.progress:
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if isinstance(opt, molf.MoLFAdamW) and (step + 1) % 100 == 0:
-                opt.write_routing_jsonl(routing_path)
-        seconds = time.perf_counter() - started
-        loss1, recall1 = evaluate(model, rows, pad, device)
-        share, plots = {}, []
-        if isinstance(opt, molf.MoLFAdamW):
+    routing_path = os.path.join(work, "routing.jsonl")
+    rng = random.Random(cfg.seed)
+    order = []
+    started = time.perf_counter()
+    bar = range(cfg.steps)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc=f"molf train ({cfg.mode})", unit="step")
+    losses = []
+    model.train()
+    for step in bar:
+        if len(order) < cfg.batch_size:
+            idx = list(range(len(rows)))
+            rng.shuffle(idx)
+            order += idx
+        chunk, order = [rows[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        loss = model(**_batch(chunk, pad, device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == cfg.steps - 1:
+            losses.append(loss.item())
+            if cfg.progress:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if isinstance(opt, molf.MoLFAdamW) and (step + 1) % 100 == 0:
             opt.write_routing_jsonl(routing_path)
-            from .plot import plot_routing, read_routing
-            _, _, experts, winners = read_routing(routing_path)
-            n = sum(len(row) for row in winners)
-            share = {e: sum(e in w for row in winners for w in row) / n for e in experts}
-            plots = [os.path.basename(p) for p in plot_routing(routing_path, work)]
-            molf.merge(model)
-        model.save_pretrained(os.path.join(work, "model"))
-        tok.save_pretrained(os.path.join(work, "model"))
-        summary = {"mode": cfg.mode, "model": cfg.model or "builtin-qwen2-tiny", "data": cfg.data or "synthetic-facts",
-                   "examples": len(rows), "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": lr,
-                   "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
-                   "device": str(device), "train_seconds": round(seconds, 2),
-                   "seconds_per_step": round(seconds / cfg.steps, 5),
-                   "loss_before": loss0, "loss_after": loss1, "recall_before": recall0, "recall_after": recall1,
-                   "routing_share": share, "plots": plots, "loss_curve_every_10_steps": losses}
-        with open(os.path.join(work, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if os.path.isdir(cfg.output):
-            os.rmdir(cfg.output)  # empty (checked before training)
-        os.replace(work, cfg.output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    log(f"molf train ({cfg.mode}): {cfg.steps} steps in {seconds:.1f}s on {device}")
-    log(f"  loss    {loss0:.3f} -> {loss1:.3f}")
-    log(f"  recall  {recall0:.1%} -> {recall1:.1%}  (exact match of the new object, {len(rows)} facts)")
+    seconds = time.perf_counter() - started
+    loss1, recall1 = evaluate(model, rows, pad, device)
+    share, plots = {}, []
+    if isinstance(opt, molf.MoLFAdamW):
+        opt.write_routing_jsonl(routing_path)
+        from .plot import plot_routing, read_routing
+        _, _, experts, winners = read_routing(routing_path)
+        n = sum(len(row) for row in winners)
+        share = {e: sum(e in w for row in winners for w in row) / n for e in experts}
+        plots = [os.path.basename(p) for p in plot_routing(routing_path, work)]
+        molf.merge(model)
+    model.save_pretrained(os.path.join(work, "model"))
+    tok.save_pretrained(os.path.join(work, "model"))
+    summary = {"mode": cfg.mode, "model": cfg.model or "builtin-qwen2-tiny", "data": cfg.data or "synthetic-facts",
+               "examples": len(rows), "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": lr,
+               "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
+               "max_length": max_length, "device": str(device), "train_seconds": round(seconds, 2),
+               "seconds_per_step": round(seconds / cfg.steps, 5),
+               "loss_before": loss0, "loss_after": loss1, "recall_before": recall0, "recall_after": recall1,
+               "routing_share": share, "plots": plots, "loss_curve_every_10_steps": losses}
+    with open(os.path.join(work, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    lines = [f"molf train ({cfg.mode}): {cfg.steps} steps in {seconds:.1f}s on {device}",
+             f"  loss    {loss0:.3f} -> {loss1:.3f}",
+             f"  recall  {recall0:.1%} -> {recall1:.1%}  (exact match of the new object, {len(rows)} facts)"]
     if share:
-        log("  routing " + ", ".join(f"{e} {s:.0%}" for e, s in share.items()))
-    log(f"  output  {cfg.output}/ (model/, summary.json" + (", routing.jsonl, plots" if share else "") + ")")
-    return summary
+        lines.append("  routing " + ", ".join(f"{e} {s:.0%}" for e, s in share.items()))
+    lines.append("  output  {output}/ (model/, summary.json" + (", routing.jsonl, plots" if share else "") + ")")
+    return summary, lines
