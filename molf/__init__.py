@@ -1,8 +1,10 @@
 """molf: Triton kernels for MoLF fine-tuning (Mixture of LoRA and Full fine-tuning, arXiv 2605.07111)."""
 from . import reference
 from .export import export_peft
-from .layer import DEFAULT_TARGETS, MoLFLinear, merge, wrap
+from .checkpoint import from_pretrained, load, save_pretrained
+from .layer import DEFAULT_TARGETS, MoLFLinear, merge, print_trainable_parameters, trainable_parameters, wrap
 from .optim import MoLFAdamW
 
 __version__ = "0.1.0"
-__all__ = ["MoLFLinear", "wrap", "merge", "MoLFAdamW", "export_peft", "reference", "DEFAULT_TARGETS", "__version__"]
+__all__ = ["MoLFLinear", "wrap", "merge", "MoLFAdamW", "export_peft", "save_pretrained", "from_pretrained", "load",
+           "print_trainable_parameters", "trainable_parameters", "reference", "DEFAULT_TARGETS", "__version__"]

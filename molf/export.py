@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import torch
 from torch import nn
@@ -17,7 +16,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
 
     A = [A_1; ...; A_E], B = [s_1 B_1, ..., s_E B_E] and lora_alpha = R without rsLoRA, so peft's own
     scaling is 1: `peft.PeftModel.from_pretrained(untouched_base, path)` computes what the molf model does.
-    Only for MoLF-Efficient (base frozen): a trained base weight is not a LoRA adapter.
+    Trainable parameters outside the MoLF layers (embeddings, norms: MoLF-E without freeze_others) are
+    saved through peft's `modules_to_save` (tied embeddings with `ensure_weight_tying`), so the adapter
+    reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
+    not a LoRA adapter.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
     if not layers:
@@ -30,10 +32,20 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     if len(ranks) != 1:
         raise ValueError(f"export_peft needs one total rank for every layer, got {sorted(ranks)}")
     inside = {id(p) for _, m in layers for p in m.parameters()}
-    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
-    if outside:
-        warnings.warn(f"export_peft: {len(outside)} trainable parameters outside MoLF layers (e.g. {outside[:3]}) "
-                      "are not part of a LoRA adapter and are not exported", stacklevel=2)
+    # Trainable parameters outside the MoLF layers (embeddings, norms, ...) go in as peft's modules_to_save;
+    # a parameter shared by several modules (tied embeddings) is saved under each, with peft's weight tying.
+    owners: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in inside:
+                owners.setdefault(id(p), []).append((mod_name, pname, p))
+    saved_modules = sorted({mod_name for own in owners.values() for mod_name, _, _ in own})
+    for mod_name in saved_modules:
+        mod = model.get_submodule(mod_name)
+        if not mod_name or any(isinstance(m, MoLFLinear) for m in mod.modules()):
+            raise ValueError(f"export_peft: {mod_name or 'the model itself'} holds trained parameters and MoLF "
+                             "layers; peft cannot save it as a module (freeze its own parameters, or merge and "
+                             "save the full model)")
     rank = ranks.pop()
     tensors = {}
     for name, m in layers:
@@ -41,13 +53,17 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
         b = torch.cat([s * x.detach().float() for s, x in zip(m.scalings, m.lora_B)], 1).to(m.lora_B[0].dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
-    targets = sorted({n.rpartition(".")[2] for n, _ in layers})
+    for own in owners.values():
+        for mod_name, pname, p in own:
+            tensors[f"base_model.model.{mod_name}.{pname}"] = p.detach().cpu().clone()  # safetensors: no sharing
+    targets = [n for n, _ in layers]  # full names: exactly the wrapped layers, also after a partial wrap
     cfg = getattr(model, "config", None)
     base_name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "use_rslora": False,
               "lora_dropout": 0.0, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
               "init_lora_weights": True, "base_model_name_or_path": base_name, "inference_mode": True,
-              "modules_to_save": None}
+              "modules_to_save": saved_modules or None,
+              "ensure_weight_tying": any(len(own) > 1 for own in owners.values())}
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Iterable, Sequence
 
@@ -58,10 +59,13 @@ class MoLFLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,),
                  train_base: bool = True, rslora: bool = True, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         ranks, alphas = _check_experts(ranks, alphas, dropout)
         train_base, rslora = _checks.flag("train_base", train_base), _checks.flag("rslora", rslora)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        why = _unsupported("base", base)
+        if why:
+            raise TypeError(why)
         self.backend = _backend.check_backend(backend)
         k, n = base.in_features, base.out_features
         if max(ranks) > min(k, n):
@@ -73,15 +77,24 @@ class MoLFLinear(nn.Module):
         self.dropout = float(dropout)
         self.train_base = train_base
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
-        if not train_base:
-            for p in base.parameters():
-                p.requires_grad_(False)
+        for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
+            p.requires_grad_(train_base)
         w = base.weight
         self.lora_A = nn.ParameterList(
             [nn.Parameter(torch.empty(r, k, device=w.device, dtype=w.dtype)) for r in ranks])
         self.lora_B = nn.ParameterList(
             [nn.Parameter(torch.empty(n, r, device=w.device, dtype=w.dtype)) for r in ranks])
         self.reset_lora_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight W (read-only here; as peft's layers expose it for code that reads `.weight.dtype`)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base bias b (read-only here)."""
+        return self.base.bias
 
     @property
     def expert_names(self) -> list[str]:
@@ -152,41 +165,112 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)  # nn.ModuleList/Sequential accept setattr with a digit name
 
 
-def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,), train_base: bool = True,
-         target_modules: Sequence[str] | None = DEFAULT_TARGETS, rslora: bool = True, dropout: float = 0.0,
-         backend: str = "auto", freeze_others: bool = False) -> nn.Module:
-    """Replace, in place, every nn.Linear whose name ends in one of `target_modules` with a MoLFLinear
-    (None: `DEFAULT_TARGETS`).
+# Default targets per architecture (model.config.model_type) where the projections are named otherwise.
+ARCH_TARGETS = {
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "phimoe": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
 
-    lm_head is never wrapped. `freeze_others=True` also freezes every parameter outside the wrapped
-    linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-Efficient's option).
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The target names for this model's architecture: ARCH_TARGETS by config.model_type, else DEFAULT_TARGETS."""
+    return ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
+
+
+def _unsupported(name: str, m: nn.Module) -> str | None:
+    """Why module `m` cannot be a MoLF base (None if it can)."""
+    kind = type(m)
+    if kind.__module__.startswith("bitsandbytes") or getattr(m, "weight", None) is not None and (
+            not m.weight.is_floating_point() or type(m.weight.data) not in (torch.Tensor, nn.Parameter)):
+        return (f"{name} is a quantized layer ({kind.__module__}.{kind.__name__}, weight "
+                f"{type(m.weight.data).__name__} {m.weight.dtype}): quantized bases are not supported yet; load the "
+                "model in bf16/fp16/fp32 to wrap it")
+    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+        return (f"{name} is a transformers Conv1D (GPT-2 style, weight stored in_features x out_features): molf "
+                "wraps nn.Linear layers only; convert the model's Conv1D layers to nn.Linear first")
+    if not isinstance(m, nn.Linear):
+        return f"{name} is a {kind.__name__}, not an nn.Linear"
+    if kind is not nn.Linear and kind.forward is not nn.Linear.forward:
+        return (f"{name} is a {kind.__module__}.{kind.__name__}, a subclass of nn.Linear with its own forward: "
+                "molf would replace that forward; wrap a model with plain nn.Linear layers there")
+    return None
+
+
+def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
+    head), a regular expression (a str, full match of the module name) or a list of names, each matching
+    a module whose name is it or ends in "." + it. A listed name that matches nothing is an error."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
+    if target_modules == "all-linear":
+        return [(n, m) for n, m in modules if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression ({e})") from None
+        chosen = [(n, m) for n, m in modules if pattern.fullmatch(n)]
+        if not chosen:
+            raise ValueError(f"target_modules={target_modules!r} (a regular expression, matched against full module "
+                             f"names such as {modules[0][0] if modules else '...'!r}) matches no module")
+        return chosen
+    def hit(n, key):
+        return n == key or n.endswith("." + key)
+
+    chosen = [(n, m) for n, m in modules if any(hit(n, key) for key in target_modules)]  # in model order
+    unmatched = [key for key in target_modules if not any(hit(n, key) for n, _ in chosen)]
+    if unmatched:
+        linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear)
+                               or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"target_modules {unmatched} match no module of the model (its linear layers are named "
+                         f"{linear_names}); pass names that exist, target_modules='all-linear', or None for the "
+                         "architecture's defaults")
+    return chosen
+
+
+def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,), train_base: bool = True,
+         target_modules: Sequence[str] | str | None = None, rslora: bool = True, dropout: float = 0.0,
+         backend: str = "auto", freeze_others: bool = False) -> nn.Module:
+    """Replace, in place, the linear layers `target_modules` names with MoLFLinear layers.
+
+    target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, Phi-3's fused
+    qkv_proj and gate_up_proj), "all-linear" (every linear but the output head), a regular expression
+    (full match of module names) or a list of names matched as suffixes. The output head is never wrapped.
+    Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
+    forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
+    the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option).
     Returns `model`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise ValueError("model is a peft model (it holds peft's LoRA layers, which molf would train unrouted): call "
+                         "model.merge_and_unload() first and wrap the plain model it returns")
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    if wrapped:
+        raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "
+                         "model, or molf.merge(model) first")
     if target_modules is None:
-        target_modules = DEFAULT_TARGETS
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    if not isinstance(target_modules, Iterable):
-        raise TypeError(f"target_modules must be a sequence of module names (or None for the defaults), "
-                        f"got {target_modules!r}")
-    target_modules = tuple(target_modules)
-    bad = [t for t in target_modules if not isinstance(t, str)]
-    if bad or not target_modules:
-        raise TypeError(f"target_modules must be a non-empty sequence of str, got {target_modules!r}")
-    targets = set(target_modules)
+        target_modules = default_targets(model)
+    if not isinstance(target_modules, (str, Iterable)):
+        raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "
+                        f"names, got {target_modules!r}")
+    if not isinstance(target_modules, str):
+        target_modules = tuple(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise TypeError(f"target_modules must be a non-empty sequence of str, got {target_modules!r}")
     ranks, alphas = _check_experts(ranks, alphas, dropout)
     train_base, rslora = _checks.flag("train_base", train_base), _checks.flag("rslora", rslora)
     freeze_others = _checks.flag("freeze_others", freeze_others)
     _backend.check_backend(backend)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    chosen = [(n, m) for n, m in linears
-              if n.rpartition(".")[2] in targets and n.rpartition(".")[2] != "lm_head"]
+    chosen = _match_targets(model, target_modules)
+    problems = [msg for n, m in chosen if (msg := _unsupported(n, m))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
     if not chosen:
-        names = [n for n, _ in linears][:6]
-        raise ValueError(f"no nn.Linear of the model matches target_modules={tuple(target_modules)}; "
-                         f"its linear layers include {names}")
+        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of the model")
     for name, lin in chosen:
         _set_child(model, name, MoLFLinear(lin, ranks, alphas, train_base, rslora, dropout, backend))
     if freeze_others:
@@ -205,3 +289,39 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(m, MoLFLinear):
             _set_child(model, name, m.merge())
     return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable element counts per expert kind ("full", "lora_r16", ...), "other" (outside MoLF layers),
+    "trainable" and "total"."""
+    counts: dict[str, int] = {}
+    inside = set()
+    for m in model.modules():
+        if isinstance(m, MoLFLinear):
+            names = m.expert_names
+            groups = ([[m.base.weight, m.base.bias]] if m.base.weight.requires_grad else []) + \
+                [[a, b] for a, b in zip(m.lora_A, m.lora_B)]
+            for name, ps in zip(names, groups):
+                key = "full" if name == "full" else name
+                counts[key] = counts.get(key, 0) + sum(p.numel() for p in ps if p is not None and p.requires_grad)
+            inside.update(id(p) for p in m.parameters())
+    seen, other, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad and id(p) not in inside:
+            other += p.numel()
+    counts["other"] = other
+    counts["trainable"] = sum(counts.values())
+    counts["total"] = total
+    return counts
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the trainable parameters per expert kind, as peft's model.print_trainable_parameters() does."""
+    c = trainable_parameters(model)
+    kinds = ", ".join(f"{k}: {v:,}" for k, v in c.items() if k not in ("trainable", "total"))
+    print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+          f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f} ({kinds})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from ._jsonl import read_jsonl
 
@@ -30,7 +31,12 @@ def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[
         winners.append(row)
     if not steps:
         raise ValueError(f"{path}: no routing records")
-    return steps, layers, experts, winners
+    last = {s: i for i, s in enumerate(steps)}  # a step logged twice (a resumed run): its last record counts
+    if len(last) != len(steps):
+        warnings.warn(f"{path}: {len(steps) - len(last)} step(s) appear more than once (a resumed run?); "
+                      "the last record of each step is used", stacklevel=2)
+    order = sorted(last)
+    return order, layers, experts, [winners[last[s]] for s in order]
 
 
 def plot_routing(path, out_dir) -> list[str]:

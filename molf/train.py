@@ -110,9 +110,18 @@ class WordTokenizer:
     def encode(self, text):
         return [self.index.get(w, 2) for w in text.split()]
 
+    def to_transformers(self):
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (WordLevel over whitespace-split words),
+        so that the saved model folder loads with AutoTokenizer.from_pretrained."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(vocab=self.index, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
     def save_pretrained(self, path):
-        with open(os.path.join(path, "vocab.json"), "w") as f:
-            json.dump(self.vocab, f)
+        self.to_transformers().save_pretrained(path)
 
 
 def _encode(tok, pairs):
@@ -387,7 +396,9 @@ def _run(cfg: TrainConfig, device, work, log):
             raise TrainError(str(e)) from None
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, cfg.steps - warmup))))
+        # (s + 1) / warmup: the first step already has lr > 0 (at lr = 0 every EPD score is 0 and expert 0 wins by
+        # the tie rule: a first routing column that means nothing)
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, cfg.steps - warmup))))
 
     routing_path = os.path.join(work, "routing.jsonl")
     rng = random.Random(cfg.seed)

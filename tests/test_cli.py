@@ -28,6 +28,17 @@ def test_train_default_task_end_to_end(tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any(isinstance(m, molf.MoLFLinear) for m in merged.modules())
     assert "recall" in capsys.readouterr().out
+    from transformers import PreTrainedTokenizerFast
+    # A real transformers tokenizer is saved (transformers 5's AutoTokenizer maps a qwen2 config to Qwen2Tokenizer
+    # whatever tokenizer_config.json says, so the built-in word-level one loads with its own class).
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "model")
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1
+    from molf.train import synthetic_facts
+    fact = synthetic_facts(40)[0]["prompt"] + synthetic_facts(40)[0]["completion"]
+    ids = tok(fact, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == fact and tok.unk_token_id not in ids[:-1]
+    first = json.loads(records[0])["selections"]
+    assert any(v["scores"]["full"] > 0 for v in first.values()), "warm-up starts above lr = 0"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]  # no leftovers
 
 
@@ -113,24 +124,31 @@ def test_plot_bad_file(tmp_path):
     assert main(["plot", str(bad), "-o", str(tmp_path)]) == 2
 
 
-def test_export_peft_roundtrip_equals_molf_logits(tmp_path):
+@pytest.mark.parametrize("freeze_others", [True, False], ids=["lora-only", "embeddings-and-norms-train"])
+def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
     peft = pytest.importorskip("peft")
     base = tiny_qwen2()
     model = molf.wrap(copy.deepcopy(base), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager",
-                      freeze_others=True)
+                      freeze_others=freeze_others)
     opt = make_opt(molf.MoLFAdamW, model, 3e-3, 3e-3, backend="eager", top_k=2)
     ids = batch()
     for _ in range(5):
         train_step(model, opt, ids)
+    if not freeze_others:  # the tied embedding and the norms moved too: the adapter must carry them
+        assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     with torch.no_grad():
         want = model(ids).logits
     molf.export_peft(model, tmp_path / "adapter")
-    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
     with torch.no_grad():
         got = loaded(ids).logits
     assert_close(got, want, 1e-5, "peft logits")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == 10 and set(cfg["target_modules"]) == set(molf.DEFAULT_TARGETS)
+    assert cfg["r"] == 10 and len(cfg["target_modules"]) == 14
+    assert (cfg["modules_to_save"] is None) == freeze_others
+    merged = loaded.merge_and_unload()
+    with torch.no_grad():
+        assert_close(merged(ids).logits, want, 1e-5, "merged peft logits")
 
 
 def test_export_peft_refuses_a_trained_base(tmp_path):
@@ -138,9 +156,3 @@ def test_export_peft_refuses_a_trained_base(tmp_path):
     with pytest.raises(ValueError, match="frozen base"):
         molf.export_peft(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
-
-
-def test_export_peft_warns_about_trained_parameters_outside_the_adapter(tmp_path):
-    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=False)
-    with pytest.warns(UserWarning, match="not part of a LoRA adapter"):
-        molf.export_peft(model, tmp_path / "adapter")

@@ -63,3 +63,43 @@ def test_trainer_with_gradient_checkpointing_and_bf16_autocast(tmp_path):
     t.train()
     opt = t.molf_optimizer
     assert opt.molf_step == 2 and opt.routing.any(dim=1).all()
+
+
+def test_checkpoints_load_exactly_as_plain_models_and_with_the_molf_loader(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    t = make_trainer(tmp_path / "run", 4)
+    t.train()
+    ids = Rows().ids[:2]
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(ids).logits
+    t.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-3"):
+        plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
+        wrapped = molf.from_pretrained(folder, backend="eager").eval()
+        assert len([m for m in wrapped.modules() if isinstance(m, molf.MoLFLinear)]) == 14
+        with torch.no_grad():
+            got_plain, got_molf = plain(ids).logits, wrapped(ids).logits
+        assert torch.allclose(got_plain, got_molf, atol=1e-5), folder  # merged == wrapped, the same checkpoint
+        if folder.name == "final":
+            assert torch.equal(got_molf, want)  # the molf loader: bitwise
+            for (n, p), q in zip(t.model.named_parameters(), wrapped.parameters()):
+                assert torch.equal(p, q) and p.requires_grad == q.requires_grad, n
+
+
+def test_resume_in_the_same_folder_logs_every_step_once(tmp_path):
+    from molf.plot import read_routing
+
+    first = make_trainer(tmp_path / "run", 5)  # "crashes" after step 5; the last checkpoint is step 3
+    first.train()
+    again = make_trainer(tmp_path / "run", 6)
+    again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    log = tmp_path / "run" / "molf_routing.jsonl"
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    log.write_text(log.read_text() + log.read_text().splitlines()[3] + "\n")  # a duplicated step 4
+    with pytest.warns(UserWarning, match="the last record of each step is used"):
+        got, _, _, _ = read_routing(log)
+    assert got == [1, 2, 3, 4, 5, 6]

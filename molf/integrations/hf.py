@@ -9,10 +9,12 @@ checkpointing and checkpoint save/resume (optimizer state included) work unchang
 """
 from __future__ import annotations
 
+import json
 import os
 
 from transformers import Trainer, TrainerCallback
 
+from .. import checkpoint
 from ..optim import MoLFAdamW
 
 ROUTING_FILE = "molf_routing.jsonl"
@@ -30,6 +32,22 @@ class RoutingLogCallback(TrainerCallback):
 
     def __init__(self, filename: str = ROUTING_FILE):
         self.filename = filename
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        """After a resume, drop the records of the steps that will be taken again (a crash after the last
+        checkpoint left them in the log), so that every step appears once."""
+        opt = unwrap_optimizer(optimizer)
+        path = os.path.join(args.output_dir, self.filename)
+        if opt is None or not state.is_world_process_zero or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        keep = [ln for ln in lines if not ln.strip() or _record_step(ln) <= opt.molf_step]
+        if len(keep) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
 
     def _flush(self, args, state, optimizer):
         opt = unwrap_optimizer(optimizer)
@@ -50,6 +68,13 @@ class RoutingLogCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         self._flush(args, state, optimizer)
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # not a routing record: kept
 
 
 class MoLFTrainer(Trainer):
@@ -81,6 +106,34 @@ class MoLFTrainer(Trainer):
                                        weight_decay=a.weight_decay, betas=(a.adam_beta1, a.adam_beta2),
                                        eps=a.adam_epsilon, **kw)
         return self.optimizer
+
+    # Checkpoints: a plain merged model (loads with from_pretrained) plus molf's exact state (resume, molf loader).
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not checkpoint.molf_layers(model):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        checkpoint.save_pretrained(model, output_dir, is_main_process=True)
+        tok = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tok is not None:
+            tok.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        if checkpoint.is_molf_checkpoint(resume_from_checkpoint) and checkpoint.molf_layers(target):
+            checkpoint.load(target, resume_from_checkpoint)
+            return
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if best and checkpoint.is_molf_checkpoint(best) and checkpoint.molf_layers(model):
+            checkpoint.load(model, best)
+            return
+        return super()._load_best_model()
 
     @property
     def molf_optimizer(self) -> MoLFAdamW | None:

@@ -1,0 +1,153 @@
+"""wrap on real architectures built tiny from configs: every target wrapped or a clear refusal, never a
+partial wrap; targets as peft names them; drop-in attributes."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import molf
+from helpers import assert_close, batch, tiny_qwen2
+
+ARCHS = ["qwen2", "llama", "mistral", "gemma3", "phi3"]
+
+
+def tiny(arch):
+    import transformers as tf
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+    cfg = {
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=16),
+        "phi3": lambda: tf.Phi3Config(**common),
+    }[arch]()
+    cls = {"qwen2": tf.Qwen2ForCausalLM, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
+           "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM}[arch]
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_targets_wrap_every_linear_but_the_head(arch):
+    model = tiny(arch)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear)}
+    assert wrapped == linears, f"not wrapped: {sorted(linears - wrapped)}"
+    assert isinstance(model.lm_head, nn.Linear)
+    with torch.no_grad():
+        assert_close(model(ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
+    again = tiny(arch)
+    molf.wrap(again, ranks=(4,), alphas=(8,), target_modules="all-linear", backend="eager")
+    assert {n for n, m in again.named_modules() if isinstance(m, molf.MoLFLinear)} == linears
+
+
+def test_phi3_with_llama_names_is_an_error_not_a_partial_wrap():
+    model = tiny("phi3")
+    with pytest.raises(ValueError, match=r"\['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'\] match no "
+                                         r"module.*gate_up_proj.*qkv_proj"):
+        molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=molf.DEFAULT_TARGETS)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+
+
+def test_target_forms_suffix_regex_and_unmatched_names():
+    model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=r".*\.self_attn\.(q|v)_proj")
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear))
+    assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+    one = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=["layers.1.mlp.down_proj"])
+    assert [n for n, m in one.named_modules() if isinstance(m, molf.MoLFLinear)] == ["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match=r"\['vv_proj'\] match no module"):
+        molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=("q_proj", "vv_proj"))
+    with pytest.raises(ValueError, match="matches no module"):
+        molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=r"nothing\..*")
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=["mlp"])
+
+
+def test_wrapping_twice_is_a_clear_error():
+    model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,))
+    with pytest.raises(ValueError, match=r"already wrapped \(14 MoLF layers"):
+        molf.wrap(model, ranks=(4,), alphas=(8,))
+
+
+def test_gpt2_conv1d_is_refused_with_the_reason():
+    import transformers as tf
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, bos_token_id=0,
+                                             eos_token_id=0))
+    for targets in (None, "all-linear"):
+        with pytest.raises(ValueError, match="Conv1D.*in_features x out_features"):
+            molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=targets)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+
+
+class PlainSubclass(nn.Linear):
+    """Behaves as an nn.Linear (no forward of its own): wrapped."""
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_linear_subclasses_wrapped_when_they_behave_as_one():
+    model = nn.Sequential()
+    model.add_module("q_proj", PlainSubclass(4, 4))
+    molf.wrap(model, ranks=(2,), alphas=(4,), target_modules=["q_proj"])
+    assert isinstance(model.q_proj, molf.MoLFLinear)
+    odd = nn.Sequential()
+    odd.add_module("q_proj", OwnForward(4, 4))
+    with pytest.raises(ValueError, match=r"q_proj is a .*OwnForward, a subclass of nn.Linear with its own forward"):
+        molf.wrap(odd, ranks=(2,), alphas=(4,), target_modules="all-linear")
+
+
+def test_quantized_bases_are_refused_naming_the_layer():
+    model = tiny_qwen2()
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight = nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a quantized layer.*not supported yet"):
+        molf.wrap(model, ranks=(4,), alphas=(8,), train_base=False)
+
+    class Linear4bit(nn.Linear):  # stands for bitsandbytes' class (not installed in CI)
+        pass
+    Linear4bit.__module__ = "bitsandbytes.nn.modules"
+    model = tiny_qwen2()
+    model.model.layers[1].mlp.down_proj = Linear4bit(48, 32, bias=False)
+    with pytest.raises(ValueError, match=r"layers.1.mlp.down_proj is a quantized layer \(bitsandbytes"):
+        molf.wrap(model, ranks=(4,), alphas=(8,))
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+
+
+def test_peft_models_are_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_qwen2(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="peft model.*merge_and_unload"):
+        molf.wrap(model, ranks=(4,), alphas=(8,))
+
+
+def test_train_base_true_trains_a_frozen_base_and_dropin_attributes(capsys):
+    model = tiny_qwen2()
+    model.requires_grad_(False)
+    molf.wrap(model, ranks=(4,), alphas=(8,), train_base=True)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.expert_names == ["full", "lora_r4"] and q.base.weight.requires_grad
+    assert q.weight is q.base.weight and q.bias is q.base.bias and q.weight.dtype == torch.float32
+    with pytest.raises((AttributeError, KeyError)):
+        q.weight = nn.Parameter(torch.zeros(1))
+    counts = molf.trainable_parameters(model)
+    assert counts["lora_r4"] == 2 * 7 * 0 + sum(a.numel() + b.numel() for m in model.modules()
+                                                if isinstance(m, molf.MoLFLinear) for a, b in zip(m.lora_A, m.lora_B))
+    assert counts["other"] == 0 and counts["trainable"] == counts["full"] + counts["lora_r4"]
+    molf.print_trainable_parameters(model)
+    assert "trainable params:" in capsys.readouterr().out
+
+
+def test_copy_of_a_wrapped_model_is_independent():
+    model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,))
+    clone = copy.deepcopy(model)
+    assert clone.model.layers[0].self_attn.q_proj.weight is not model.model.layers[0].self_attn.q_proj.weight
