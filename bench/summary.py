@@ -5,6 +5,7 @@ from statistics import median
 
 def ratio_table(rows, pairs=(("eager", "molf"), ("cublas_chain", "molf"), ("molf", "base"),
                               ("reference", "molf"), ("reference", "eager"), ("torch_adamw_fused", "molf"),
+                              ("eager", "torch_adamw_fused"), ("molf_fresh_grads", "molf"), ("eager", "molf_eager"),
                               ("eager", "base"), ("cublas_chain", "base"), ("two_pass", "one_pass"))):
     """For each bench and pair (a, b): median over shapes of time(a) / time(b)."""
     by_case = defaultdict(dict)

@@ -1,4 +1,5 @@
-"""The MoLF layer: molf (fused Triton) vs eager (peft-style) vs cublas_chain (unsloth-style) vs base."""
+"""The MoLF layer: molf (fused Triton) vs molf_eager (molf's torch-op backend) vs eager (peft-style, one
+product per expert: the reference) vs cublas_chain (unsloth-style) vs base."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ else:  # the CPU run is a smoke run of the harness at reduced size
     DTYPE = torch.float32
 RANKS = [(16,), (128,), (16, 128)]
 MODES = ["layer_fwd", "layer_fwd_bwd_frozen", "layer_fwd_bwd_full"]
-IMPLS = ["molf", "eager", "cublas_chain", "base"]
+IMPLS = ["molf", "molf_eager", "eager", "cublas_chain", "base"]
 
 
 def cublas_chain(x, w, b, As, Bs, scalings):
@@ -54,6 +55,7 @@ def test_layer(measure, case, ranks, mode, impl):
     As, Bs = list(layer.lora_A), list(layer.lora_B)
     fwd = {
         "molf": lambda: layer(x),
+        "molf_eager": lambda: layer(x),
         "eager": lambda: molf_linear_reference(x, lin.weight, lin.bias, As, Bs, layer.scalings),
         "cublas_chain": lambda: cublas_chain(x, lin.weight, lin.bias, As, Bs, layer.scalings),
         "base": lambda: F.linear(x, lin.weight, lin.bias),

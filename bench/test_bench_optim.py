@@ -59,6 +59,31 @@ def test_optim_step(measure, setting, impl):
     ROWS[-1]["achieved_GBps"] = moved / (ms * 1e-3) / 1e9
 
 
+@pytest.mark.parametrize("impl", ["molf", "eager"])
+@pytest.mark.parametrize("setting", list(SETS))
+def test_optim_step_fresh_grads(measure, setting, impl):
+    """As a Trainer runs it: zero_grad(set_to_none=True) gives the gradients new storage every step (two
+    gradient sets alternate here, so no allocation is timed); the tables follow with O(tensors) host work."""
+    if impl == "molf" and not CUDA:
+        pytest.skip(GPU_ONLY)
+    model = build(setting)
+    opt = molf.MoLFAdamW(model, backend="triton" if impl == "molf" else "eager", lr=5e-5, lora_lr=5e-5,
+                         weight_decay=0.1, lora_weight_decay=0.01)
+    opt.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    pools = [[p.grad for p in params], [p.grad.clone() for p in params]]
+    turn = [0]
+
+    def step():
+        turn[0] ^= 1
+        for p, g in zip(params, pools[turn[0]]):
+            p.grad = g
+        opt.step()
+    measure(step, bench="optim_step", model=f"{MODEL} x{N_LAYERS} layers ({setting})", module="all",
+            M=0, K=0, N=sum(p.numel() for p in params), ranks=list(SETS[setting]["ranks"]),
+            dtype=str(DTYPE).removeprefix("torch."), impl=f"{impl}_fresh_grads")
+
+
 @pytest.mark.skipif(not CUDA, reason="the copy bandwidth is the GPU's limit for the optimizer step")
 def test_copy_bandwidth(measure):
     """The device's measured copy rate: the limit the optimizer step's achieved GB/s is compared with."""

@@ -291,14 +291,19 @@ def _(g, b_cat, u, s_cols, with_dbias):
     return g.new_empty((M, u.shape[1])), g.new_empty((N, u.shape[1])), g.new_empty((N,) if with_dbias else (0,))
 
 
+def product(a1, b1, *, a2=None, b2=None, mask=None, bias=None, colscale=None, inv_keep=1.0):
+    """molf::mm2 by keyword: A1 B1 (+ mask * inv_keep * (A2 B2)) (* colscale) (+ bias)."""
+    return mm2(a1, b1, a2, b2, mask, bias, colscale, inv_keep)
+
+
 class MoLFLinearFunction(torch.autograd.Function):
     """y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T on 2-D x; gradients as in the module docstring."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, mask, p):
         xd = x if mask is None else x * mask / (1.0 - p)
-        u = mm2(xd, a_cat.t(), None, None, None, None, s_cols, 1.0)
-        y = mm2(x, weight.t(), u, b_cat.t(), None, bias, None, 1.0)
+        u = product(xd, a_cat.t(), colscale=s_cols)
+        y = product(x, weight.t(), a2=u, b2=b_cat.t(), bias=bias)
         # dA needs drop(x), dW the undropped x: both are kept only when dropout is on.
         ctx.save_for_backward(x, None if mask is None else xd, weight, a_cat, b_cat, s_cols, u, mask)
         ctx.p, ctx.has_bias = p, bias is not None
@@ -309,22 +314,22 @@ class MoLFLinearFunction(torch.autograd.Function):
         x, xd, weight, a_cat, b_cat, s_cols, u, mask = ctx.saved_tensors
         xd = x if xd is None else xd
         g = g.contiguous()
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        need_x, need_w, need_bias, need_a_cat, need_b_cat = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = v = None
-        need_v, need_db = need_x or need_a, need_b and ctx.has_bias
-        if need_v and need_bb and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
+        need_v, need_db = need_x or need_a_cat, need_bias and ctx.has_bias
+        if need_v and need_b_cat and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
             v, dbb, db = lowrank_grads(g, b_cat, u, s_cols, need_db)
             db = db if need_db else None  # the op returns an empty db when the bias takes no gradient
         elif need_v:
-            v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0)
+            v = product(g, b_cat, colscale=s_cols)
         if need_x:
-            dx = mm2(g, weight, v, a_cat, mask, None, None, 1.0 / (1.0 - ctx.p))
-        if need_a:
-            da = mm2(v.t(), xd, None, None, None, None, None, 1.0)
-        if need_bb and dbb is None:
-            dbb = mm2(g.t(), u, None, None, None, None, None, 1.0)
+            dx = product(g, weight, a2=v, b2=a_cat, mask=mask, inv_keep=1.0 / (1.0 - ctx.p))
+        if need_a_cat:
+            da = product(v.t(), xd)
+        if need_b_cat and dbb is None:
+            dbb = product(g.t(), u)
         if need_w:
-            dw = mm2(g.t(), x, None, None, None, None, None, 1.0)
+            dw = product(g.t(), x)
         if need_db and db is None:
             db = g.sum(0, dtype=torch.float32).to(g.dtype)
         return dx, dw, db, da, dbb, None, None, None

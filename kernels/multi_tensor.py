@@ -1,61 +1,81 @@
-"""One launch over many tensors: pointer tables, a block map, and deterministic segmented sums.
+"""One launch over many tensors: per-tensor tables, a block lookup on the device, deterministic sums.
 
-A `TensorTable` lays the tensors of a list end to end in blocks of BLOCK elements; program b of a
-launch works on block b: tensor `blk_tensor[b]`, elements [blk_start[b], blk_start[b] + BLOCK).
-Reductions write one fp32 partial per block, then `segment_sum` adds the partials of each segment
-(a run of consecutive blocks) in a fixed order: no atomics, so the result is bitwise reproducible.
+A `TensorTable` lays the tensors of a list end to end in blocks of BLOCK elements and keeps ONE row per
+tensor (pointers of each column, numel, first block): host work O(tensors), never O(elements). Program b
+of a launch finds its tensor t on the device by binary search over `first_block` (`block_owner`) and works
+on elements [(b - first_block[t]) BLOCK, + BLOCK) of it. Reductions write one fp32 partial per block, then
+`segment_sum` adds the partials of each segment (a run of consecutive blocks) in a fixed order: no atomics,
+so the result is bitwise reproducible.
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import TORCH_TO_TL, cdiv
+from ._utils import TORCH_TO_TL, cdiv, to_device
 
 
 class TensorTable:
-    """Pointers of `columns` (lists of tensors, one entry per tensor of the table) plus the block map."""
+    """Per-tensor rows for `columns` (lists of tensors, one entry per row): a [rows, columns] int64 pointer
+    table, numel and first block (both with one entry more than rows). `repoint` refreshes the pointers
+    alone (one small host-to-device copy) when storage moved but sizes did not."""
 
     def __init__(self, columns: Sequence[Sequence[torch.Tensor]], block: int, device: torch.device):
         n = len(columns[0])
         if any(len(c) != n for c in columns):
             raise ValueError("every column of a TensorTable needs one tensor per row")
+        self.block, self.device, self.n_rows = block, device, n
+        self.numels = [c.numel() for c in columns[0]]
+        self.first_block = list(accumulate((cdiv(ne, block) for ne in self.numels), initial=0))
+        self.n_blocks = self.first_block[-1]
+        self.search_steps = max(1, n.bit_length())  # binary-search iterations (constexpr, changes rarely)
+        self.numel = to_device(self.numels or [0], torch.int64, device)
+        self.first = to_device(self.first_block, torch.int64, device)
+        self.repoint(columns)
+
+    def pointers(self, columns) -> list[int]:
         for c in columns:
             for t in c:
                 if not t.is_contiguous():
                     raise ValueError(f"multi-tensor kernels need contiguous tensors, got strides {t.stride()}")
-        self.block = block
-        self.numels = [c.numel() for c in columns[0]]
-        self.ptrs = torch.tensor([[t.data_ptr() for t in row] for row in zip(*columns)] or [[0] * len(columns)],
-                                 dtype=torch.int64).to(device)
-        blk_tensor, blk_start, self.first_block = [], [], []
-        for i, ne in enumerate(self.numels):
-            self.first_block.append(len(blk_tensor))
-            nb = cdiv(ne, block)
-            blk_tensor += [i] * nb
-            blk_start += range(0, nb * block, block)
-        self.first_block.append(len(blk_tensor))
-        self.n_blocks = len(blk_tensor)
-        self.blk_tensor = torch.tensor(blk_tensor, dtype=torch.int32).to(device)
-        self.blk_start = torch.tensor(blk_start, dtype=torch.int64).to(device)
-        self.numel = torch.tensor(self.numels or [0], dtype=torch.int64).to(device)
-        self.storage = [(t.data_ptr(), t.numel()) for c in columns for t in c]
+        return [t.data_ptr() for row in zip(*columns) for t in row]
+
+    def repoint(self, columns) -> None:
+        self.storage = self.pointers(columns)
+        self.ptrs = to_device(self.storage or [0] * len(columns), torch.int64, self.device).view(
+            max(self.n_rows, 1), len(columns))
 
     def stale(self, columns: Sequence[Sequence[torch.Tensor]]) -> bool:
-        """True when a tensor was replaced or re-allocated since the table was built."""
-        return [(t.data_ptr(), t.numel()) for c in columns for t in c] != self.storage
+        """True when a tensor was replaced or re-allocated since the pointers were taken."""
+        return self.pointers(columns) != self.storage
 
 
 @triton.jit
-def _sumsq_partials_kernel(ptrs, blk_tensor, blk_start, numel, partials, DTYPE: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    t = tl.load(blk_tensor + b).to(tl.int64)
+def block_owner(first, n_rows, b, STEPS: tl.constexpr):
+    """The last row t with first[t] <= b (first: non-decreasing, n_rows + 1 entries, first[0] = 0): the
+    tensor that owns block b, empty tensors skipped. STEPS >= log2(n_rows) iterations of binary search."""
+    lo = tl.zeros((), dtype=tl.int64)
+    hi = lo + n_rows
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        active = hi - lo > 1
+        right = tl.load(first + mid) <= b
+        lo = tl.where(active & right, mid, lo)
+        hi = tl.where(active & (right == 0), mid, hi)
+    return lo
+
+
+@triton.jit
+def _sumsq_partials_kernel(ptrs, first, numel, n_rows, partials, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                           STEPS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = block_owner(first, n_rows, b, STEPS)
     x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    offs = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+    offs = (b - tl.load(first + t)) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < tl.load(numel + t), other=0.0).to(tl.float32)
     tl.store(partials + b, tl.sum(x * x, axis=0))
 
@@ -99,7 +119,7 @@ def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], block: int = 1024) -> to
     table = TensorTable([list(tensors)], block, dev)
     partials = torch.empty(max(table.n_blocks, 1), dtype=torch.float32, device=dev)
     if table.n_blocks:
-        _sumsq_partials_kernel[(table.n_blocks,)](table.ptrs, table.blk_tensor, table.blk_start, table.numel,
-                                                  partials, DTYPE=TORCH_TO_TL[tensors[0].dtype], BLOCK=block)
-    seg = torch.tensor(table.first_block, dtype=torch.int64).to(dev)
-    return segment_sum(partials, seg)
+        _sumsq_partials_kernel[(table.n_blocks,)](table.ptrs, table.first, table.numel, table.n_rows, partials,
+                                                  DTYPE=TORCH_TO_TL[tensors[0].dtype], BLOCK=block,
+                                                  STEPS=table.search_steps)
+    return segment_sum(partials, table.first)

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .kernels._env import interpreting  # noqa: F401  (one definition, shared with the kernels)
+
 BACKENDS = ("auto", "eager", "triton")
 
 
@@ -27,11 +29,6 @@ _TRITON = _probe_triton()
 
 def triton_available() -> bool:
     return _TRITON
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve(backend: str, device: torch.device) -> str:

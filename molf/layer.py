@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import _backend, _checks
-from .reference import molf_linear_reference, dropout_mask
+from ._math import dropout_mask
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,6 +42,26 @@ def expert_names(ranks: Sequence[int], train_base: bool) -> list[str]:
         name = f"lora_r{r}"
         names.append(name if list(ranks).count(r) == 1 else f"{name}_{i}")
     return names
+
+
+def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
+    """The eager layer in torch ops: y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T, the experts as one
+    low-rank product of rank R = sum r_i with the scales on the small M x R side, added by one addmm
+    (against the reference's scaled product and sum per expert: two M x N passes fewer each)."""
+    y = nn.functional.linear(x, weight, bias)
+    xd = x if mask is None else x * mask / (1.0 - p)
+    if len(lora_A) == 1:
+        a_cat, b_cat = lora_A[0], lora_B[0]
+        u = nn.functional.linear(xd, a_cat) * scalings[0]
+    else:
+        a_cat, b_cat = torch.cat(list(lora_A), 0), torch.cat(list(lora_B), 1)
+        s_cols = torch.cat([torch.full((a.shape[0],), s, dtype=a_cat.dtype, device=a_cat.device)
+                            for a, s in zip(lora_A, scalings)])
+        u = nn.functional.linear(xd, a_cat) * s_cols
+    lead = y.shape[:-1]
+    m = lead.numel()  # not -1: ambiguous when a dimension is 0
+    y2 = torch.addmm(y.reshape(m, y.shape[-1]), u.reshape(m, u.shape[-1]).to(y.dtype), b_cat.t().to(y.dtype))
+    return y2.view(*lead, y.shape[-1])
 
 
 class MoLFLinear(nn.Module):
@@ -129,8 +149,8 @@ class MoLFLinear(nn.Module):
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
                                       self.scalings, mask, self.dropout)
-        return molf_linear_reference(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                                     self.scalings, mask, self.dropout)
+        return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
+                              self.scalings, mask, self.dropout)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

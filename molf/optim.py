@@ -7,70 +7,14 @@ import json
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _cpu_fused
 from ._dist import local, shard_group
 from ._layout import build_layout
-from .reference import SCORES, expert_score_terms
-
-
-def check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
-                          n_experts: int | None = None) -> dict:
-    """The hyperparameters as plain floats and ints (numpy scalars accepted), or a TypeError/ValueError
-    naming the argument. `betas` may be any iterable of two numbers (consumed once)."""
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Iterable):
-        raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
-    betas = tuple(betas)
-    if len(betas) != 2:
-        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-    if not isinstance(score, str) or score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    return dict(
-        lr=_checks.real("lr", lr, low=0.0),
-        lora_lr=None if lora_lr is None else _checks.real("lora_lr", lora_lr, low=0.0),
-        weight_decay=_checks.real("weight_decay", weight_decay, low=0.0),
-        lora_weight_decay=_checks.real("lora_weight_decay", lora_weight_decay, low=0.0),
-        betas=tuple(_checks.real(f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)),
-        eps=_checks.real("eps", eps, low=0.0), score=score,
-        top_k=_checks.integer("top_k (experts updated per layer, at most the number of experts)", top_k, 1,
-                              n_experts))
-
-
-def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert_lrs: list[float], score: str,
-          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and winners from the per-expert sums [L, E], on the device, without host synchronisation.
-
-    EPD: S = lr_e / N_e * sum;  PFN: S = sqrt(sum) / sqrt(N_e)  (inv_n holds 1/N_e or 1/sqrt(N_e)).
-    Order of preference: finite scores (highest first), then non-finite ones (NaN or inf, from non-finite
-    moments), then experts without gradients (-inf, never picked); ties go to the lower expert index.
-    """
-    if score == "epd":
-        scores = sums * inv_n
-        for e, lr in enumerate(expert_lrs):
-            scores[:, e] *= lr
-    else:
-        scores = sums.sqrt() * inv_n
-    scores.masked_fill_(no_grad, -math.inf)
-    finite = scores.isfinite()
-    # Two stable sorts: by score (non-finite as 0), then by class (finite 2, non-finite 1, no gradient 0).
-    order = torch.sort(torch.where(finite, scores, 0.0), dim=1, descending=True, stable=True).indices
-    cls = finite.to(torch.int8) + (~no_grad).to(torch.int8)
-    by_class = torch.sort(cls.gather(1, order), dim=1, descending=True, stable=True).indices
-    top = order.gather(1, by_class[:, :top_k])
-    winners = torch.zeros_like(no_grad).scatter_(1, top, True) & ~no_grad
-    return winners, scores
-
-
-def to_device(values, dtype, device) -> torch.Tensor:
-    """A host list as a device tensor, copied without a host synchronisation (pinned, non-blocking)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16, to_device  # noqa: F401
 
 
 @dataclass
@@ -213,7 +157,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         name = _backend.resolve(self.backend, self.device)
         if self._impl is None or self._impl.name != name:
             if name == "triton":
-                from .kernels.routed_adamw import TritonRoutedAdamW
+                from ._triton_optim import TritonRoutedAdamW
                 self._impl = TritonRoutedAdamW(self)
             else:
                 self._impl = EagerRoutedAdamW(self)
@@ -369,13 +313,38 @@ class MoLFAdamW(torch.optim.Optimizer):
 
 
 class EagerRoutedAdamW:
-    """The routed step in torch ops: foreach moments, per-expert sums, masked AdamW via torch.where."""
+    """The routed step in torch ops (foreach moments, per-expert sums, the winners' AdamW update); on the CPU,
+    large tensors take one-pass compiled loops instead (molf/_cpu_fused.py)."""
     name = "eager"
 
     def __init__(self, opt: MoLFAdamW):
         self.opt = opt
         # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
         self.host_routing = opt.device.type == "cpu"
+        self.fused_cpu = True  # large CPU tensors: one-pass compiled loops (molf/_cpu_fused.py)
+
+    def _fused(self, t: torch.Tensor) -> bool:
+        """Whether tensor t takes the one-pass compiled CPU loop (large CPU tensors, where it compiles)."""
+        return self.fused_cpu and t.device.type == "cpu" and t.numel() >= _cpu_fused.MIN_NUMEL \
+            and t.is_contiguous() and _cpu_fused.available()
+
+    @staticmethod
+    def _score_sums(ms, vs, score: str) -> list[torch.Tensor]:
+        """Per tensor, the sum of the score terms in fp32 (EPD m*m/d, PFN (m/d)*(m/d), d = sqrt(v) + eps_s,
+        as the kernels compute them, overflow to NaN included), with foreach ops over all tensors at once."""
+        if not ms:
+            return []
+        if any(m.dtype != torch.float32 for m in ms + vs) or ms[0].device.type != "cpu":
+            return [expert_score_terms(m, v, score).sum() for m, v in zip(ms, vs)]
+        d = torch._foreach_sqrt(vs)
+        torch._foreach_add_(d, EPS_SCORE)
+        if score == "epd":
+            q = torch._foreach_mul(ms, ms)
+            torch._foreach_div_(q, d)
+        else:
+            q = torch._foreach_div(ms, d)
+            torch._foreach_mul_(q, q)
+        return list(torch._foreach_norm(q, 1))  # the terms are >= 0 (or NaN): their 1-norm is their sum
 
     def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
         opt = self.opt
@@ -383,16 +352,25 @@ class EagerRoutedAdamW:
         sts = [opt.state[p] for p in plan.params]
         ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
         gs = [local(p.grad) for p in plan.params]
-        gs = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(gs, ms)]
-        if ms:
-            torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-            torch._foreach_add_([s["step"] for s in sts], 1.0)
+        fused = [self._fused(m) and g.is_contiguous() and v.is_contiguous() for m, v, g in zip(ms, vs, gs)]
         n = plan.inv_n.numel()
         per_expert = [[] for _ in range(n)]
+        fused_sums = {}
+        for i in (i for i, f in enumerate(fused) if f):
+            fused_sums[i] = _cpu_fused.moments_score_(gs[i], ms[i], vs[i], beta1, beta2, opt.score == "pfn")
+        rest = [i for i, f in enumerate(fused) if not f]
+        if rest:
+            r_ms, r_vs = [ms[i] for i in rest], [vs[i] for i in rest]
+            r_gs = [gs[i] if gs[i].dtype == ms[i].dtype else gs[i].to(ms[i].dtype) for i in rest]
+            torch._foreach_lerp_(r_ms, r_gs, 1.0 - beta1)
+            torch._foreach_mul_(r_vs, beta2)
+            torch._foreach_addcmul_(r_vs, r_gs, r_gs, value=1.0 - beta2)
+        if sts:
+            torch._foreach_add_([s["step"] for s in sts], 1.0)
+        small = [i for i in range(plan.n_molf) if i not in fused_sums]
+        small_sums = dict(zip(small, self._score_sums([ms[i] for i in small], [vs[i] for i in small], opt.score)))
         for i in range(plan.n_molf):
-            per_expert[plan.owner[i]].append(expert_score_terms(ms[i], vs[i], opt.score).sum())
+            per_expert[plan.owner[i]].append(fused_sums[i] if i in fused_sums else small_sums[i])
         zero = torch.zeros((), dtype=torch.float32, device=opt.device)
         sums = [sum(terms[1:], terms[0]) if terms else zero for terms in per_expert]  # fixed order
         return torch.stack(sums).view_as(plan.inv_n)
@@ -410,6 +388,7 @@ class EagerRoutedAdamW:
         gen = None
         if opt.stochastic_rounding:
             gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())
+        batch: dict[tuple, list] = {}
         for i, p in enumerate(plan.params):
             molf_param = i < plan.n_molf
             if molf_param and host_win is not None and not host_win[plan.owner[i]]:
@@ -417,11 +396,20 @@ class EagerRoutedAdamW:
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
             p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
+            if host_win is not None and gen is None and p.dtype == m.dtype and not self._fused(p):
+                # CPU, small tensor: batched below, bias corrections as host floats (float64), as the reference
+                t = step.item()
+                batch.setdefault((lr, wd, eps), []).append((p, m, v, math.sqrt(1.0 - beta2 ** t),
+                                                            -lr / (1.0 - beta1 ** t)))
+                continue
             # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
             t = step.double()
             step_size = (lr / (1.0 - torch.pow(beta1, t))).float()
             bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().float()
             decay = 1.0 - lr * wd
+            if not (molf_param and host_win is None) and gen is None and self._fused(p):
+                _cpu_fused.adamw_update_(p, m, v, step_size, bc2_sqrt, eps, torch.tensor(decay, dtype=torch.float32))
+                continue
             upd = v.sqrt().div_(bc2_sqrt).add_(eps)  # one temporary, reused in place
             torch.div(m, upd, out=upd).mul_(step_size)
             masked = molf_param and host_win is None
@@ -433,10 +421,10 @@ class EagerRoutedAdamW:
             else:  # masked, or wider moments than parameters (state_dtype): one rounding
                 new = (p.to(upd.dtype) * decay).sub_(upd).to(p.dtype)
             p.copy_(torch.where(win[plan.owner[i]], new, p) if masked else new)
-
-
-def stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """fp32 -> bf16 rounding up with probability equal to the dropped remainder (unbiased); inf/nan kept."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=gen)
-    bits = (x.view(torch.int32) + noise) & -65536  # 0xFFFF0000: the low 16 bits are what bf16 drops
-    return torch.where(x.isfinite(), bits.view(torch.float32), x).to(torch.bfloat16)
+        for (lr, wd, eps), rows in batch.items():  # p *= 1 - lr wd; p -= lr/bc1 m / (sqrt(v)/sqrt(bc2) + eps)
+            ps, ms, vs, bc2_sqrts, steps = map(list, zip(*rows))
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, bc2_sqrts)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_addcdiv_(ps, ms, denom, steps)

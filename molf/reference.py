@@ -14,14 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-EPS_SCORE = 1e-8  # the score's epsilon, fixed by the algorithm (not the optimizer's eps)
-SCORES = ("epd", "pfn")
-
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask for dropout on the LoRA path, drawn from torch's RNG (so every backend draws the same)."""
-    return torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).to(torch.bool)
-
+from ._math import EPS_SCORE, SCORES, check_hyperparameters, dropout_mask, expert_score_terms, preference  # noqa: F401
 
 def molf_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
@@ -35,27 +28,11 @@ def molf_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return y
 
 
-def expert_score_terms(m: torch.Tensor, v: torch.Tensor, score: str) -> torch.Tensor:
-    """Per-element score term, in fp32: EPD m^2/(sqrt(v)+eps_s), PFN (m/(sqrt(v)+eps_s))^2."""
-    m, v = m.float(), v.float()
-    if score == "epd":
-        return m.square() / (v.sqrt() + EPS_SCORE)
-    return (m / (v.sqrt() + EPS_SCORE)).square()
-
-
 def _score_sum(ms, vs, score: str) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=ms[0].device)
     for m, v in zip(ms, vs):
         total = total + expert_score_terms(m, v, score).sum()
     return total
-
-
-def _preference(score: float) -> tuple[int, float]:
-    """Sort key, highest first: finite scores, then NaN/inf (molf's safeguard), then -inf (no gradient).
-    Python's sort is stable with reverse=True too: ties go to the lower expert index."""
-    if math.isfinite(score):
-        return 2, score
-    return (0, 0.0) if score == -math.inf else (1, 0.0)
 
 
 def adamw_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: float, lr: float, wd: float,
@@ -76,7 +53,6 @@ class MoLFAdamWReference(torch.optim.Optimizer):
                  lora_weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, score: str = "epd",
                  top_k: int = 1, compile_scores: bool = False):
         from ._layout import build_layout
-        from .optim import check_hyperparameters
 
         layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
         check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
@@ -134,7 +110,7 @@ class MoLFAdamWReference(torch.optim.Optimizer):
                     scores[li, ei] = self._group(params[0])["lr"] / n * total
                 else:
                     scores[li, ei] = math.sqrt(total) / math.sqrt(n)
-            order = sorted(range(n_experts), key=lambda e: _preference(scores[li, e].item()), reverse=True)
+            order = sorted(range(n_experts), key=lambda e: preference(scores[li, e].item()), reverse=True)
             for ei in order[: self.top_k]:
                 if scores[li, ei] == -math.inf:
                     continue

@@ -51,24 +51,23 @@ def variants():
     sig = {"part": "*fp32", "out": "*bf16", "colscale": "*fp32", "bias": "*bf16", "n_parts": i32, "numel": i32,
            "n_cols": i32}
     yield "sum_partials bf16", L._sum_partials_kernel, sig, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), {}
-    table = {"ptrs": "*i64", "blk_tensor": "*i32", "blk_start": "*i64"}
+    table = {"ptrs": "*i64", "first": "*i64", "numel": "*i64", "n_rows": i32}
     for p, s in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32")):
         for pfn in (False, True):
-            sig = {**table, "blk_out": "*i64", "numel": "*i64", "owner": "*i32", "partials": "*fp32", "beta1": f32,
-                   "beta2": f32}
-            cx = dict(P_DTYPE=TL[p], G_DTYPE=TL[p], S_DTYPE=TL[s], PFN=pfn, BLOCK=1024)
+            sig = {**table, "out_block": "*i64", "owner": "*i32", "partials": "*fp32", "beta1": f32, "beta2": f32}
+            cx = dict(P_DTYPE=TL[p], G_DTYPE=TL[p], S_DTYPE=TL[s], PFN=pfn, EPS_SCORE=1e-8, BLOCK=1024, STEPS=8)
             yield f"moments_score p={p} s={s} pfn={pfn}", R._moments_score_kernel, sig, cx, {}
         for sr in (False, True):
-            sig = {**table, "numel": "*i64", "owner": "*i32", "group": "*i32", "tensor_id": "*i32", "winners": "*u8",
+            sig = {**table, "owner": "*i32", "group": "*i32", "tensor_id": "*i32", "winners": "*u8",
                    "bias_corr": "*fp32", **{f"{n}{i}": f32 for n in ("lr", "wd", "eps") for i in range(5)},
                    "seed": i32}
-            cx = dict(P_DTYPE=TL[p], S_DTYPE=TL[s], STOCHASTIC=sr and p == "bf16", BLOCK=1024)
+            cx = dict(P_DTYPE=TL[p], S_DTYPE=TL[s], STOCHASTIC=sr and p == "bf16", BLOCK=1024, STEPS=8)
             yield f"masked_update p={p} s={s} sr={sr}", R._masked_update_kernel, sig, cx, {}
     yield "finish", R._finish_kernel, {"partials": "*fp32", "seg_start": "*i64", "sums": "*fp32", "n_seg": i32,
                                        "step_ptrs": "*i64", "n_tensors": i32, "betas64": "*fp64",
                                        "bias_corr": "*fp32"}, dict(BLOCK=128, TB=128), {}
-    yield "sumsq_partials", MT._sumsq_partials_kernel, {**table, "numel": "*i64", "partials": "*fp32"}, \
-        dict(DTYPE=tl.bfloat16, BLOCK=1024), {}
+    yield "sumsq_partials", MT._sumsq_partials_kernel, {**table, "partials": "*fp32"}, \
+        dict(DTYPE=tl.bfloat16, BLOCK=1024, STEPS=8), {}
     yield "segment_sum", MT._segment_sum_kernel, {"partials": "*fp32", "seg_start": "*i64", "out": "*fp32"}, \
         dict(BLOCK=128), {}
 

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from molf.kernels.multi_tensor import TensorTable, multi_tensor_sumsq, segment_sum
+import triton
+import triton.language as tl
+
+from molf.kernels.multi_tensor import TensorTable, block_owner, multi_tensor_sumsq, segment_sum
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot here: bf16 is exact under the interpreter
 
@@ -28,14 +31,39 @@ def test_segment_sum_fixed_order_and_every_output_written():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_table_block_map_and_staleness():
-    xs = [torch.zeros(5), torch.zeros(300), torch.zeros(256)]
+def test_table_rows_block_owner_and_staleness():
+    xs = [torch.zeros(5), torch.zeros(0), torch.zeros(300), torch.zeros(256)]
     t = TensorTable([xs], 128, torch.device("cpu"))
-    assert t.n_blocks == 1 + 3 + 2
-    assert t.blk_tensor.tolist() == [0, 1, 1, 1, 2, 2]
-    assert t.blk_start.tolist() == [0, 0, 128, 256, 0, 128]
-    assert t.first_block == [0, 1, 4, 6]
+    assert t.n_blocks == 1 + 0 + 3 + 2 and t.n_rows == 4
+    assert t.first_block == [0, 1, 1, 4, 6] and t.first.tolist() == [0, 1, 1, 4, 6]
+    assert t.ptrs.shape == (4, 1)  # one row per tensor, never one entry per block
+    owners = torch.empty(t.n_blocks, dtype=torch.int64)
+    _owner_kernel[(t.n_blocks,)](t.first, t.n_rows, owners, STEPS=t.search_steps)
+    assert owners.tolist() == [0, 2, 2, 2, 3, 3]  # the empty tensor owns no block
     assert not t.stale([xs])
-    assert t.stale([[xs[0], torch.zeros(300), xs[2]]])
+    moved = [xs[0], xs[1], torch.zeros(300), xs[3]]
+    assert t.stale([moved])
+    t.repoint([moved])
+    assert not t.stale([moved]) and t.ptrs[2, 0].item() == moved[2].data_ptr()
     with pytest.raises(ValueError, match="contiguous"):
         TensorTable([[torch.zeros(4, 4).t()]], 128, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 7, 8, 33])
+def test_block_owner_matches_searchsorted(n_rows):
+    g = torch.Generator().manual_seed(n_rows)
+    sizes = torch.randint(0, 4, (n_rows,), generator=g).tolist()
+    first = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int64)
+    n_blocks = int(first[-1])
+    if n_blocks == 0:
+        return
+    owners = torch.empty(n_blocks, dtype=torch.int64)
+    _owner_kernel[(n_blocks,)](first, n_rows, owners, STEPS=max(1, n_rows.bit_length()))
+    want = torch.searchsorted(first, torch.arange(n_blocks), right=True) - 1
+    assert owners.tolist() == want.tolist()
+
+
+@triton.jit
+def _owner_kernel(first, n_rows, out, STEPS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    tl.store(out + b, block_owner(first, n_rows, b, STEPS))

@@ -1,0 +1,131 @@
+"""The routed step on the Triton kernels (molf.kernels.routed_adamw): per-tensor tables built from the
+optimizer's step plan (host work O(tensors); pointers refreshed when storage moves), three launches per
+dtype combination. Built by MoLFAdamW for backend "triton"."""
+from __future__ import annotations
+
+from bisect import bisect_left
+from itertools import accumulate
+
+import torch
+
+from ._dist import local
+from ._math import EPS_SCORE, to_device
+from .kernels import routed_adamw as K
+from .kernels._utils import cdiv
+from .kernels.multi_tensor import TensorTable
+
+
+class _Launch:
+    """One dtype combination (param, grad, state): its tensors' rows (pointers, numel, first block, the
+    global block where its score partials go, owner expert, param group, tensor id). O(tensors) to build."""
+
+    def __init__(self, opt, plan, ids, block, device, first_global):
+        self.opt, self.ids = opt, ids
+        self.dtensors = [plan.params[i] for i in ids]
+        p0 = self.dtensors[0]
+        self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
+        self.table = TensorTable(self.columns(), block, device)
+        self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
+        self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
+        self.group = to_device([plan.group[i] for i in self.ids], torch.int32, device)
+        self.tensor_id = to_device(self.ids, torch.int32, device)
+
+    def columns(self):
+        """[params, grads, exp_avgs, exp_avg_sqs] as local tensors (FSDP2: this rank's shards), checked:
+        the kernels index every column by the parameter's numel, so a smaller moment would be written out
+        of bounds. One host check per tensor."""
+        opt = self.opt
+        cols = [[], [], [], []]
+        for p in self.dtensors:
+            st = opt.state[p]
+            row = [local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+            if len({t.numel() for t in row}) > 1 or len({t.device for t in row}) > 1:
+                raise ValueError(
+                    f"{opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient {tuple(p.grad.shape)}, "
+                    f"moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} on "
+                    f"{st['exp_avg'].device}: the moments must have the parameter's shape and device")
+            for c, t in zip(cols, row):
+                c.append(t)
+        return cols
+
+    def refresh(self) -> bool:
+        """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
+        False when a size changed and the tables must be built again."""
+        cols = self.columns()
+        if [t.numel() for t in cols[0]] != self.table.numels:
+            return False
+        if self.table.stale(cols):
+            self.table.repoint(cols)
+        return True
+
+
+class TritonRoutedAdamW:
+    """The routed step on Triton kernels (see the module docstring); built by MoLFAdamW."""
+    name = "triton"
+
+    def __init__(self, opt):
+        if len(opt.param_groups) > K.MAX_GROUPS:
+            raise ValueError(f"the triton backend supports up to {K.MAX_GROUPS} param groups, "
+                             f"got {len(opt.param_groups)}")
+        self.opt = opt
+        self.block = 1024  # also under the interpreter: the tiny test models still have multi-block tensors
+        self.plan = None
+        b1, b2 = opt.defaults["betas"]
+        self.betas64 = to_device([b1, b2], torch.float64, opt.device)
+
+    def _build(self, plan):
+        """Per-tensor tables for the step plan: host work O(tensors)."""
+        opt, dev, block = self.opt, self.opt.device, self.block
+        # Global block numbering in plan order. MoLF tensors come first with non-decreasing owners, so each
+        # expert's blocks are one run: it starts at its first tensor (an expert without gradients: empty run).
+        first = list(accumulate([cdiv(local(p).numel(), block) for p in plan.params], initial=0))
+        n = self.n_blocks = first[-1]
+        owners = plan.owner[: plan.n_molf]
+        seg = [first[bisect_left(owners, o)] for o in range(plan.inv_n.numel() + 1)]
+        self.seg_start = to_device(seg, torch.int64, dev)
+        combos = {}
+        for i, p in enumerate(plan.params):
+            key = (p.dtype, p.grad.dtype, opt.state[p]["exp_avg"].dtype)
+            if any(k not in K.TORCH_TO_TL for k in key):
+                raise TypeError(f"the triton backend supports float32/float16/bfloat16 tensors, got {key} for "
+                                f"{opt.param_name(p)}")
+            combos.setdefault(key, []).append(i)
+        self.launches = [_Launch(opt, plan, ids, block, dev, first) for ids in combos.values()]
+        steps = [opt.state[p]["step"] for p in plan.params]
+        for p, st in zip(plan.params, steps):
+            if st.dtype != torch.float32 or st.device != dev or st.dim() != 0:
+                raise TypeError(f"step counters must be 0-d float32 tensors on {dev}, got {st.dtype} on {st.device} "
+                                f"for {opt.param_name(p)}")
+        self.step_ptrs = to_device([st.data_ptr() for st in steps] or [0], torch.int64, dev)
+        self.partials = torch.zeros(max(n, 1), dtype=torch.float32, device=dev)
+        self.sums = torch.zeros(plan.inv_n.shape, dtype=torch.float32, device=dev)
+        self.bias_corr = torch.empty(max(len(plan.params), 1), 2, dtype=torch.float32, device=dev)
+        self.plan = plan
+
+    def _prepare(self, plan):
+        """Tables for this step: built when the plan changed, pointers refreshed when storage moved."""
+        if plan is not self.plan or not all(ln.refresh() for ln in self.launches):
+            self._build(plan)
+
+    def moments_and_sums(self, plan):
+        self._prepare(plan)
+        opt = self.opt
+        b1, b2 = opt.defaults["betas"]
+        for ln in self.launches:
+            K.moments_score(ln.table, out_block=ln.out_block, owner=ln.owner, partials=self.partials, beta1=b1,
+                            beta2=b2, p_dtype=ln.p_dtype, g_dtype=ln.g_dtype, s_dtype=ln.s_dtype,
+                            pfn=opt.score == "pfn", eps_score=EPS_SCORE)
+        K.finish(partials=self.partials, seg_start=self.seg_start, sums=self.sums, step_ptrs=self.step_ptrs,
+                 n_tensors=len(plan.params), betas64=self.betas64, bias_corr=self.bias_corr)
+        return self.sums.clone()
+
+    def update(self, plan, winners):
+        opt = self.opt
+        groups = opt.param_groups
+        win = winners.view(-1).to(torch.uint8)
+        for ln in self.launches:
+            K.masked_update(ln.table, owner=ln.owner, group=ln.group, tensor_id=ln.tensor_id, winners=win,
+                            bias_corr=self.bias_corr, lrs=[g["lr"] for g in groups],
+                            wds=[g["weight_decay"] for g in groups], epss=[g["eps"] for g in groups],
+                            seed=opt.rounding_seed(), p_dtype=ln.p_dtype, s_dtype=ln.s_dtype,
+                            stochastic=opt.stochastic_rounding and ln.p_dtype == torch.bfloat16)

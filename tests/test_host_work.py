@@ -1,0 +1,43 @@
+"""Host work of the fused optimizer step is O(number of tensors), whatever the tensors' sizes and even when
+the gradients' storage moves every step (zero_grad(set_to_none=True), as every Trainer does)."""
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import molf
+
+
+class NoOpKernel:
+    """Stands for a Triton kernel: launching it does nothing, so only the host side of step() is timed."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
+    import molf.kernels.routed_adamw as ra
+    for name in ("_moments_score_kernel", "_finish_kernel", "_masked_update_kernel"):
+        monkeypatch.setattr(ra, name, NoOpKernel())
+    torch.manual_seed(0)
+    names = [f"l{i}" for i in range(8)]
+    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
+    molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend="triton")
+    opt = molf.MoLFAdamW(net, lr=1e-3, backend="triton")
+    params = [p for p in net.parameters() if p.requires_grad]
+    pools = [[torch.zeros_like(p) for p in params] for _ in range(2)]  # two gradient sets: storage moves each step
+    times = []
+    for step in range(steps):
+        for p, g in zip(params, pools[step % 2]):
+            p.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]) * 1e3
+
+
+def test_step_host_time_does_not_grow_with_elements(monkeypatch):
+    small = host_ms_per_step(32, monkeypatch)    # 8 layers of 32 x 32
+    large = host_ms_per_step(1024, monkeypatch)  # the same tensors, 1024x the elements
+    assert large < 2.0 * small, f"host time per step {small:.2f} ms -> {large:.2f} ms for 1024x the elements"

@@ -1,0 +1,88 @@
+"""The import graph, read from the source with ast (imports inside functions included): no cycles, the
+kernels a leaf, the reference an oracle that nothing at run time imports."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for base, pkg in ((ROOT / "molf", "molf"), (ROOT / "kernels", "molf.kernels")):
+        for path in base.rglob("*.py"):
+            rel = path.relative_to(base).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # "molf.kernels.routed_adamw.X" -> the module that defines X
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph():
+    mods = modules()
+    return {n: imports(n, p, set(mods)) for n, p in mods.items()}
+
+
+def test_no_import_cycles():
+    g = graph()
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in sorted(g[n]):
+            if m == "molf":  # the package itself (`from . import x` resolves to its modules above)
+                continue
+            if state.get(m) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n)
+
+
+def test_kernels_are_a_leaf():
+    for name, deps in graph().items():
+        if name.startswith("molf.kernels"):
+            outside = sorted(d for d in deps if d.startswith("molf") and not d.startswith("molf.kernels"))
+            assert not outside, f"{name} imports {outside}: the kernels take tensors and plain tables only"
+
+
+def test_nothing_at_run_time_imports_the_reference():
+    users = sorted(n for n, deps in graph().items() if "molf.reference" in deps)
+    assert users == [], f"{users} import molf.reference (the oracle is for tests and benchmarks only)"
+
+
+def test_importing_molf_does_not_load_the_reference():
+    import subprocess
+    import sys
+    code = "import sys, molf; m = molf.MoLFAdamW; print('molf.reference' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
