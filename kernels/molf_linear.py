@@ -66,9 +66,15 @@ def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_SECOND", "SPLIT_K"])
+def m_bucket(M: int) -> int:
+    """The autotuning key's stand-in for M: the next power of two (at least 16). Dynamic padding gives a new M
+    almost every step; tuning per bucket runs a handful of times per (N, K, R), not every step."""
+    return max(16, 1 << (max(M, 1) - 1).bit_length())
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "SPLIT_K"])
 @triton.jit
-def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, N, K, R, k_split,
+def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, M_BUCKET, N, K, R, k_split,
                 s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_mm, s_mn, s_cs, s_cm, s_cn, inv_keep,
                 HAS_SECOND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -176,7 +182,7 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=Non
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
     _mm2_kernel[grid](
         a1, b1, a2_, b2_, mask_, bias if bias is not None else dummy, colscale if colscale is not None else dummy,
-        c, M, N, K, R, k_split,
+        c, M, m_bucket(M), N, K, R, k_split,
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2_.stride(0) if a2 is not None else 0, a2_.stride(1) if a2 is not None else 0,
         b2_.stride(0) if a2 is not None else 0, b2_.stride(1) if a2 is not None else 0,
@@ -335,8 +341,15 @@ class MoLFLinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None
 
 
-def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
-    """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype."""
+def column_scales(lora_A, scalings, device) -> torch.Tensor:
+    """s_cols: s_i repeated r_i times, fp32 (callers cache it: it changes only with the ranks)."""
+    return torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32, device=device)
+                      for a, s in zip(lora_A, scalings)])
+
+
+def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None):
+    """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype.
+    s_cols: the cached `column_scales` (built here when None)."""
     ac = autocast_dtype(x.device.type)
     if ac is not None:
         x, weight = x.to(ac), weight.to(ac)
@@ -348,8 +361,8 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
         x2 = x2.contiguous()
     a_cat = lora_A[0] if len(lora_A) == 1 else torch.cat(list(lora_A), 0)
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
-    s_cols = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32, device=x.device)
-                        for a, s in zip(lora_A, scalings)])
+    if s_cols is None or s_cols.device != x.device:
+        s_cols = column_scales(lora_A, scalings, x.device)
     m2 = mask.reshape(lead.numel(), mask.shape[-1]) if mask is not None else None
     y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, m2, float(p))
     return y.view(*lead, y.shape[-1])

@@ -97,6 +97,7 @@ class MoLFLinear(nn.Module):
         self.dropout = float(dropout)
         self.train_base = train_base
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
+        self._s_cols = None  # the fused path's per-column scales, cached per device
         for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
             p.requires_grad_(train_base)
         w = base.weight
@@ -147,8 +148,11 @@ class MoLFLinear(nn.Module):
         backend = _backend.resolve(self.backend, x.device)
         if backend == "triton":
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
+            s_cols = self._s_cols
+            if s_cols is None or s_cols.device != x.device:  # built once per device, not per forward
+                s_cols = self._s_cols = _fused.column_scales(self.lora_A, self.scalings, x.device)
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                                      self.scalings, mask, self.dropout)
+                                      self.scalings, mask, self.dropout, s_cols=s_cols)
         return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
                               self.scalings, mask, self.dropout)
 

@@ -34,7 +34,8 @@ def variants():
         for second, mask, bias, scale, split in ((True, False, True, False, False), (False, False, False, True, False),
                                                  (True, True, False, False, False), (False, False, False, False, True)):
             sig = {"a1": f"*{dt}", "b1": f"*{dt}", "a2": f"*{dt}", "b2": f"*{dt}", "mask": "*i1", "bias": f"*{dt}",
-                   "colscale": "*fp32", "c": "*fp32" if split else f"*{dt}", "M": i32, "N": i32, "K": i32, "R": i32,
+                   "colscale": "*fp32", "c": "*fp32" if split else f"*{dt}", "M": i32, "M_BUCKET": i32,
+                   "N": i32, "K": i32, "R": i32,
                    "k_split": i32, **{s: i32 for s in ("s_a1m", "s_a1k", "s_b1k", "s_b1n", "s_a2m", "s_a2r", "s_b2r",
                                                        "s_b2n", "s_mm", "s_mn", "s_cs", "s_cm", "s_cn")},
                    "inv_keep": f32}

@@ -305,3 +305,22 @@ def test_bad_inputs_on_triton_backend():
         fused(torch.randn(3, 7, device=DEVICE))
     with pytest.raises(TypeError, match="dtype"):
         fused(torch.randn(3, 8, device=DEVICE, dtype=torch.float16))
+
+
+def test_autotune_key_is_a_bucket_of_m(monkeypatch):
+    """Dynamic padding gives a new M almost every step: a new M in the same bucket must not tune again."""
+    from molf.kernels import molf_linear as L
+    from molf.kernels._utils import config
+    assert "M_BUCKET" in L._mm2_kernel.keys and "M" not in L._mm2_kernel.keys
+    assert L.m_bucket(100) == L.m_bucket(128) == 128 and L.m_bucket(129) == 256 and L.m_bucket(1) == 16
+    cfgs = [config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=g, num_warps=4, num_stages=1) for g in (4, 8)]
+    monkeypatch.setattr(L._mm2_kernel, "configs", cfgs)
+    monkeypatch.setattr(L._mm2_kernel, "cache", {})
+    tuned = []
+    monkeypatch.setattr(L._mm2_kernel, "_bench", lambda *a, config, **k: tuned.append(config) or [1.0, 1.0, 1.0])
+    b1 = torch.randn(40, 24)
+    for M in (100, 120, 128, 300, 500):
+        a1 = torch.randn(M, 40)
+        out = L._launch_mm2(torch.empty(M, 24), a1, b1, split=1)
+        assert_close(out, a1 @ b1, 1e-5, f"M={M}")
+    assert len(tuned) == 2 * 2, "two buckets (128 and 512), two configs each: tuned once per bucket"
