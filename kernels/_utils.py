@@ -3,21 +3,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import interpreting  # noqa: F401  (re-exported for the kernel families)
+from ._env import interpreting, to_device  # noqa: F401  (re-exported for the kernel families)
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def to_device(values, dtype, device) -> torch.Tensor:
-    """A host list as a device tensor, copied without a host synchronisation (pinned, non-blocking)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def autocast_dtype(device_type: str):

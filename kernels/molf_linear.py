@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import column_scales
 from ._utils import autocast_dtype, cdiv, config, interpreting
 
 
@@ -341,12 +342,6 @@ class MoLFLinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None
 
 
-def column_scales(lora_A, scalings, device) -> torch.Tensor:
-    """s_cols: s_i repeated r_i times, fp32 (callers cache it: it changes only with the ranks)."""
-    return torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32, device=device)
-                      for a, s in zip(lora_A, scalings)])
-
-
 def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None):
     """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype.
     s_cols: the cached `column_scales` (built here when None)."""
@@ -362,7 +357,7 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_c
     a_cat = lora_A[0] if len(lora_A) == 1 else torch.cat(list(lora_A), 0)
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
     if s_cols is None or s_cols.device != x.device:
-        s_cols = column_scales(lora_A, scalings, x.device)
+        s_cols = column_scales([a.shape[0] for a in lora_A], scalings, x.device)
     m2 = mask.reshape(lead.numel(), mask.shape[-1]) if mask is not None else None
     y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, m2, float(p))
     return y.view(*lead, y.shape[-1])

@@ -44,8 +44,9 @@ class TensorTable:
                     raise ValueError(f"multi-tensor kernels need contiguous tensors, got strides {t.stride()}")
         return [t.data_ptr() for row in zip(*columns) for t in row]
 
-    def repoint(self, columns) -> None:
-        self.storage = self.pointers(columns)
+    def repoint(self, columns, pointers: list[int] | None = None) -> None:
+        """Take the columns' pointers (`pointers`: already read with `pointers(columns)`)."""
+        self.storage = self.pointers(columns) if pointers is None else pointers
         self.ptrs = to_device(self.storage or [0] * len(columns), torch.int64, self.device).view(
             max(self.n_rows, 1), len(columns))
 

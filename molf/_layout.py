@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layer import MoLFLinear
+from .layer import molf_layers
 
 # Param-group kinds: the full expert's weight and bias, the LoRA experts, everything else.
 FULL, FULL_BIAS, LORA, DECAY, NO_DECAY = "full", "full_bias", "lora", "decay", "no_decay"
@@ -28,7 +28,7 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (molf wraps the model, not a parameter list), "
                         f"got {type(model).__name__}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    layers = molf_layers(model)
     if not layers:
         raise ValueError("the model has no MoLF layers: call molf.wrap(model, ...) before creating MoLFAdamW")
     expert_names = layers[0][1].expert_names

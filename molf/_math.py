@@ -83,14 +83,6 @@ def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert
     return winners, scores
 
 
-def to_device(values, dtype, device) -> torch.Tensor:
-    """A host list as a device tensor, copied without a host synchronisation (pinned, non-blocking)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """fp32 -> bf16 rounding up with probability equal to the dropped remainder (unbiased); inf/nan kept."""
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=gen)

@@ -9,8 +9,9 @@ from itertools import accumulate
 import torch
 
 from ._dist import local
-from ._math import EPS_SCORE, to_device
+from ._math import EPS_SCORE
 from .kernels import routed_adamw as K
+from .kernels._env import to_device
 from .kernels._utils import cdiv
 from .kernels.multi_tensor import TensorTable
 
@@ -54,8 +55,9 @@ class _Launch:
         cols = self.columns()
         if [t.numel() for t in cols[0]] != self.table.numels:
             return False
-        if self.table.stale(cols):
-            self.table.repoint(cols)
+        ptrs = self.table.pointers(cols)
+        if ptrs != self.table.storage:
+            self.table.repoint(cols, ptrs)
         return True
 
 

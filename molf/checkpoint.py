@@ -16,15 +16,11 @@ import os
 import torch
 from torch import nn
 
-from .layer import MoLFLinear
+from .layer import MoLFLinear, molf_layers
 
 MOLF_CONFIG = "molf_config.json"
 MOLF_WEIGHTS = "molf_model.safetensors"
 FORMAT_VERSION = 1
-
-
-def molf_layers(model: nn.Module) -> list[tuple[str, MoLFLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
 
 
 @torch.no_grad()

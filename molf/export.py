@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from .layer import MoLFLinear
+from .layer import MoLFLinear, molf_layers
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
     not a LoRA adapter.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    layers = molf_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoLF layers")
     trained_base = [n for n, m in layers if m.base.weight.requires_grad]

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import _backend, _checks
 from ._math import dropout_mask
+from .kernels._env import column_scales
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,10 +45,11 @@ def expert_names(ranks: Sequence[int], train_base: bool) -> list[str]:
     return names
 
 
-def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
+def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None):
     """The eager layer in torch ops: y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T, the experts as one
     low-rank product of rank R = sum r_i with the scales on the small M x R side, added by one addmm
-    (against the reference's scaled product and sum per expert: two M x N passes fewer each)."""
+    (against the reference's scaled product and sum per expert: two M x N passes fewer each).
+    s_cols: `column_scales` in the LoRA dtype (built here when None)."""
     y = nn.functional.linear(x, weight, bias)
     xd = x if mask is None else x * mask / (1.0 - p)
     if len(lora_A) == 1:
@@ -55,8 +57,8 @@ def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0):
         u = nn.functional.linear(xd, a_cat) * scalings[0]
     else:
         a_cat, b_cat = torch.cat(list(lora_A), 0), torch.cat(list(lora_B), 1)
-        s_cols = torch.cat([torch.full((a.shape[0],), s, dtype=a_cat.dtype, device=a_cat.device)
-                            for a, s in zip(lora_A, scalings)])
+        if s_cols is None:
+            s_cols = column_scales([a.shape[0] for a in lora_A], scalings, a_cat.device, a_cat.dtype)
         u = nn.functional.linear(xd, a_cat) * s_cols
     lead = y.shape[:-1]
     m = lead.numel()  # not -1: ambiguous when a dimension is 0
@@ -97,7 +99,7 @@ class MoLFLinear(nn.Module):
         self.dropout = float(dropout)
         self.train_base = train_base
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
-        self._s_cols = None  # the fused path's per-column scales, cached per device
+        self._s_cols: dict = {}  # column_scales per (device, dtype): built once, not per forward
         for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
             p.requires_grad_(train_base)
         w = base.weight
@@ -148,13 +150,18 @@ class MoLFLinear(nn.Module):
         backend = _backend.resolve(self.backend, x.device)
         if backend == "triton":
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
-            s_cols = self._s_cols
-            if s_cols is None or s_cols.device != x.device:  # built once per device, not per forward
-                s_cols = self._s_cols = _fused.column_scales(self.lora_A, self.scalings, x.device)
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                                      self.scalings, mask, self.dropout, s_cols=s_cols)
+                                      self.scalings, mask, self.dropout,
+                                      s_cols=self._column_scales(x.device, torch.float32))
+        s_cols = self._column_scales(x.device, self.lora_A[0].dtype) if len(self.ranks) > 1 else None
         return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                              self.scalings, mask, self.dropout)
+                              self.scalings, mask, self.dropout, s_cols=s_cols)
+
+    def _column_scales(self, device, dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._s_cols:
+            self._s_cols[key] = column_scales(self.ranks, self.scalings, device, dtype)
+        return self._s_cols[key]
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -202,6 +209,16 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
 
 
+def molf_layers(model: nn.Module) -> list[tuple[str, "MoLFLinear"]]:
+    """(name, layer) of every MoLFLinear in the model, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer with its weight stored in_features x out_features."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
 def _unsupported(name: str, m: nn.Module) -> str | None:
     """Why module `m` cannot be a MoLF base (None if it can)."""
     kind = type(m)
@@ -210,7 +227,7 @@ def _unsupported(name: str, m: nn.Module) -> str | None:
         return (f"{name} is a quantized layer ({kind.__module__}.{kind.__name__}, weight "
                 f"{type(m.weight.data).__name__} {m.weight.dtype}): quantized bases are not supported yet; load the "
                 "model in bf16/fp16/fp32 to wrap it")
-    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+    if _is_conv1d(m):
         return (f"{name} is a transformers Conv1D (GPT-2 style, weight stored in_features x out_features): molf "
                 "wraps nn.Linear layers only; convert the model's Conv1D layers to nn.Linear first")
     if not isinstance(m, nn.Linear):
@@ -228,7 +245,7 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
     if target_modules == "all-linear":
-        return [(n, m) for n, m in modules if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+        return [(n, m) for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -245,8 +262,7 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
     chosen = [(n, m) for n, m in modules if any(hit(n, key) for key in target_modules)]  # in model order
     unmatched = [key for key in target_modules if not any(hit(n, key) for n, _ in chosen)]
     if unmatched:
-        linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear)
-                               or type(m).__name__ == "Conv1D"})
+        linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)})
         raise ValueError(f"target_modules {unmatched} match no module of the model (its linear layers are named "
                          f"{linear_names}); pass names that exist, target_modules='all-linear', or None for the "
                          "architecture's defaults")
@@ -271,7 +287,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") for m in model.modules()):
         raise ValueError("model is a peft model (it holds peft's LoRA layers, which molf would train unrouted): call "
                          "model.merge_and_unload() first and wrap the plain model it returns")
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoLFLinear)]
+    wrapped = [n for n, _ in molf_layers(model)]
     if wrapped:
         raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "
                          "model, or molf.merge(model) first")

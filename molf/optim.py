@@ -14,7 +14,8 @@ import torch
 from . import _backend, _checks, _cpu_fused
 from ._dist import local, shard_group
 from ._layout import build_layout
-from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16, to_device  # noqa: F401
+from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
+from .kernels._env import to_device
 
 
 @dataclass
@@ -57,9 +58,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         hp = check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k)
         lr, lora_lr, weight_decay, betas, eps = hp["lr"], hp["lora_lr"], hp["weight_decay"], hp["betas"], hp["eps"]
         layout = build_layout(model, lr, lora_lr, weight_decay, hp["lora_weight_decay"])
-        check_hyperparameters(lr, lora_lr, weight_decay, hp["lora_weight_decay"], betas, eps, score, top_k,
-                              len(layout.expert_names))
-        top_k = hp["top_k"]
+        top_k = _checks.integer("top_k (experts updated per layer, at most the number of experts)", hp["top_k"], 1,
+                                len(layout.expert_names))
         _backend.check_backend(backend)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
@@ -321,11 +321,10 @@ class EagerRoutedAdamW:
         self.opt = opt
         # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
         self.host_routing = opt.device.type == "cpu"
-        self.fused_cpu = True  # large CPU tensors: one-pass compiled loops (molf/_cpu_fused.py)
 
     def _fused(self, t: torch.Tensor) -> bool:
         """Whether tensor t takes the one-pass compiled CPU loop (large CPU tensors, where it compiles)."""
-        return self.fused_cpu and t.device.type == "cpu" and t.numel() >= _cpu_fused.MIN_NUMEL \
+        return t.device.type == "cpu" and t.numel() >= _cpu_fused.MIN_NUMEL \
             and t.is_contiguous() and _cpu_fused.available()
 
     @staticmethod
