@@ -1,16 +1,20 @@
 """Fused MoLF layer: the base GEMM and the scaled low-rank term in one accumulator, forward and backward.
 
 With A_cat = [A_1; ...; A_E] (R x K), B_cat = [B_1, ..., B_E] (N x R), s_cols the per-column scales
-(s_i repeated r_i times) and xd = drop(x):
+(s_i repeated r_i times) and xd = drop(x) = keep * x / (1 - p):
 
     forward   u  = (xd A_cat^T) * s_cols                        (M x R, skinny GEMM)
               y  = x W^T + u B_cat^T + b                        (ONE launch: K-loop, then R-loop, same acc)
     backward  v  = (g B_cat) * s_cols                           (M x R)
-              dx = g W + mask/(1-p) * (v A_cat)                 (ONE launch; without dropout one accumulator)
+              dx = g W + keep/(1-p) * (v A_cat)                 (ONE launch; without dropout one accumulator)
               dA_cat = v^T xd,  dB_cat = g^T u                  (R x K, N x R)
               dW = g^T x,  db = sum_m g                         (only when the base trains)
 
-Every product is one generic kernel, `_mm2`: C = A1 B1 (+ A2 B2, optionally masked) (* colscale) (+ bias),
+Dropout's keep-mask is never stored: each kernel that reads x (u, dA) or writes dx draws keep(m, k) from
+Philox (seed, counter (k, m)) as molf._math.philox_uniform states it, so neither xd nor the mask exists.
+
+Every product is one generic kernel, `_mm2`: C = A1 B1 (+ A2 B2) (* colscale) (+ bias), dropout on A1, B1 or
+the second product,
 any strides (transposes are free), fp32 accumulation, output in the caller's dtype. R is padded in the
 kernel (masked loads), never in the user's parameters. A single product whose output is too small to fill
 the GPU (dA, dB: reductions over the M tokens) is split over K-ranges into fp32 partials summed in a fixed
@@ -25,6 +29,16 @@ import triton.language as tl
 
 from ._env import column_scales
 from ._utils import autocast_dtype, cdiv, config, interpreting
+
+# Where `_mm2` applies dropout (DROP): on A1 = x (u = xd A^T), on B1 = x (dA = v^T xd), on the second product
+# (dx's low-rank term), rows and columns of x being (token m, feature k) in each case.
+NO_DROP, DROP_A1, DROP_B1, DROP_SECOND = 0, 1, 2, 3
+# Philox-4x32-10 constants, as molf._math (a test checks they agree; the kernels import nothing from molf).
+_ROUNDS: tl.constexpr = tl.constexpr(10)
+_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
+_MUL_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
 
 
 def _configs():
@@ -55,14 +69,37 @@ def _dot(x, y, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn, IEEE: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """acc += A[rm, :K] B[:K, rn] in steps of BLOCK_K (masked loads: K, or the rank R, is padded here only)."""
+def _dropout_keep(seed, rows, cols, p):
+    """keep(m, k) = u >= p, u = (c0 >> 8) 2^-24 from Philox-4x32-10 at counter (k, m, 0, 0), key (seed lo, hi)."""
+    c0 = cols.to(tl.uint32)
+    c1 = rows.to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(_ROUNDS):
+        hi0, lo0 = tl.umulhi(c0, _MUL_A), c0 * _MUL_A
+        hi2, lo2 = tl.umulhi(c2, _MUL_B), c2 * _MUL_B
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 += _KEY_A
+        k1 += _KEY_B
+    return (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
+
+
+@triton.jit
+def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn, k_base, seed, p_drop,
+                        DROP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A[rm, :K] B[:K, rn] in steps of BLOCK_K (masked loads: K, or the rank R, is padded here only);
+    DROP_A1 / DROP_B1: A's (row, k_base + k) / B's (k_base + k, column) entries dropped (kept ones unscaled)."""
     rk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(a + rm[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
         y = tl.load(b + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        if DROP == 1:
+            x = tl.where(_dropout_keep(seed, rm[:, None], k_base + kk[None, :], p_drop), x, 0.0)
+        if DROP == 2:
+            y = tl.where(_dropout_keep(seed, k_base + kk[:, None], rn[None, :], p_drop), y, 0.0)
         acc = _dot(x, y, acc, IEEE)
     return acc
 
@@ -75,9 +112,9 @@ def m_bucket(M: int) -> int:
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "SPLIT_K"])
 @triton.jit
-def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, M_BUCKET, N, K, R, k_split,
-                s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_mm, s_mn, s_cs, s_cm, s_cn, inv_keep,
-                HAS_SECOND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _mm2_kernel(a1, b1, a2, b2, seed_ptr, bias, colscale, c, M, M_BUCKET, N, K, R, k_split,
+                s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_cs, s_cm, s_cn, p_drop, inv_keep,
+                HAS_SECOND: tl.constexpr, DROP: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each column-tile while it is in L2.
@@ -91,23 +128,27 @@ def _mm2_kernel(a1, b1, a2, b2, mask, bias, colscale, c, M, M_BUCKET, N, K, R, k
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
-    k_len = K
+    k_len, k_base = K, 0
+    seed = tl.load(seed_ptr) if DROP != 0 else 0
     if SPLIT_K:  # this program sums K-range [pid_s k_split, + k_split) into its own fp32 slice c[pid_s]
         pid_s = tl.program_id(1).to(tl.int64)
-        a1 += pid_s * k_split * s_a1k
-        b1 += pid_s * k_split * s_b1k
+        k_base = pid_s * k_split
+        a1 += k_base * s_a1k
+        b1 += k_base * s_b1k
         c += pid_s * s_cs
-        k_len = tl.minimum(k_split, K - pid_s * k_split)
+        k_len = tl.minimum(k_split, K - k_base)
     acc = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a1, b1, rm, rn, m_ok, n_ok, k_len,
-                              s_a1m, s_a1k, s_b1k, s_b1n, IEEE, BLOCK_K)
+                              s_a1m, s_a1k, s_b1k, s_b1n, k_base, seed, p_drop, DROP, IEEE, BLOCK_K)
+    if DROP == 1 or DROP == 2:  # the kept entries' 1 / (1 - p), once on the accumulator
+        acc *= inv_keep
     if HAS_SECOND:
-        if HAS_MASK:  # dropout's keep-mask applies to the low-rank part of dx only: a second accumulator
+        if DROP == 3:  # dropout applies to the low-rank part of dx only: a second accumulator
             low = _accumulate_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a2, b2, rm, rn, m_ok, n_ok,
-                                       R, s_a2m, s_a2r, s_b2r, s_b2n, IEEE, BLOCK_K)
-            keep = tl.load(mask + rm[:, None] * s_mm + rn[None, :] * s_mn, mask=m_ok[:, None] & n_ok[None, :], other=0)
-            acc += tl.where(keep != 0, low * inv_keep, 0.0)
+                                       R, s_a2m, s_a2r, s_b2r, s_b2n, 0, seed, p_drop, 0, IEEE, BLOCK_K)
+            acc += tl.where(_dropout_keep(seed, rm[:, None], rn[None, :], p_drop), low * inv_keep, 0.0)
         else:  # the low-rank term goes into the same accumulator
-            acc = _accumulate_product(acc, a2, b2, rm, rn, m_ok, n_ok, R, s_a2m, s_a2r, s_b2r, s_b2n, IEEE, BLOCK_K)
+            acc = _accumulate_product(acc, a2, b2, rm, rn, m_ok, n_ok, R, s_a2m, s_a2r, s_b2r, s_b2n, 0, seed, p_drop,
+                                      0, IEEE, BLOCK_K)
     if HAS_SCALE:
         acc *= tl.load(colscale + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -161,7 +202,8 @@ def _split_k(M: int, N: int, K: int, device) -> int:
     return max(1, min(cdiv(programs, tiles), K // min_k))
 
 
-def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=None, colscale=None, split=None):
+def _launch_mm2(out, a1, b1, a2=None, b2=None, seed=None, drop=NO_DROP, p=0.0, bias=None, colscale=None,
+                split=None):
     M, K = a1.shape
     N = b1.shape[1]
     R = a2.shape[1] if a2 is not None else 0
@@ -169,27 +211,29 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=Non
         return out
     if K == 0 and a2 is None:
         return out.zero_()
-    plain = a2 is None and mask is None
+    if drop not in (NO_DROP, DROP_A1, DROP_B1, DROP_SECOND) or (drop != NO_DROP) != (seed is not None) or \
+            (drop == DROP_SECOND and a2 is None):
+        raise ValueError(f"drop={drop}: dropout needs a seed tensor (DROP_SECOND also a second product), and no "
+                         f"dropout no seed; got seed={seed!r}, a2={'set' if a2 is not None else None}")
+    plain = a2 is None
     if split is None:
         split = _split_k(M, N, K, a1.device) if plain else 1
     if split > 1 and not plain:
-        raise ValueError("split-K applies to a single product only (no second product, no mask)")
+        raise ValueError("split-K applies to a single product only (no second product)")
     k_split = cdiv(cdiv(K, split), _K_STEP) * _K_STEP  # a multiple of every BLOCK_K: no K-range overlaps the next
     split = cdiv(K, k_split) if split > 1 else 1
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
     dummy = out
     a2_, b2_ = (a2, b2) if a2 is not None else (dummy, dummy)
-    mask_ = mask if mask is not None else dummy
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
     _mm2_kernel[grid](
-        a1, b1, a2_, b2_, mask_, bias if bias is not None else dummy, colscale if colscale is not None else dummy,
-        c, M, m_bucket(M), N, K, R, k_split,
+        a1, b1, a2_, b2_, seed if seed is not None else dummy, bias if bias is not None else dummy,
+        colscale if colscale is not None else dummy, c, M, m_bucket(M), N, K, R, k_split,
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2_.stride(0) if a2 is not None else 0, a2_.stride(1) if a2 is not None else 0,
         b2_.stride(0) if a2 is not None else 0, b2_.stride(1) if a2 is not None else 0,
-        mask_.stride(0) if mask is not None else 0, mask_.stride(1) if mask is not None else 0,
-        c.stride(0) if split > 1 else 0, c.stride(-2), c.stride(-1), float(inv_keep),
-        HAS_SECOND=a2 is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None and split == 1,
+        c.stride(0) if split > 1 else 0, c.stride(-2), c.stride(-1), float(p), 1.0 / (1.0 - p),
+        HAS_SECOND=a2 is not None, DROP=drop, HAS_BIAS=bias is not None and split == 1,
         HAS_SCALE=colscale is not None and split == 1, IEEE=a1.dtype == torch.float32, SPLIT_K=split > 1)
     if split > 1:  # the epilogue after the fixed-order sum of the partials
         dst = out if out.is_contiguous() else torch.empty((M, N), dtype=out.dtype, device=out.device)
@@ -202,16 +246,33 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, mask=None, inv_keep=1.0, bias=Non
 # torch.library ops: opaque to torch.compile (with fake implementations for tracing).
 @torch.library.custom_op("molf::mm2", mutates_args=())
 def mm2(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
-        mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], colscale: Optional[torch.Tensor],
-        inv_keep: float) -> torch.Tensor:
-    """C = A1 B1 (+ mask * inv_keep * (A2 B2)) (* colscale) (+ bias), fp32 accumulation, A1's dtype."""
+        seed: Optional[torch.Tensor], drop: int, p: float, bias: Optional[torch.Tensor],
+        colscale: Optional[torch.Tensor]) -> torch.Tensor:
+    """C = A1 B1 (+ A2 B2) (* colscale) (+ bias), fp32 accumulation, A1's dtype; dropout (Philox keep-mask of
+    `seed`, kept entries times 1/(1-p)) on A1, B1 or the second product as `drop` says."""
     out = torch.empty((a1.shape[0], b1.shape[1]), dtype=a1.dtype, device=a1.device)
-    return _launch_mm2(out, a1, b1, a2, b2, mask, inv_keep, bias, colscale)
+    return _launch_mm2(out, a1, b1, a2, b2, seed, drop, p, bias, colscale)
 
 
 @mm2.register_fake
-def _(a1, b1, a2, b2, mask, bias, colscale, inv_keep):
+def _(a1, b1, a2, b2, seed, drop, p, bias, colscale):
     return a1.new_empty((a1.shape[0], b1.shape[1]))
+
+
+@triton.jit
+def _keep_mask_kernel(seed_ptr, out, rows, cols, p, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < rows * cols
+    tl.store(out + e, _dropout_keep(tl.load(seed_ptr), e // cols, e % cols, p).to(tl.int8), mask=ok)
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The (rows, cols) bool keep-mask the fused kernels draw from `seed` (molf._math.dropout_keep, in one
+    launch): for the eager path on a GPU and for the tests."""
+    out = torch.empty((rows, cols), dtype=torch.int8, device=seed.device)
+    if out.numel():
+        _keep_mask_kernel[(cdiv(out.numel(), 1024),)](seed, out, rows, cols, float(p), BLOCK=1024)
+    return out.view(torch.bool)
 
 
 @triton.jit
@@ -298,41 +359,41 @@ def _(g, b_cat, u, s_cols, with_dbias):
     return g.new_empty((M, u.shape[1])), g.new_empty((N, u.shape[1])), g.new_empty((N,) if with_dbias else (0,))
 
 
-def product(a1, b1, *, a2=None, b2=None, mask=None, bias=None, colscale=None, inv_keep=1.0):
-    """molf::mm2 by keyword: A1 B1 (+ mask * inv_keep * (A2 B2)) (* colscale) (+ bias)."""
-    return mm2(a1, b1, a2, b2, mask, bias, colscale, inv_keep)
+def product(a1, b1, *, a2=None, b2=None, seed=None, drop=NO_DROP, p=0.0, bias=None, colscale=None):
+    """molf::mm2 by keyword: A1 B1 (+ A2 B2) (* colscale) (+ bias), with dropout where `drop` says."""
+    return mm2(a1, b1, a2, b2, seed, drop, p, bias, colscale)
 
 
 class MoLFLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T on 2-D x; gradients as in the module docstring."""
+    """y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T on 2-D x; gradients as in the module docstring.
+    With dropout only the 8-byte seed is saved: the kernels redraw the keep-mask where they read x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, mask, p):
-        xd = x if mask is None else x * mask / (1.0 - p)
-        u = product(xd, a_cat.t(), colscale=s_cols)
+    def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, seed, p):
+        drop = DROP_A1 if seed is not None else NO_DROP
+        u = product(x, a_cat.t(), colscale=s_cols, seed=seed, drop=drop, p=p)
         y = product(x, weight.t(), a2=u, b2=b_cat.t(), bias=bias)
-        # dA needs drop(x), dW the undropped x: both are kept only when dropout is on.
-        ctx.save_for_backward(x, None if mask is None else xd, weight, a_cat, b_cat, s_cols, u, mask)
+        ctx.save_for_backward(x, weight, a_cat, b_cat, s_cols, u, seed)
         ctx.p, ctx.has_bias = p, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, xd, weight, a_cat, b_cat, s_cols, u, mask = ctx.saved_tensors
-        xd = x if xd is None else xd
+        x, weight, a_cat, b_cat, s_cols, u, seed = ctx.saved_tensors
         g = g.contiguous()
         need_x, need_w, need_bias, need_a_cat, need_b_cat = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = v = None
         need_v, need_db = need_x or need_a_cat, need_bias and ctx.has_bias
+        on = seed is not None
         if need_v and need_b_cat and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
             v, dbb, db = lowrank_grads(g, b_cat, u, s_cols, need_db)
             db = db if need_db else None  # the op returns an empty db when the bias takes no gradient
         elif need_v:
             v = product(g, b_cat, colscale=s_cols)
         if need_x:
-            dx = product(g, weight, a2=v, b2=a_cat, mask=mask, inv_keep=1.0 / (1.0 - ctx.p))
+            dx = product(g, weight, a2=v, b2=a_cat, seed=seed, drop=DROP_SECOND if on else NO_DROP, p=ctx.p)
         if need_a_cat:
-            da = product(v.t(), xd)
+            da = product(v.t(), x, seed=seed, drop=DROP_B1 if on else NO_DROP, p=ctx.p)
         if need_b_cat and dbb is None:
             dbb = product(g.t(), u)
         if need_w:
@@ -342,9 +403,10 @@ class MoLFLinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None
 
 
-def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None):
+def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_cols=None):
     """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype.
-    s_cols: the cached `column_scales` (built here when None)."""
+    seed: dropout's int64 seed tensor (molf._math.dropout_seed) when p > 0, else None. s_cols: the cached
+    `column_scales` (built here when None)."""
     ac = autocast_dtype(x.device.type)
     if ac is not None:
         x, weight = x.to(ac), weight.to(ac)
@@ -358,6 +420,5 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_c
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
     if s_cols is None or s_cols.device != x.device:
         s_cols = column_scales([a.shape[0] for a in lora_A], scalings, x.device)
-    m2 = mask.reshape(lead.numel(), mask.shape[-1]) if mask is not None else None
-    y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, m2, float(p))
+    y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, seed, float(p))
     return y.view(*lead, y.shape[-1])

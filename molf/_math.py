@@ -15,9 +15,58 @@ EPS_SCORE = 1e-8  # the score's epsilon, fixed by the algorithm (not the optimiz
 SCORES = ("epd", "pfn")
 
 
+# Philox-4x32 (Salmon et al., SC'11), the counter-based generator of the dropout keep-mask: element (m, k)
+# of a (rows, cols) input is kept iff u(seed, m, k) >= p with u = (c0 >> 8) / 2^24, c0 the first output word
+# for counter (k, m, 0, 0) and key (seed mod 2^32, seed >> 32). The fused kernels compute the same function
+# where they load x (kernels/molf_linear.py, `_dropout_keep`), so neither the mask nor drop(x) is stored.
+PHILOX_ROUNDS = 10
+PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """One int64 seed in [0, 2^62) on `device`, drawn from torch's generator there (no host sync; restored
+    by activation checkpointing and CUDA-graph safe like any torch RNG op)."""
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
+
+
+def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a x) >> 32 and (a x) mod 2^32 for a 32-bit constant a and 32-bit values x held in int64 (x split
+    in 16-bit halves so that no product overflows 63 bits)."""
+    lo16 = a * (x & 0xFFFF)
+    t = a * (x >> 16) + (lo16 >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo16 & 0xFFFF)
+
+
+def philox_uniform(seed: torch.Tensor, rows: int, cols: int, row0: int = 0) -> torch.Tensor:
+    """u(seed, m, k) for m in [row0, row0 + rows), k in [0, cols): float32 multiples of 2^-24 in [0, 1)."""
+    dev = seed.device
+    c0 = torch.arange(cols, dtype=torch.int64, device=dev).expand(rows, cols)
+    c1 = torch.arange(row0, row0 + rows, dtype=torch.int64, device=dev)[:, None].expand(rows, cols)
+    c2 = torch.zeros((), dtype=torch.int64, device=dev)
+    c3 = c2
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mul_hi_lo(PHILOX_MUL[0], c0)
+        hi2, lo2 = _mul_hi_lo(PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_KEY_STEP[0]) & _U32, (k1 + PHILOX_KEY_STEP[1]) & _U32
+    return (c0 >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def dropout_keep(seed: torch.Tensor, rows: int, cols: int, p: float, chunk: int = 1 << 22) -> torch.Tensor:
+    """The (rows, cols) bool keep-mask u(seed, m, k) >= p, built in row blocks of about `chunk` elements."""
+    step = max(1, chunk // max(cols, 1))
+    parts = [philox_uniform(seed, min(step, rows - r), cols, r) >= p for r in range(0, rows, step)]
+    return torch.cat(parts) if parts else torch.zeros((0, cols), dtype=torch.bool, device=seed.device)
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask for dropout on the LoRA path, drawn from torch's RNG (so every backend draws the same)."""
-    return torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).to(torch.bool)
+    """Keep-mask for dropout on the LoRA path: a seed from torch's RNG, then `dropout_keep` over x viewed as
+    (rows, x.shape[-1]); every backend draws the same seed, hence the same mask."""
+    cols = x.shape[-1]
+    return dropout_keep(dropout_seed(x.device), x.numel() // max(cols, 1), cols, p).view(x.shape)
 
 
 def expert_score_terms(m: torch.Tensor, v: torch.Tensor, score: str) -> torch.Tensor:

@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import _backend, _checks
-from ._math import dropout_mask
+from . import _backend, _checks, _plan
+from ._math import dropout_keep, dropout_seed
 from .kernels._env import column_scales
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,7 +75,9 @@ class MoLFLinear(nn.Module):
         train_base: False freezes the base weight and bias (MoLF-Efficient).
         rslora: scale s_i = alpha_i / sqrt(r_i) if True, else alpha_i / r_i.
         dropout: dropout probability on the LoRA path only (the base path always sees x).
-        backend: "auto", "eager" or "triton".
+        backend: "auto" (on a GPU: per shape the faster of the fused kernels and the cuBLAS chain, measured
+            once, see molf.layer_plan(); elsewhere torch ops), "eager" (torch ops) or "triton" (the fused
+            kernels, always).
     """
 
     def __init__(self, base: nn.Linear, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,),
@@ -146,16 +148,32 @@ class MoLFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        mask = dropout_mask(x, self.dropout) if self.training and self.dropout > 0 else None
-        backend = _backend.resolve(self.backend, x.device)
-        if backend == "triton":
+        impl = "chain"
+        if _backend.resolve(self.backend, x.device) == "triton":
+            impl = "fused" if self.backend == "triton" else _plan.PLANNER.choose(self, x, self._forward_by)
+        return self._forward_by(impl, x)
+
+    def _forward_by(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer by implementation: "fused" (the Triton kernels) or "chain" (torch ops, cuBLAS on a GPU)."""
+        seed = dropout_seed(x.device) if self.training and self.dropout > 0 else None
+        if impl == "fused":
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                                      self.scalings, mask, self.dropout,
+                                      self.scalings, seed, self.dropout,
                                       s_cols=self._column_scales(x.device, torch.float32))
+        mask = None if seed is None else self._keep_mask(seed, x)
         s_cols = self._column_scales(x.device, self.lora_A[0].dtype) if len(self.ranks) > 1 else None
         return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
                               self.scalings, mask, self.dropout, s_cols=s_cols)
+
+    def _keep_mask(self, seed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The keep-mask the fused kernels would draw from `seed` for x: one Triton launch on a GPU, torch
+        ops (molf._math.dropout_keep) elsewhere."""
+        rows, cols = x.numel() // max(self.in_features, 1), self.in_features
+        if x.device.type == "cuda" and _backend.triton_available():
+            from .kernels.molf_linear import keep_mask
+            return keep_mask(seed, rows, cols, self.dropout).view(x.shape)
+        return dropout_keep(seed, rows, cols, self.dropout).view(x.shape)
 
     def _column_scales(self, device, dtype) -> torch.Tensor:
         key = (device, dtype)

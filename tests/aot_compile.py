@@ -31,17 +31,18 @@ def compile_one(fn, sig, constexprs, target, **options):
 def variants():
     i32, f32 = "i32", "fp32"
     for dt in ("fp32", "fp16", "bf16"):
-        for second, mask, bias, scale, split in ((True, False, True, False, False), (False, False, False, True, False),
-                                                 (True, True, False, False, False), (False, False, False, False, True)):
-            sig = {"a1": f"*{dt}", "b1": f"*{dt}", "a2": f"*{dt}", "b2": f"*{dt}", "mask": "*i1", "bias": f"*{dt}",
-                   "colscale": "*fp32", "c": "*fp32" if split else f"*{dt}", "M": i32, "M_BUCKET": i32,
-                   "N": i32, "K": i32, "R": i32,
+        for second, drop, bias, scale, split in ((True, 0, True, False, False), (False, 0, False, True, False),
+                                                 (True, 3, False, False, False), (False, 0, False, False, True),
+                                                 (False, 1, False, True, True), (False, 2, False, False, True)):
+            sig = {"a1": f"*{dt}", "b1": f"*{dt}", "a2": f"*{dt}", "b2": f"*{dt}", "seed_ptr": "*i64",
+                   "bias": f"*{dt}", "colscale": "*fp32", "c": "*fp32" if split else f"*{dt}", "M": i32,
+                   "M_BUCKET": i32, "N": i32, "K": i32, "R": i32,
                    "k_split": i32, **{s: i32 for s in ("s_a1m", "s_a1k", "s_b1k", "s_b1n", "s_a2m", "s_a2r", "s_b2r",
-                                                       "s_b2n", "s_mm", "s_mn", "s_cs", "s_cm", "s_cn")},
-                   "inv_keep": f32}
-            cx = dict(HAS_SECOND=second, HAS_MASK=mask, HAS_BIAS=bias, HAS_SCALE=scale, IEEE=dt == "fp32",
+                                                       "s_b2n", "s_cs", "s_cm", "s_cn")},
+                   "p_drop": f32, "inv_keep": f32}
+            cx = dict(HAS_SECOND=second, DROP=drop, HAS_BIAS=bias, HAS_SCALE=scale, IEEE=dt == "fp32",
                       SPLIT_K=split, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-            yield (f"_mm2 {dt} second={second} mask={mask} split_k={split}", L._mm2_kernel, sig, cx,
+            yield (f"_mm2 {dt} second={second} drop={drop} split_k={split}", L._mm2_kernel, sig, cx,
                    dict(num_warps=8, num_stages=3))
         for dbias in (False, True):
             sig = {"g": f"*{dt}", "b": f"*{dt}", "u": f"*{dt}", "vp": "*fp32", "dbp": "*fp32", "dbias_p": "*fp32",
@@ -51,6 +52,8 @@ def variants():
             yield f"lowrank_grads {dt} dbias={dbias}", L._lowrank_grads_kernel, sig, cx, dict(num_warps=8)
     sig = {"part": "*fp32", "out": "*bf16", "colscale": "*fp32", "bias": "*bf16", "n_parts": i32, "numel": i32,
            "n_cols": i32}
+    yield "keep_mask", L._keep_mask_kernel, {"seed_ptr": "*i64", "out": "*i8", "rows": i32, "cols": i32,
+                                             "p": f32}, dict(BLOCK=1024), {}
     yield "sum_partials bf16", L._sum_partials_kernel, sig, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK=1024), {}
     table = {"ptrs": "*i64", "first": "*i64", "numel": "*i64", "n_rows": i32}
     for p, s in (("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "fp32")):

@@ -102,3 +102,27 @@ def run(rank, world, initfile, mode, backend, outdir, nccl=False):
     result = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def plan_worker(rank, world, init_dir, out_dir):
+    """Both ranks plan the same layer with fake timers that disagree: rank 0 measures (the chain wins there),
+    rank 1 measures nothing and takes rank 0's choice."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["MOLF_BACKEND"] = "triton"
+    from molf import _plan
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
+        prefer = "chain" if rank == 0 else "fused"
+        _plan.PLANNER = _plan.LayerPlanner(timer=lambda fn, impl, m: 1.0 if impl == prefer else 2.0)
+        torch.manual_seed(0)
+        layer = molf.MoLFLinear(torch.nn.Linear(12, 10), ranks=(2, 4), alphas=(4, 4))
+        x = torch.randn(5, 12)
+        result["y"] = layer(x).detach()
+        layer(torch.randn(300, 12))  # another probe of the same shape: decided already
+        result["rows"] = molf.layer_plan()
+        result["measurements"] = _plan.PLANNER.measurements
+        dist.destroy_process_group()
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"plan{rank}.pt"))

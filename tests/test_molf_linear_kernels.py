@@ -12,6 +12,7 @@ import molf
 from conftest import BF16_INTERPRETER, CUDA, DEVICE
 from helpers import TOL, assert_close, batch, tiny_qwen2
 from molf.kernels import molf_linear as L
+from molf._math import dropout_keep
 from molf.kernels.molf_linear import _launch_mm2
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -166,12 +167,56 @@ def test_nd_and_noncontiguous_input(nan_empty, backward_plan, dtype):
 def test_mm2_writes_every_element(dtype):
     a1, b1 = torch.randn(19, 23, dtype=dtype, device=DEVICE), torch.randn(23, 35, dtype=dtype, device=DEVICE)
     a2, b2 = torch.randn(19, 6, dtype=dtype, device=DEVICE), torch.randn(6, 35, dtype=dtype, device=DEVICE)
-    mask = torch.rand(19, 35, device=DEVICE) > 0.3
+    seed = torch.tensor([987654321987], device=DEVICE)
+    keep = dropout_keep(seed, 19, 35, 0.3)
     bias, scale = torch.randn(35, dtype=dtype, device=DEVICE), torch.rand(35, device=DEVICE)
     out = torch.full((19, 35), math.nan, dtype=dtype, device=DEVICE)
-    _launch_mm2(out, a1, b1, a2, b2, mask, 2.0, bias, scale)
-    want = (a1.double() @ b1.double() + mask * 2.0 * (a2.double() @ b2.double())) * scale.double() + bias.double()
+    _launch_mm2(out, a1, b1, a2, b2, seed, L.DROP_SECOND, 0.3, bias, scale)
+    want = (a1.double() @ b1.double() + keep * (a2.double() @ b2.double()) / 0.7) * scale.double() + bias.double()
     assert_close(out, want, TOL[dtype], "mm2")
+
+
+def test_philox_is_philox_4x32_10():
+    """Random123's known answer (counter 0, key 0: first word 0x6627e8d5) through the torch-ops generator,
+    and the kernels' constants equal molf._math's."""
+    from molf import _math
+    assert _math.philox_uniform(torch.zeros(1, dtype=torch.int64), 1, 1).item() == (0x6627E8D5 >> 8) / 2 ** 24
+    assert (L._ROUNDS.value, L._MUL_A.value, L._MUL_B.value, L._KEY_A.value, L._KEY_B.value) == \
+        (_math.PHILOX_ROUNDS, *_math.PHILOX_MUL, *_math.PHILOX_KEY_STEP)
+
+
+@pytest.mark.parametrize("rows, cols, p", [(37, 45, 0.05), (1, 1000, 0.5), (300, 7, 0.9), (0, 5, 0.1)])
+def test_keep_mask_kernel_equals_torch_ops(rows, cols, p):
+    seed = torch.randint(0, 1 << 62, (1,), device=DEVICE)
+    keep = L.keep_mask(seed, rows, cols, p)
+    assert torch.equal(keep, dropout_keep(seed, rows, cols, p, chunk=97))  # chunked rows: the same mask
+    if rows * cols >= 1000:
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    assert not torch.equal(keep, L.keep_mask(seed + 1, rows, cols, p)) or rows * cols < 2
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("drop", ["a1", "b1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_mm2_dropout_on_an_operand(dtype, drop, split):
+    """u = drop(x) A^T (x = A1) and dA = v^T drop(x) (x = B1), also split over K-ranges: the mask of each
+    element of x comes from its (token, feature) position, not from the tile or range that reads it."""
+    p, seed = 0.25, torch.tensor([12345], device=DEVICE)
+    x = torch.randn(70, 101, dtype=dtype, device=DEVICE)
+    xd = x.double() * dropout_keep(seed, 70, 101, p) / (1 - p)
+    if drop == "a1":
+        a = torch.randn(101, 9, dtype=dtype, device=DEVICE)
+        out = _launch_mm2(torch.full((70, 9), math.nan, dtype=dtype, device=DEVICE), x, a, seed=seed,
+                          drop=L.DROP_A1, p=p, split=split)
+        want = xd @ a.double()
+    else:
+        v = torch.randn(9, 70, dtype=dtype, device=DEVICE)
+        out = _launch_mm2(torch.full((9, 101), math.nan, dtype=dtype, device=DEVICE), v, x, seed=seed,
+                          drop=L.DROP_B1, p=p, split=split)
+        want = v.double() @ xd
+    assert_close(out, want, TOL[dtype], f"drop on {drop}")
+    with pytest.raises(ValueError, match="seed"):
+        _launch_mm2(out, x, x.t(), drop=L.DROP_A1, p=p)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 4])
