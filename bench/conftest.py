@@ -40,7 +40,12 @@ def measure(benchmark):
         benchmark.group = " ".join(f"{k}={row[k]}" for k in row if k != "impl")
         fn()
         _sync()
-        if CUDA:
+        if CUDA:  # peak memory of one call, above what was allocated before it
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            _sync()
+            row = dict(row, peak_mb=round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1))
             import triton.testing
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             benchmark.pedantic(lambda: (fn(), _sync()), rounds=10, warmup_rounds=2)
@@ -64,7 +69,7 @@ def _commit() -> str:
         return "unknown"
 
 
-_STAMPS = ("median_ms", "commit", "date", "torch", "triton")
+_STAMPS = ("median_ms", "peak_mb", "commit", "date", "torch", "triton")
 
 
 def _identity(row) -> tuple:

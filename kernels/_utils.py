@@ -21,9 +21,19 @@ def autocast_dtype(device_type: str):
     return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
 
 
-def config(**kw):
+def config(pre_hook=None, **kw):
     num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
+
+
+def tensor_descriptor_class():
+    """Triton's host-side TMA descriptor class (triton.tools.tensor_descriptor, Triton >= 3.4), or None: the
+    one compatibility point for the descriptor paths (feature-checked, not version-compared)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor if hasattr(TensorDescriptor, "from_tensor") else None
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._env import column_scales
-from ._utils import autocast_dtype, cdiv, config, interpreting
+from ._utils import autocast_dtype, cdiv, config, interpreting, tensor_descriptor_class
 
 # Where `_mm2` applies dropout (DROP): on A1 = x (u = xd A^T), on B1 = x (dA = v^T xd), on the second product
 # (dx's low-rank term), rows and columns of x being (token m, feature k) in each case.
@@ -104,27 +104,31 @@ def _accumulate_product(acc, a, b, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn
     return acc
 
 
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile` in grouped order: GROUP_M row tiles share each
+    column tile while it is in L2."""
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m
+
+
 def m_bucket(M: int) -> int:
     """The autotuning key's stand-in for M: the next power of two (at least 16). Dynamic padding gives a new M
     almost every step; tuning per bucket runs a handful of times per (N, K, R), not every step."""
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "SPLIT_K"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "DROP", "SPLIT_K"])
 @triton.jit
 def _mm2_kernel(a1, b1, a2, b2, seed_ptr, bias, colscale, c, M, M_BUCKET, N, K, R, k_split,
                 s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_cs, s_cm, s_cn, p_drop, inv_keep,
                 HAS_SECOND: tl.constexpr, DROP: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row-tiles share each column-tile while it is in L2.
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
@@ -154,6 +158,129 @@ def _mm2_kernel(a1, b1, a2, b2, seed_ptr, bias, colscale, c, M, M_BUCKET, N, K, 
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(c + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: each descriptor's block shape from the config's tiles (descriptors are built once
+    on the host, before the config is known)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a1_d"].block_shape = [bm, bk]
+    nargs["b1_d"].block_shape = [bn, bk] if nargs["B1_NK"] else [bk, bn]
+    nargs["a2_d"].block_shape = [bm, bk]
+    nargs["b2_d"].block_shape = [bn, bk] if nargs["B2_NK"] else [bk, bn]
+    nargs["c_d"].block_shape = [bm, bn // 2] if nargs["SUBTILE"] else [bm, bn]
+
+
+def _tma_configs():
+    if interpreting():
+        return [config(_set_tma_blocks, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SUBTILE=True, num_warps=4,
+                       num_stages=1)]
+    return [config(_set_tma_blocks, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, SUBTILE=sub, num_warps=w,
+                   num_stages=st)
+            for bm, bn, w, st, sub in ((128, 256, 8, 3, True), (128, 128, 8, 4, True), (128, 128, 4, 4, False),
+                                       (64, 128, 4, 4, False), (128, 64, 4, 4, False))]
+
+
+@triton.jit
+def _load_b(desc, k0, n0, NK: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) tile of B at (k0, n0): B itself row-major, or (NK) B^T row-major, transposed
+    in shared memory by the MMA (nothing is copied)."""
+    if NK:
+        return tl.trans(desc.load([n0, k0]))
+    else:
+        return desc.load([k0, n0])
+
+
+@triton.jit
+def _descriptor_product(acc, a_d, b_d, m0, n0, K, B_NK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A[m0:, :K] B[:K, n0:] through TMA descriptors (out-of-bounds rows, columns and K read as 0)."""
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(a_d.load([m0, k0]), _load_b(b_d, k0, n0, B_NK), acc)
+    return acc
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "R", "DROP", "B1_NK", "B2_NK"])
+@triton.jit
+def _mm2_tma_kernel(a1_d, b1_d, a2_d, b2_d, c_d, seed_ptr, bias, M, M_BUCKET, N, K, R, p_drop, inv_keep, NUM_SMS,
+                    B1_NK: tl.constexpr, B2_NK: tl.constexpr, DROP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    SUBTILE: tl.constexpr):
+    """Hopper path of C = A1 B1 + A2 B2 (+ bias), dropout on the second product (DROP_SECOND): TMA
+    descriptors, persistent (NUM_SMS programs walk the output tiles in grouped order), the epilogue stored
+    in two halves (SUBTILE) to halve the registers the fp32 tile holds while it is converted and stored."""
+    seed = tl.load(seed_ptr) if DROP == 3 else 0
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = _descriptor_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a1_d, b1_d, m0, n0, K, B1_NK,
+                                  BLOCK_K)
+        rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if DROP == 3:  # dropout on the low-rank part of dx only: a second accumulator
+            low = _descriptor_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a2_d, b2_d, m0, n0, R, B2_NK,
+                                      BLOCK_K)
+            acc += tl.where(_dropout_keep(seed, rm[:, None], rn[None, :], p_drop), low * inv_keep, 0.0)
+        else:
+            acc = _descriptor_product(acc, a2_d, b2_d, m0, n0, R, B2_NK, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        out = acc.to(c_d.dtype)
+        if SUBTILE:
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            c_d.store([m0, n0], left)
+            c_d.store([m0, n0 + BLOCK_N // 2], right)
+        else:
+            c_d.store([m0, n0], out)
+
+
+def _row_major(t) -> bool:
+    """A 2-D tensor a TMA descriptor can take: last stride 1, 16-byte aligned base and row stride."""
+    return t.stride(1) == 1 and t.shape[1] > 0 and (t.stride(0) * t.element_size()) % 16 == 0 and \
+        t.data_ptr() % 16 == 0 and t.shape[0] > 0
+
+
+def _b_form(b):
+    """(tensor for the descriptor, NK) for a B operand (K x N): itself if row-major, else its transpose if
+    that is (NK), else None."""
+    if _row_major(b):
+        return b, False
+    if _row_major(b.t()):
+        return b.t(), True
+    return None
+
+
+def tma_path(a1, b1, a2, b2, out, drop) -> bool:
+    """Whether `_mm2_tma_kernel` takes this product: a Hopper-or-later GPU (or the interpreter, when
+    MOLF_TMA=1 forces it for the tests), Triton's descriptors, 16-bit operands that descriptors can take,
+    a second product, and dropout (if any) on that product only. MOLF_TMA=0 turns the path off."""
+    import os
+    flag = os.environ.get("MOLF_TMA", "auto")
+    if flag == "0" or a2 is None or drop not in (NO_DROP, DROP_SECOND) or tensor_descriptor_class() is None:
+        return False
+    if interpreting():
+        if flag != "1":
+            return False
+    elif a1.device.type != "cuda" or torch.cuda.get_device_capability(a1.device)[0] < 9 or \
+            a1.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return all(_row_major(t) for t in (a1, a2, out)) and _b_form(b1) is not None and _b_form(b2) is not None
+
+
+def _launch_mm2_tma(out, a1, b1, a2, b2, seed, drop, p, bias):
+    M, K = a1.shape
+    N, R = b1.shape[1], a2.shape[1]
+    desc = tensor_descriptor_class()
+    b1_t, b1_nk = _b_form(b1)
+    b2_t, b2_nk = _b_form(b2)
+    placeholder = [16, 16]  # replaced by _set_tma_blocks once the config is known
+    d = [desc.from_tensor(t, placeholder) for t in (a1, b1_t, a2, b2_t, out)]
+    sms = 3 if interpreting() else _sm_count(a1.device)  # 3 under the interpreter: programs walk several tiles
+    grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+    _mm2_tma_kernel[grid](*d, seed if seed is not None else out, bias if bias is not None else out,
+                          M, m_bucket(M), N, K, R, float(p), 1.0 / (1.0 - p), sms,
+                          B1_NK=b1_nk, B2_NK=b2_nk, DROP=drop, HAS_BIAS=bias is not None)
+    return out
 
 
 @triton.jit
@@ -215,6 +342,8 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, seed=None, drop=NO_DROP, p=0.0, b
             (drop == DROP_SECOND and a2 is None):
         raise ValueError(f"drop={drop}: dropout needs a seed tensor (DROP_SECOND also a second product), and no "
                          f"dropout no seed; got seed={seed!r}, a2={'set' if a2 is not None else None}")
+    if colscale is None and split is None and tma_path(a1, b1, a2, b2, out, drop):
+        return _launch_mm2_tma(out, a1, b1, a2, b2, seed, drop, p, bias)
     plain = a2 is None
     if split is None:
         split = _split_k(M, N, K, a1.device) if plain else 1

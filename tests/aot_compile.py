@@ -50,6 +50,21 @@ def variants():
             bm, bn = (64, 32) if dt == "fp32" else (128, 64)  # as molf_linear._one_pass_grid
             cx = dict(HAS_DBIAS=dbias, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16 if dbias else 64)
             yield f"lowrank_grads {dt} dbias={dbias}", L._lowrank_grads_kernel, sig, cx, dict(num_warps=8)
+    for dt in ("fp16", "bf16"):  # the Hopper descriptor path: forward (B operands transposed) and dx (not)
+        for nk, drop, (bm, bn, warps, sub) in ((True, 0, (128, 256, 8, True)), (False, 3, (128, 128, 8, True)),
+                                               (True, 0, (64, 128, 4, False))):
+            bk = 64
+            def desc(*shape):
+                return f"tensordesc<{dt}{list(shape)}>"
+            b = desc(bn, bk) if nk else desc(bk, bn)
+            sig = {"a1_d": desc(bm, bk), "b1_d": b, "a2_d": desc(bm, bk), "b2_d": b,
+                   "c_d": desc(bm, bn // 2) if sub else desc(bm, bn), "seed_ptr": "*i64", "bias": f"*{dt}",
+                   **{n: i32 for n in ("M", "M_BUCKET", "N", "K", "R")}, "p_drop": f32, "inv_keep": f32,
+                   "NUM_SMS": i32}
+            cx = dict(B1_NK=nk, B2_NK=nk, DROP=drop, HAS_BIAS=drop == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      GROUP_M=8, SUBTILE=sub)
+            yield (f"_mm2_tma {dt} {bm}x{bn} nk={nk} drop={drop}", L._mm2_tma_kernel, sig, cx,
+                   dict(num_warps=warps, num_stages=3 if bn == 256 else 4))
     sig = {"part": "*fp32", "out": "*bf16", "colscale": "*fp32", "bias": "*bf16", "n_parts": i32, "numel": i32,
            "n_cols": i32}
     yield "keep_mask", L._keep_mask_kernel, {"seed_ptr": "*i64", "out": "*i8", "rows": i32, "cols": i32,

@@ -369,3 +369,123 @@ def test_autotune_key_is_a_bucket_of_m(monkeypatch):
         out = L._launch_mm2(torch.empty(M, 24), a1, b1, split=1)
         assert_close(out, a1 @ b1, 1e-5, f"M={M}")
     assert len(tuned) == 2 * 2, "two buckets (128 and 512), two configs each: tuned once per bucket"
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """The Hopper descriptor path forced on (under the interpreter it runs only when MOLF_TMA=1), with a spy
+    that records its launches."""
+    monkeypatch.setenv("MOLF_TMA", "1")
+    spy = KernelSpy(L._mm2_tma_kernel)
+    monkeypatch.setattr(L, "_mm2_tma_kernel", spy)
+    return spy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("form", ["forward", "dx", "dx_dropout"])
+def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
+    """C = A1 B1 + A2 B2 (+ bias) on descriptors: B operands transposed (forward: W^T, B_cat^T) or not (dx:
+    W, A_cat), dropout on the second product, output tiles walked by fewer programs than tiles (persistent)."""
+    M, K, N, R = 70, 48, 72, 24
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    if form == "forward":
+        w, u, b, bias = (torch.randn(N, K, dtype=dtype, device=DEVICE), torch.randn(M, R, dtype=dtype, device=DEVICE),
+                         torch.randn(N, R, dtype=dtype, device=DEVICE), torch.randn(N, dtype=dtype, device=DEVICE))
+        out = L.product(x, w.t(), a2=u, b2=b.t(), bias=bias)
+        want = x.double() @ w.double().t() + u.double() @ b.double().t() + bias.double()
+    else:
+        g, w = torch.randn(M, N, dtype=dtype, device=DEVICE), torch.randn(N, K, dtype=dtype, device=DEVICE)
+        v, a = torch.randn(M, R, dtype=dtype, device=DEVICE), torch.randn(R, K, dtype=dtype, device=DEVICE)
+        seed, p = torch.tensor([4242], device=DEVICE), 0.3
+        keep = dropout_keep(seed, M, K, p) / (1 - p) if form == "dx_dropout" else 1.0
+        drop = L.DROP_SECOND if form == "dx_dropout" else L.NO_DROP
+        out = L.product(g, w, a2=v, b2=a, seed=seed if drop else None, drop=drop, p=p if drop else 0.0)
+        want = g.double() @ w.double() + keep * (v.double() @ a.double())
+    assert len(tma.grids) == 1
+    assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (3,)  # 3 programs for 9 tiles
+    assert_close(out, want, TOL[dtype], form)
+
+
+def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
+    monkeypatch.setenv("MOLF_TMA", "1")
+    h = torch.float16
+    a1, b1 = torch.randn(8, 16, dtype=h), torch.randn(24, 16, dtype=h).t()
+    a2, b2, out = torch.randn(8, 8, dtype=h), torch.randn(24, 8, dtype=h).t(), torch.empty(8, 24, dtype=h)
+    assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
+    assert L.tma_path(a1, b1, a2, b2, out, L.DROP_SECOND)
+    assert not L.tma_path(a1, b1, None, None, out, L.NO_DROP)  # a single product: the pointer kernel
+    assert not L.tma_path(a1, b1, a2, b2, out, L.DROP_A1)
+    odd = torch.randn(8, 5, dtype=h)  # rank 5: a row of 10 bytes, not 16-byte aligned
+    assert not L.tma_path(a1, b1, odd, torch.randn(24, 5, dtype=h).t(), out, L.NO_DROP)
+    assert not L.tma_path(a1[:, 1:], b1[1:], a2, b2, out, L.NO_DROP)  # an unaligned base
+    assert not L.tma_path(a1, torch.randn(16, 48, dtype=h)[:, ::2], a2, b2, out, L.NO_DROP)  # no unit stride
+    monkeypatch.setenv("MOLF_TMA", "0")
+    assert not L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
+    monkeypatch.delenv("MOLF_TMA")
+    assert not L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)  # interpreter, not forced
+
+
+@pytest.mark.parametrize("shape", [(48, 40, (8, 16)), (45, 40, (8, 16)), (48, 40, (5,))],
+                         ids=["aligned", "K45-pointer-x", "r5-pointer-lowrank"])
+def test_layer_on_tma_path_equals_pointer_path(monkeypatch, shape):
+    """The whole layer (forward, backward with dropout) with the descriptor path forced equals the pointer
+    kernels; operands descriptors cannot take fall back to the pointer kernel, per product."""
+    k, n, ranks = shape
+    fused, _ = pair(k, n, ranks, torch.float16, True, True, dropout=0.1)
+    fused.train()
+    x = torch.randn(3, 23, k, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    g = torch.randn(3, 23, n, device=DEVICE, dtype=torch.float16)
+    torch.manual_seed(9)
+    y, gr = grads(fused, x, g)
+    monkeypatch.setenv("MOLF_TMA", "1")
+    spy = KernelSpy(L._mm2_tma_kernel)
+    monkeypatch.setattr(L, "_mm2_tma_kernel", spy)
+    torch.manual_seed(9)
+    y_t, gr_t = grads(fused, x, g)
+    assert len(spy.grids) == (2 if shape[0] % 8 == 0 and sum(ranks) % 8 == 0 else 0)  # forward y and dx
+    assert_close(y_t, y, TOL[torch.float16], "y")
+    for key in gr:
+        assert_close(gr_t[key], gr[key], TOL[torch.float16], f"d{key}")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_cuda_graph_captures_a_training_step(backend):
+    """Forward, backward and MoLFAdamW.step of a small model with molf layers, captured once and replayed,
+    equal the same steps run eagerly (backend "auto": the per-shape plan is decided in the warm-up)."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 32)).to(DEVICE)
+    molf.wrap(model, ranks=(8, 16), alphas=(16, 16), target_modules="all-linear", backend=backend)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, molf.MoLFLinear):
+                for b in m.lora_B:
+                    b.normal_(std=0.05)
+    ref = copy.deepcopy(model)
+    opt = molf.MoLFAdamW(model, lr=1e-3, lora_lr=1e-3, weight_decay=0.1)
+    ref_opt = molf.MoLFAdamW(ref, lr=1e-3, lora_lr=1e-3, weight_decay=0.1)
+    x, target = torch.randn(200, 64, device=DEVICE), torch.randn(200, 32, device=DEVICE)
+
+    def step(m, o):
+        torch.nn.functional.mse_loss(m(x), target).backward()
+        o.step()
+        o.zero_grad(set_to_none=False)  # the gradients stay the graph's static buffers
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(model, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        step(ref, ref_opt)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt)
+    for _ in range(3):
+        graph.replay()
+        step(ref, ref_opt)
+    torch.cuda.synchronize()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p, q, 1e-6, name)
+    assert torch.equal(opt.routing, ref_opt.routing)
