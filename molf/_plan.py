@@ -24,6 +24,7 @@ import math
 import os
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,9 +45,16 @@ def pinned_impl() -> str | None:
     return None if value == "auto" else value
 
 
+_PROBE_KEY = {m: str(m) for m in PROBE_M}
+_PROBE_UPPER = [(math.sqrt(a * b), a) for a, b in zip(PROBE_M, PROBE_M[1:])]  # geometric midpoints
+
+
 def probe_for(m: int) -> int:
     """The probe token count whose choice a call with m tokens takes: nearest in log scale, ties upward."""
-    return min(PROBE_M, key=lambda p: (abs(math.log2(max(m, 1)) - math.log2(p)), -p))
+    for mid, probe in _PROBE_UPPER:
+        if m < mid:
+            return probe
+    return PROBE_M[-1]
 
 
 def cuda_event_timer(fn, *, impl: str, m: int, repeat: int = 5) -> float:
@@ -103,6 +111,7 @@ class LayerPlanner:
     def __init__(self, timer=cuda_event_timer):
         self.timer = timer
         self.plans: dict[str, ShapePlan] = {}
+        self._by_layer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.measurements = 0  # how many (shape, probe, impl) timings ran: the tests count them
 
     def choose(self, layer, x: torch.Tensor, run) -> str:
@@ -110,14 +119,21 @@ class LayerPlanner:
         pin = pinned_impl()
         if pin is not None:
             return pin
-        shape = shape_of(layer, x)
-        key = _shape_str(shape)
-        plan = self.plans.get(key)
+        # Per layer, the plan is found by a tuple lookup: no per-call key building for a 196-layer model.
+        fast = (x.device, x.dtype, torch.is_autocast_enabled(x.device.type), layer.training,
+                layer.base.weight.requires_grad)
+        mine = self._by_layer.setdefault(layer, {})
+        plan = mine.get(fast)
         if plan is None:
-            if _tracing_or_capturing():
-                return "fused"  # undecided: no measurement inside a capture or a trace, and nothing recorded
-            plan = self.plans[key] = self._decide(layer, x, run, shape)
-        return plan.impl[str(probe_for(x.numel() // max(x.shape[-1], 1)))]
+            shape = shape_of(layer, x)
+            key = _shape_str(shape)
+            plan = self.plans.get(key)
+            if plan is None:
+                if _tracing_or_capturing():
+                    return "fused"  # undecided: no measurement inside a capture or a trace, and nothing recorded
+                plan = self.plans[key] = self._decide(layer, x, run, shape)
+            mine[fast] = plan
+        return plan.impl[_PROBE_KEY[probe_for(x.numel() // max(x.shape[-1], 1))]]
 
     def _decide(self, layer, x, run, shape) -> ShapePlan:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
