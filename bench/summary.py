@@ -7,11 +7,13 @@ def ratio_table(rows, pairs=(("eager", "molf"), ("cublas_chain", "molf"), ("molf
                               ("reference", "molf"), ("reference", "eager"), ("torch_adamw_fused", "molf"),
                               ("eager", "torch_adamw_fused"), ("molf_fresh_grads", "molf"), ("eager", "molf_eager"),
                               ("eager", "base"), ("cublas_chain", "base"), ("two_pass", "one_pass"),
-                              ("molf", "molf_fused"), ("molf_fused", "cublas_chain"), ("molf_fused", "base"))):
+                              ("molf", "molf_fused"), ("molf_fused", "cublas_chain"), ("molf_fused", "base"),
+                              ("qmolf_e", "molf_e"), ("qmolf_e", "peft_qlora"))):
     """For each bench and pair (a, b): median over shapes of time(a) / time(b)."""
     by_case = defaultdict(dict)
     for r in rows:
-        key = (r["bench"], r["model"], r["module"], r["M"], tuple(r["ranks"]), r["dtype"])
+        key = (r["bench"], r["model"], r["module"], r["M"], r["dtype"]) if r["bench"].endswith("_quant") else \
+            (r["bench"], r["model"], r["module"], r["M"], tuple(r["ranks"]), r["dtype"])  # QLoRA's r differs
         by_case[key][r["impl"]] = r["median_ms"]
     out = []
     for bench in sorted({k[0] for k in by_case}):

@@ -498,17 +498,20 @@ class MoLFLinearFunction(torch.autograd.Function):
     With dropout only the 8-byte seed is saved: the kernels redraw the keep-mask where they read x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, seed, p):
+    def forward(ctx, x, weight, bias, a_cat, b_cat, s_cols, seed, p, weight_fn):
         drop = DROP_A1 if seed is not None else NO_DROP
         u = product(x, a_cat.t(), colscale=s_cols, seed=seed, drop=drop, p=p)
-        y = product(x, weight.t(), a2=u, b2=b_cat.t(), bias=bias)
+        w = weight if weight_fn is None else weight_fn(x.dtype)
+        y = product(x, w.t(), a2=u, b2=b_cat.t(), bias=bias)
         ctx.save_for_backward(x, weight, a_cat, b_cat, s_cols, u, seed)
-        ctx.p, ctx.has_bias = p, bias is not None
+        ctx.p, ctx.has_bias, ctx.weight_fn = p, bias is not None, weight_fn
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, a_cat, b_cat, s_cols, u, seed = ctx.saved_tensors
+        if ctx.weight_fn is not None:  # a quantized base: W dequantized again, never kept between the passes
+            weight = ctx.weight_fn(g.dtype)
         g = g.contiguous()
         need_x, need_w, need_bias, need_a_cat, need_b_cat = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = v = None
@@ -529,16 +532,17 @@ class MoLFLinearFunction(torch.autograd.Function):
             dw = product(g.t(), x)
         if need_db and db is None:
             db = g.sum(0, dtype=torch.float32).to(g.dtype)
-        return dx, dw, db, da, dbb, None, None, None
+        return dx, dw, db, da, dbb, None, None, None, None
 
 
-def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_cols=None):
+def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_cols=None, weight_fn=None):
     """The MoLF layer on the fused kernels: x of any leading shape (..., K); output (..., N) in x's dtype.
     seed: dropout's int64 seed tensor (molf._math.dropout_seed) when p > 0, else None. s_cols: the cached
-    `column_scales` (built here when None)."""
+    `column_scales` (built here when None). weight_fn(dtype): W built on demand (a quantized base,
+    dequantized in forward and again in backward) with weight=None; W then takes no gradient."""
     ac = autocast_dtype(x.device.type)
     if ac is not None:
-        x, weight = x.to(ac), weight.to(ac)
+        x, weight = x.to(ac), weight.to(ac) if weight is not None else None
         bias = bias.to(ac) if bias is not None else None
         lora_A, lora_B = [a.to(ac) for a in lora_A], [b.to(ac) for b in lora_B]
     lead = x.shape[:-1]
@@ -549,5 +553,5 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_c
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), 1)
     if s_cols is None or s_cols.device != x.device:
         s_cols = column_scales([a.shape[0] for a in lora_A], scalings, x.device)
-    y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, seed, float(p))
+    y = MoLFLinearFunction.apply(x2, weight, bias, a_cat, b_cat, s_cols, seed, float(p), weight_fn)
     return y.view(*lead, y.shape[-1])

@@ -7,6 +7,12 @@
 - molf_config.json (how each layer was wrapped, which parameters were frozen) and molf_model.safetensors
   (the wrapped model's own state: base weights and LoRA experts unmerged), from which
   `molf.from_pretrained(path)` rebuilds the wrapped model bitwise, to continue MoLF training.
+
+A model whose MoLF layers have quantized bases (bitsandbytes, MoLF-E) is saved as QLoRA runs are: a peft
+adapter for the original quantized base (`export_peft`: adapter_config.json, adapter_model.safetensors)
+and molf's state without the quantized weights (molf_model.safetensors holds the experts and every float
+tensor; `molf.load(wrapped_quantized_model, path)` restores it, as MoLFTrainer's resume does). No merged
+plain model is written: it would not be quantized (`molf.merge` dequantizes, on purpose).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import os
 import torch
 from torch import nn
 
+from . import quant
 from .layer import MoLFLinear, molf_layers
 
 MOLF_CONFIG = "molf_config.json"
@@ -48,13 +55,50 @@ def molf_config(model: nn.Module) -> dict:
     }
 
 
+def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """"name." of every bitsandbytes layer (wrapped bases included): their weights are not molf's to save."""
+    return tuple(f"{n}." for n, m in model.named_modules() if n and quant.quant_kind(m) is not None)
+
+
+def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() without the quantized layers' weights and quantization state (their biases kept)."""
+    prefixes = _quantized_prefixes(model)
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(prefixes) or any(k == p + "bias" for p in prefixes)}
+
+
+def _save_quantized(model: nn.Module, path) -> str:
+    from safetensors.torch import save_file
+
+    from .export import export_peft
+    export_peft(model, path)
+    tensors, aliases, first = {}, {}, {}
+    for k, v in float_state_dict(model).items():  # tied tensors (embeddings) stored once, their other names aliased
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in first:
+            aliases[k] = first[key]
+        else:
+            first[key] = k
+            tensors[k] = v.detach().contiguous().cpu()
+    save_file(tensors, os.path.join(path, MOLF_WEIGHTS),
+              metadata={"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(aliases)})
+    with open(os.path.join(path, MOLF_CONFIG), "w") as f:
+        json.dump(dict(molf_config(model), quantized_base=True), f, indent=2)
+    return str(path)
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> str:
-    """Write the merged plain checkpoint and molf's exact state to `path` (see the module docstring).
-    kwargs go to transformers' `save_pretrained` (e.g. max_shard_size)."""
+    """Write the merged plain checkpoint and molf's exact state to `path` (see the module docstring); a model
+    with quantized bases: the peft adapter and molf's float state. kwargs go to transformers'
+    `save_pretrained` (e.g. max_shard_size)."""
     from safetensors.torch import save_model
 
-    if not molf_layers(model):
+    layers = molf_layers(model)
+    if not layers:
         raise ValueError("save_pretrained: the model has no MoLF layers (use the model's own save_pretrained)")
+    if any(m.quantized for _, m in layers):
+        os.makedirs(path, exist_ok=True)
+        return _save_quantized(model, path)
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
     os.makedirs(path, exist_ok=True)
@@ -96,10 +140,36 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
+    if _config(path).get("quantized_base"):
+        return _load_quantized(model, path)
     missing, unexpected = load_model(model, os.path.join(path, MOLF_WEIGHTS), strict=False)
     if missing or unexpected:
         raise ValueError(f"the molf checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def _config(path) -> dict:
+    with open(os.path.join(path, MOLF_CONFIG)) as f:
+        return json.load(f)
+
+
+def _load_quantized(model: nn.Module, path) -> nn.Module:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, MOLF_WEIGHTS)
+    with safe_open(file, "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(file)
+    state.update({k: state[v] for k, v in aliases.items() if v in state})
+    expected = set(float_state_dict(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected or not any(m.quantized for _, m in molf_layers(model)):
+        raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; load the same base "
+                         "quantized, wrap it as molf_config.json says, then molf.load(model, path)")
+    model.load_state_dict(state, strict=False)
     return model
 
 
@@ -112,8 +182,11 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS}); a plain model "
                          "loads with AutoModelForCausalLM.from_pretrained")
-    with open(os.path.join(path, MOLF_CONFIG)) as f:
-        config = json.load(f)
+    config = _config(path)
+    if config.get("quantized_base"):
+        raise ValueError(f"{path} was saved from a quantized base and holds no base weights (a peft adapter and "
+                         "molf's state): load the base with its quantization_config, molf.wrap it as "
+                         "molf_config.json says, then molf.load(model, path); or load the adapter with peft")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     rewrap(model, config, backend)
     return load(model, path)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import _backend, _checks, _plan
+from . import _backend, _checks, _plan, quant
 from ._math import dropout_keep, dropout_seed
 from .kernels._env import column_scales
 
@@ -45,12 +45,13 @@ def expert_names(ranks: Sequence[int], train_base: bool) -> list[str]:
     return names
 
 
-def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None):
+def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, s_cols=None, base_out=None):
     """The eager layer in torch ops: y = x W^T + b + (drop(x) A_cat^T * s_cols) B_cat^T, the experts as one
     low-rank product of rank R = sum r_i with the scales on the small M x R side, added by one addmm
     (against the reference's scaled product and sum per expert: two M x N passes fewer each).
-    s_cols: `column_scales` in the LoRA dtype (built here when None)."""
-    y = nn.functional.linear(x, weight, bias)
+    s_cols: `column_scales` in the LoRA dtype (built here when None). base_out: x W^T + b computed by the
+    caller (a quantized base's own layer), else F.linear."""
+    y = nn.functional.linear(x, weight, bias) if base_out is None else base_out
     xd = x if mask is None else x * mask / (1.0 - p)
     if len(lora_A) == 1:
         a_cat, b_cat = lora_A[0], lora_B[0]
@@ -90,6 +91,13 @@ class MoLFLinear(nn.Module):
         why = _unsupported("base", base)
         if why:
             raise TypeError(why)
+        self.quantized = quant.quant_kind(base) is not None
+        if self.quantized:
+            quant.check_quantized(base, "base")
+            if train_base:
+                raise ValueError(f"train_base=True needs a float base, got a {quant.describe(base)} layer: a quantized "
+                                 "weight cannot be the full expert; use train_base=False (MoLF-Efficient), or load "
+                                 "the model in bf16/fp16/fp32")
         self.backend = _backend.check_backend(backend)
         k, n = base.in_features, base.out_features
         if max(ranks) > min(k, n):
@@ -105,10 +113,9 @@ class MoLFLinear(nn.Module):
         for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
             p.requires_grad_(train_base)
         w = base.weight
-        self.lora_A = nn.ParameterList(
-            [nn.Parameter(torch.empty(r, k, device=w.device, dtype=w.dtype)) for r in ranks])
-        self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.empty(n, r, device=w.device, dtype=w.dtype)) for r in ranks])
+        dtype = quant.compute_dtype(base) if self.quantized else w.dtype
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, k, device=w.device, dtype=dtype)) for r in ranks])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.empty(n, r, device=w.device, dtype=dtype)) for r in ranks])
         self.reset_lora_parameters()
 
     @property
@@ -142,7 +149,7 @@ class MoLFLinear(nn.Module):
             raise ValueError(f"input of shape {tuple(x.shape)} does not match the layer: its last dimension must be "
                              f"in_features = {self.in_features} (weight shape {tuple(self.base.weight.shape)})")
         w = self.base.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype and not self.quantized and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's weight dtype {w.dtype}; "
                             "cast the input or run under torch.autocast")
 
@@ -156,6 +163,8 @@ class MoLFLinear(nn.Module):
     def _forward_by(self, impl: str, x: torch.Tensor) -> torch.Tensor:
         """The layer by implementation: "fused" (the Triton kernels) or "chain" (torch ops, cuBLAS on a GPU)."""
         seed = dropout_seed(x.device) if self.training and self.dropout > 0 else None
+        if self.quantized:
+            return self._quantized_forward_by(impl, x, seed)
         if impl == "fused":
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
             return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
@@ -165,6 +174,25 @@ class MoLFLinear(nn.Module):
         s_cols = self._column_scales(x.device, self.lora_A[0].dtype) if len(self.ranks) > 1 else None
         return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
                               self.scalings, mask, self.dropout, s_cols=s_cols)
+
+    def _quantized_forward_by(self, impl: str, x: torch.Tensor, seed) -> torch.Tensor:
+        """A quantized base: the low-rank term in the LoRA dtype, the output in x's dtype (as bitsandbytes
+        and peft). "chain": the base through bitsandbytes' own layer. "fused": the base dequantized into a
+        transient buffer for the forward GEMM, and again in backward for dx (recomputed, never saved)."""
+        dtype = self.lora_A[0].dtype
+        xc = x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+        if impl == "fused":
+            from .kernels import molf_linear as _fused
+            bias = self.base.bias
+            y = _fused.molf_linear(xc, None, None if bias is None else bias.to(dtype), list(self.lora_A),
+                                   list(self.lora_B), self.scalings, seed, self.dropout,
+                                   s_cols=self._column_scales(x.device, torch.float32),
+                                   weight_fn=lambda dt: quant.dequantize(self.base, dt))
+            return y.to(x.dtype)
+        mask = None if seed is None else self._keep_mask(seed, xc)
+        s_cols = self._column_scales(x.device, dtype) if len(self.ranks) > 1 else None
+        return lowrank_linear(xc, None, None, list(self.lora_A), list(self.lora_B), self.scalings, mask,
+                              self.dropout, s_cols=s_cols, base_out=self.base(x))
 
     def _keep_mask(self, seed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The keep-mask the fused kernels would draw from `seed` for x: one Triton launch on a GPU, torch
@@ -183,21 +211,24 @@ class MoLFLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + sum_i s_i B_i A_i, accumulated in fp32 (or W's dtype if wider) and rounded once to W's dtype."""
+        """W + sum_i s_i B_i A_i, accumulated in fp32 (or W's dtype if wider) and rounded once to W's dtype
+        (a quantized W: dequantized, the result in the LoRA dtype, no longer quantized)."""
         w = self.base.weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        delta = w.to(acc, copy=True)
+        dtype = self.lora_A[0].dtype if self.quantized else w.dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        delta = quant.dequantize(self.base, acc) if self.quantized else w.to(acc, copy=True)
         for s, a, b in zip(self.scalings, self.lora_A, self.lora_B):
             delta.addmm_(b.to(acc), a.to(acc), alpha=s)
-        return delta.to(w.dtype)
+        return delta.to(dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A new plain nn.Linear whose weight is W + sum_i s_i B_i A_i (bias copied); this layer is unchanged."""
-        w = self.base.weight
+        """A new plain nn.Linear whose weight is W + sum_i s_i B_i A_i (bias copied); this layer is unchanged.
+        A quantized base is dequantized: the merged layer is a float nn.Linear in the LoRA dtype."""
+        w = self.merged_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                         device=w.device, dtype=w.dtype)
-        out.weight.copy_(self.merged_weight())
+        out.weight.copy_(w)
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
         return out
@@ -205,7 +236,8 @@ class MoLFLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}, "
                 f"alphas={self.alphas}, train_base={self.base.weight.requires_grad}, rslora={self.rslora}, "
-                f"dropout={self.dropout}, backend={self.backend!r}")
+                f"dropout={self.dropout}, backend={self.backend!r}"
+                + (f", base={quant.describe(self.base)}" if self.quantized else ""))
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -240,11 +272,14 @@ def _is_conv1d(m: nn.Module) -> bool:
 def _unsupported(name: str, m: nn.Module) -> str | None:
     """Why module `m` cannot be a MoLF base (None if it can)."""
     kind = type(m)
+    if quant.quant_kind(m) is not None:
+        return None  # bitsandbytes Linear4bit / Linear8bitLt: MoLF-E on a quantized base (molf.quant)
     if kind.__module__.startswith("bitsandbytes") or getattr(m, "weight", None) is not None and (
             not m.weight.is_floating_point() or type(m.weight.data) not in (torch.Tensor, nn.Parameter)):
         return (f"{name} is a quantized layer ({kind.__module__}.{kind.__name__}, weight "
-                f"{type(m.weight.data).__name__} {m.weight.dtype}): quantized bases are not supported yet; load the "
-                "model in bf16/fp16/fp32 to wrap it")
+                f"{type(m.weight.data).__name__} {m.weight.dtype}) that molf cannot wrap: quantized bases are "
+                "supported as bitsandbytes Linear4bit and Linear8bitLt (train_base=False); load the model with "
+                "bitsandbytes, or in bf16/fp16/fp32, to wrap it")
     if _is_conv1d(m):
         return (f"{name} is a transformers Conv1D (GPT-2 style, weight stored in_features x out_features): molf "
                 "wraps nn.Linear layers only; convert the model's Conv1D layers to nn.Linear first")
@@ -324,6 +359,16 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     _backend.check_backend(backend)
     chosen = _match_targets(model, target_modules)
     problems = [msg for n, m in chosen if (msg := _unsupported(n, m))]
+    quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
+    if quantized and train_base:
+        problems.insert(0, f"train_base=True needs float bases, but {quantized[0][0]} is a "
+                           f"{quant.describe(quantized[0][1])} layer ({len(quantized)} quantized targets): a quantized "
+                           "weight cannot be the full expert; use train_base=False (MoLF-Efficient)")
+    for n, m in quantized:
+        try:
+            quant.check_quantized(m, n)
+        except ValueError as e:
+            problems.append(str(e))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)
@@ -343,10 +388,37 @@ def merge(model: nn.Module) -> nn.Module:
     """Turn every MoLFLinear of `model` back into a plain nn.Linear with the experts folded in; in place."""
     if isinstance(model, MoLFLinear):
         raise TypeError("merge(model) replaces MoLF layers inside a model; for one layer call layer.merge()")
+    dequantized = []
     for name, m in list(model.named_modules()):
         if isinstance(m, MoLFLinear):
-            _set_child(model, name, m.merge())
+            merged = m.merge()
+            if m.quantized:
+                dequantized.append((name, quant.describe(m.base), merged.weight.dtype))
+            _set_child(model, name, merged)
+    if dequantized:
+        left = [n for n, m in model.named_modules() if quant.quant_kind(m) is not None]
+        if not left:  # nothing quantized remains: transformers must not save or reload it as quantized
+            _forget_quantization(model)
+        name, what, dtype = dequantized[0]
+        warnings.warn(f"molf.merge dequantized {len(dequantized)} {what} layers (e.g. {name}) into float nn.Linear "
+                      f"({dtype}): the merged model is no longer quantized there"
+                      + (f"; {len(left)} other quantized layers stay quantized" if left else
+                         "; its quantization_config was removed, so save_pretrained writes a float checkpoint"),
+                      stacklevel=2)
     return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop transformers' record that the model is quantized (config.quantization_config, hf_quantizer)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
@@ -368,7 +440,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # two 4-bit values per stored byte
         if p.requires_grad and id(p) not in inside:
             other += p.numel()
     counts["other"] = other

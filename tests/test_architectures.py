@@ -106,18 +106,21 @@ def test_linear_subclasses_wrapped_when_they_behave_as_one():
         molf.wrap(odd, ranks=(2,), alphas=(4,), target_modules="all-linear")
 
 
-def test_quantized_bases_are_refused_naming_the_layer():
+def test_unsupported_quantized_bases_are_refused_naming_the_layer():
+    """Non-float weights and bitsandbytes layers other than Linear4bit/Linear8bitLt (tests/test_quant.py
+    covers those); the class below stands for one without importing bitsandbytes."""
     model = tiny_qwen2()
     q = model.model.layers[0].self_attn.q_proj
     q.weight = nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a quantized layer.*not supported yet"):
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a quantized layer.*that molf cannot "
+                                         r"wrap: quantized bases are supported as bitsandbytes Linear4bit"):
         molf.wrap(model, ranks=(4,), alphas=(8,), train_base=False)
 
-    class Linear4bit(nn.Linear):  # stands for bitsandbytes' class (not installed in CI)
+    class SwitchBackLinear(nn.Linear):
         pass
-    Linear4bit.__module__ = "bitsandbytes.nn.modules"
+    SwitchBackLinear.__module__ = "bitsandbytes.nn.triton_based_modules"
     model = tiny_qwen2()
-    model.model.layers[1].mlp.down_proj = Linear4bit(48, 32, bias=False)
+    model.model.layers[1].mlp.down_proj = SwitchBackLinear(48, 32, bias=False)
     with pytest.raises(ValueError, match=r"layers.1.mlp.down_proj is a quantized layer \(bitsandbytes"):
         molf.wrap(model, ranks=(4,), alphas=(8,))
     assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())

@@ -9,6 +9,7 @@ checkpointing and checkpoint save/resume (optimizer state included) work unchang
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -77,6 +78,26 @@ def _record_step(line: str) -> int:
         return -1  # not a routing record: kept
 
 
+@contextlib.contextmanager
+def _trainable_adapters_attached(model):
+    """transformers refuses to train a quantized model without peft adapters ("purely quantized"); a molf-
+    wrapped quantized model has trainable experts, so it says so (as peft's flag) while the Trainer checks."""
+    flag = "_hf_peft_config_loaded"
+    quantized_molf = model is not None and getattr(model, "is_quantized", False) and \
+        any(getattr(m, "quantized", False) for _, m in checkpoint.molf_layers(model))
+    before = getattr(model, flag, None) if quantized_molf else None
+    if quantized_molf:
+        setattr(model, flag, True)
+    try:
+        yield
+    finally:
+        if quantized_molf:
+            if before is None:
+                delattr(model, flag)
+            else:
+                setattr(model, flag, before)
+
+
 class MoLFTrainer(Trainer):
     """A transformers Trainer that steps a molf-wrapped model with MoLFAdamW.
 
@@ -90,7 +111,9 @@ class MoLFTrainer(Trainer):
                  **kwargs):
         self.molf_kwargs = dict(lora_lr=lora_lr, lora_weight_decay=lora_weight_decay, score=score, top_k=top_k,
                                 backend=backend)
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _trainable_adapters_attached(model):
+            super().__init__(*args, **kwargs)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5 renames the option
             if getattr(self.args, name, False) and not getattr(self.args, f"{name}_kwargs", None):
                 # Non-reentrant checkpointing gives every parameter its gradient even with frozen embeddings.

@@ -1,0 +1,320 @@
+"""MoLF-E on bitsandbytes 4-bit and 8-bit bases (molf.quant): forward and LoRA gradients against a float64
+formula on the dequantized weight, the base untouched, a tiny Qwen2 loaded the way users load it
+(from_pretrained with a BitsAndBytesConfig) training on both backends, merge, export and checkpoints.
+
+bitsandbytes' CPU backend runs here (a dev extra); without it (the GPU image) these tests skip."""
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import molf
+from conftest import DEVICE
+from helpers import assert_close, batch, rel_err, tiny_qwen2
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes")
+
+KINDS = ["nf4", "fp4", "nf4-double", "int8"]
+
+
+def quantized(lin: nn.Linear, kind: str, compute_dtype=torch.float32) -> nn.Module:
+    """lin as a bitsandbytes layer, quantized on its device as transformers' loader does."""
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
+        q.load_state_dict(lin.state_dict())
+        return q.to(DEVICE)
+    qtype, double = kind.split("-")[0], kind.endswith("double")
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                          quant_type=qtype, compress_statistics=double)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=qtype,
+                                 compress_statistics=double)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to(DEVICE)
+
+
+def quantized_qwen2(tmp_path, kind="nf4-double", layers=2):
+    """A tiny Qwen2 saved and loaded back with a BitsAndBytesConfig: what a user's from_pretrained gives
+    (widths multiples of 64: bitsandbytes' CPU inference repacking fails below its block size)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    tiny_qwen2(layers=layers, hidden=64, inter=128).save_pretrained(tmp_path / "float")
+    if kind == "int8":
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind.split("-")[0],
+                                 bnb_4bit_use_double_quant=kind.endswith("double"),
+                                 bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, device_map=str(DEVICE),
+                                                dtype=torch.float32)
+
+
+def f64_layer(layer, x, g):
+    """y and the gradients of x and every expert from the float64 formula on the dequantized weight."""
+    w = molf.quant.dequantize(layer.base, torch.float64)
+    b = layer.base.bias.double() if layer.base.bias is not None else 0
+    xd = x.detach().double().requires_grad_(True)
+    a = [t.detach().double().requires_grad_(True) for t in layer.lora_A]
+    bb = [t.detach().double().requires_grad_(True) for t in layer.lora_B]
+    y = xd @ w.T + b + sum(s * (xd @ ai.T) @ bi.T for s, ai, bi in zip(layer.scalings, a, bb))
+    y.backward(g.double())
+    return y.detach(), xd.grad, [t.grad for t in a], [t.grad for t in bb]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_and_lora_gradients_match_float64(kind, bias, backend):
+    torch.manual_seed(0)
+    lin = nn.Linear(45, 37, bias=bias, device=DEVICE)  # odd sizes: not a multiple of any block
+    layer = molf.MoLFLinear(quantized(lin, kind), ranks=(3, 8), alphas=(8, 16), train_base=False, backend=backend)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(std=0.5)
+    assert layer.lora_A[0].dtype == torch.float32 and layer.quantized
+    x = torch.randn(2, 9, 45, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 9, 37, device=DEVICE)
+    y = layer(x)
+    y.backward(g)
+    y64, dx64, da64, db64 = f64_layer(layer, x, g)
+    tol = 1e-5 if kind != "int8" else 5e-3  # bitsandbytes' CPU int8 matmul rounds its input to fp16
+    assert_close(y, y64, tol, "y")
+    assert_close(x.grad, dx64, tol, "dx")
+    for i in range(2):
+        assert_close(layer.lora_A[i].grad, da64[i], tol, f"dA{i}")
+        assert_close(layer.lora_B[i].grad, db64[i], tol, f"dB{i}")
+    assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_fp16_compute_dtype_and_autocast(kind):
+    """LoRA experts in the compute dtype (fp16 here), the output in the input's dtype, as bitsandbytes and peft."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24, device=DEVICE)
+    base = quantized(lin, kind, compute_dtype=torch.float16)
+    if kind == "int8":
+        base.bias.data = base.bias.data.half()
+    layer = molf.MoLFLinear(base, ranks=(4,), alphas=(8,), train_base=False, backend="eager")
+    assert layer.lora_A[0].dtype == torch.float16
+    with torch.no_grad():
+        layer.lora_B[0].normal_()
+    x = torch.randn(5, 32, device=DEVICE)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    y64 = f64_layer(layer, x, torch.ones(5, 24, device=DEVICE))[0]
+    assert_close(y, y64, 1e-2, "fp16 compute")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_base_storage_untouched_by_training(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(quantized(nn.Linear(40, 48), "nf4-double"), nn.GELU(), quantized(nn.Linear(48, 16), "int8"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, target_modules=["0", "2"], backend=backend)
+    opt = molf.MoLFAdamW(model, lr=1e-2, backend=backend)
+    x, t = torch.randn(12, 40, device=DEVICE), torch.randn(12, 16, device=DEVICE)
+    for _ in range(4):
+        nn.functional.mse_loss(model(x), t).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name in ("0", "2"):
+        base = model.get_submodule(name).base
+        assert base.weight.grad is None and not base.weight.requires_grad
+        for k, v in base.state_dict().items():
+            assert torch.equal(v, before[f"{name}.{k}"]), f"{name}.{k} changed"
+    assert opt.routing.shape == (2, 2)
+
+
+@pytest.mark.parametrize("kind", ["nf4-double", "int8"])
+def test_tiny_qwen2_from_pretrained_quantized_trains_routing_alike_on_both_backends(tmp_path, kind):
+    """Loss goes down, and the eager and triton backends route identically step by step."""
+    ids = batch(n=2, t=8)
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = quantized_qwen2(tmp_path, kind, layers=1)
+        molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend=backend)
+        model.train()
+        opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, backend=backend)
+        losses, routes = [], []
+        for _ in range(8):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            routes.append(opt.routing.clone())
+        runs[backend] = losses, torch.stack(routes)
+    for backend, (losses, _) in runs.items():
+        assert losses[-1] < 0.9 * losses[0], (backend, losses)
+    assert torch.equal(runs["eager"][1], runs["triton"][1])
+    assert rel_err(torch.tensor(runs["triton"][0]), torch.tensor(runs["eager"][0])) < 1e-3
+
+
+def test_prepare_model_for_kbit_training_and_gradient_checkpointing(tmp_path):
+    """peft's QLoRA conventions: norms in fp32, input gradients on, gradient checkpointing; then molf.wrap."""
+    peft = pytest.importorskip("peft")
+    model = peft.prepare_model_for_kbit_training(quantized_qwen2(tmp_path),
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    model.train()
+    opt = molf.MoLFAdamW(model, lr=1e-2)
+    ids = batch(n=4, t=12)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_train_base_refused_on_quantized_bases(tmp_path):
+    model = quantized_qwen2(tmp_path)
+    with pytest.raises(ValueError, match=r"train_base=True needs float bases, but model.layers.0.self_attn.q_proj is "
+                                         r"a bitsandbytes 4-bit nf4 \(double quantization\) layer \(14 quantized"):
+        molf.wrap(model, ranks=(8,), alphas=(16,), train_base=True)
+    assert not molf.layer.molf_layers(model)  # nothing wrapped
+    with pytest.raises(ValueError, match="a quantized weight cannot be the full expert"):
+        molf.MoLFLinear(model.model.layers[0].mlp.up_proj, train_base=True)
+
+
+def test_unquantized_bitsandbytes_layer_refused():
+    layer = bnb.nn.Linear4bit(16, 8, quant_type="nf4")  # still float: quantized only when moved to its device
+    layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4")
+    with pytest.raises(ValueError, match="not quantized yet"):
+        molf.MoLFLinear(layer, train_base=False)
+
+
+def test_other_quantized_layers_refused():
+    """A non-float weight that is not bitsandbytes' (torchao-style int8 tensor): an error naming the layer."""
+    lin = nn.Linear(8, 4)
+    lin.weight = nn.Parameter(torch.randint(-8, 8, (4, 8), dtype=torch.int8), requires_grad=False)
+    model = nn.Sequential(lin)
+    with pytest.raises(ValueError, match=r"0 is a quantized layer .*supported as bitsandbytes Linear4bit and "
+                                         r"Linear8bitLt"):
+        molf.wrap(model, target_modules=["0"], train_base=False)
+
+
+@pytest.mark.parametrize("kind", ["nf4-double", "int8"])
+def test_merge_dequantizes_and_saves_a_float_checkpoint(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+    model = quantized_qwen2(tmp_path, kind)
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    with torch.no_grad():
+        for _, m in molf.layer.molf_layers(model):
+            for b in m.lora_B:
+                b.normal_(std=0.05)
+    ids = batch()
+    want = model(ids).logits
+    with pytest.warns(UserWarning, match=r"molf.merge dequantized 14 .* into float nn.Linear \(torch.float32\): the "
+                                         r"merged model is no longer quantized there; its quantization_config was"):
+        molf.merge(model)
+    assert not any(molf.quant.quant_kind(m) for m in model.modules())
+    assert_close(model(ids).logits, want, 2e-2 if kind == "int8" else 1e-5, "merged")  # int8: LLM.int8 activations
+    model.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert_close(again(ids).logits, model(ids).logits, 1e-6, "reloaded")
+
+
+def test_export_peft_loads_on_the_quantized_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = quantized_qwen2(tmp_path)
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
+    with torch.no_grad():
+        for _, m in molf.layer.molf_layers(model):
+            for b in m.lora_B:
+                b.normal_(std=0.05)
+    ids = batch()
+    want = model.train()(ids).logits  # train mode: bitsandbytes' bf16 CPU inference kernels stay out of it
+    molf.export_peft(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(quantized_qwen2(tmp_path), tmp_path / "adapter").train()
+    assert type(loaded.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert_close(loaded(ids).logits, want, 1e-5, "peft on the quantized base")
+
+
+def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
+    """molf.save_pretrained (MoLFTrainer's checkpoints): a peft adapter plus molf's float state, no quantized
+    weights; molf.load restores the experts bitwise into a freshly loaded and wrapped quantized model."""
+    model = quantized_qwen2(tmp_path)
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=1e-2)
+    ids = batch()
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    molf.save_pretrained(model, tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "molf_config.json", "molf_model.safetensors"]
+    fresh = quantized_qwen2(tmp_path)
+    molf.wrap(fresh, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    molf.load(fresh, tmp_path / "ckpt")
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="saved from a quantized base"):
+        molf.from_pretrained(tmp_path / "ckpt")
+    plain = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 8), train_base=False)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        molf.load(plain, tmp_path / "ckpt")
+
+
+def test_trainer_checkpoint_and_resume_on_a_quantized_base(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import TrainingArguments
+
+    from molf.integrations.hf import MoLFTrainer
+
+    class Data(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = batch(seed=i, n=1, t=12)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    def trainer(out, steps):
+        model = quantized_qwen2(tmp_path)
+        molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
+        args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                                 save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                                 save_only_model=False)
+        return MoLFTrainer(model=model, args=args, train_dataset=Data()), model
+    t, full = trainer(tmp_path / "a", 4)
+    t.train()
+    r, resumed = trainer(tmp_path / "b", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    ids = batch()
+    assert torch.equal(resumed(ids).logits, full(ids).logits)
+
+
+def test_dequantize_after_bitsandbytes_cpu_inference_repacking(tmp_path):
+    """An eval-mode forward without gradients lets bitsandbytes repack 4-bit weights in place for its CPU
+    kernels (bf16 math); dequantizing then reads the weight through bitsandbytes' matmul, without writing
+    to the layer (bitsandbytes' own inverse of that packing corrupts down_proj here, in_features 128), and
+    merging gives the model those kernels compute."""
+    model = quantized_qwen2(tmp_path, "nf4")
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
+    before = {n: molf.quant.dequantize(m.base, torch.float32) for n, m in molf.layer.molf_layers(model)}
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.lora_B[0].normal_()
+        model.eval()
+        want = model(batch()).logits
+    layers = dict(molf.layer.molf_layers(model))
+    repacked = [n for n, m in layers.items() if getattr(m.base.weight.quant_state, "packing_format_for_cpu", False)]
+    storage = {n: layers[n].base.weight.data.clone() for n in repacked}
+    for n, m in layers.items():
+        assert_close(molf.quant.dequantize(m.base, torch.float32), before[n], 1e-2 if n in repacked else 0.0, n)
+    for n in repacked:
+        assert torch.equal(layers[n].base.weight.data, storage[n]), f"{n}: dequantize wrote to the layer"
+    with torch.no_grad():
+        assert torch.equal(model(batch()).logits, want)
+    with pytest.warns(UserWarning, match="no longer quantized"):
+        molf.merge(model)
+    assert_close(model(batch()).logits, want, 1e-2, f"merged after inference ({len(repacked)} layers repacked)")
