@@ -51,6 +51,19 @@ def quantized_qwen2(tmp_path, kind="nf4-double", layers=2):
                                                 dtype=torch.float32)
 
 
+def train(model, opt, ids, steps):
+    """(losses, routing per step) of `steps` language-modelling steps on one batch."""
+    losses, routes = [], []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        routes.append(opt.routing.clone())
+    return losses, torch.stack(routes)
+
+
 def f64_layer(layer, x, g):
     """y and the gradients of x and every expert from the float64 formula on the dequantized weight."""
     w = molf.quant.dequantize(layer.base, torch.float64)
@@ -137,15 +150,7 @@ def test_tiny_qwen2_from_pretrained_quantized_trains_routing_alike_on_both_backe
         molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend=backend)
         model.train()
         opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, backend=backend)
-        losses, routes = [], []
-        for _ in range(8):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            routes.append(opt.routing.clone())
-        runs[backend] = losses, torch.stack(routes)
+        runs[backend] = train(model, opt, ids, 8)
     for backend, (losses, _) in runs.items():
         assert losses[-1] < 0.9 * losses[0], (backend, losses)
     assert torch.equal(runs["eager"][1], runs["triton"][1])
@@ -160,15 +165,7 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing(tmp_path):
     assert model.is_gradient_checkpointing
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
     model.train()
-    opt = molf.MoLFAdamW(model, lr=1e-2)
-    ids = batch(n=4, t=12)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses, _ = train(model, molf.MoLFAdamW(model, lr=1e-2), batch(n=4, t=12), 8)
     assert losses[-1] < losses[0]
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
