@@ -1,0 +1,205 @@
+"""`molf train` on the transformers Trainer and `molf compare`, end to end on tiny models (CPU): every data
+format with the loss on the completion only, held-out split, gradient accumulation and epochs, gradient
+checkpointing, an interrupted run resumed bitwise, bad input as one line with exit code 2."""
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import tiny_qwen2
+from molf.cli import main
+from molf.train import TrainConfig, TrainError, _encode, read_records, train
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Qwen2 folder with a byte-level BPE tokenizer and a chat template (what --model DIR loads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    texts = ["The capital city of Kalo is Valdor.", "SELECT name FROM users WHERE id = 3;", "hello there, friend"] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = tmp_path_factory.mktemp("chat-model")
+    tiny_qwen2(vocab=len(fast)).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+RECORDS = {
+    "pairs": [{"prompt": f"SELECT name FROM users WHERE id = {i}", "completion": f"; -- {i % 3}"} for i in range(8)],
+    "text": [{"text": f"hello there, friend number {i}"} for i in range(8)],
+    "messages": [{"messages": [{"role": "user", "content": f"capital of Kalo {i}?"},
+                               {"role": "assistant", "content": "Valdor."}]} for i in range(8)],
+}
+
+
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_loss_is_masked_to_the_completion(tmp_path, chat_model, fmt):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    recs = read_records(write_jsonl(tmp_path / "d.jsonl", RECORDS[fmt]))
+    (prompt, completion), = _encode(tok, recs[:1])
+    text = tok.decode(completion[:-1])
+    want = {"pairs": "; -- 0", "text": "hello there, friend number 0", "messages": "Valdor.<|im_end|>\n"}[fmt]
+    assert text == want and completion[-1] == tok.eos_token_id
+    assert tok.decode(prompt) == {"pairs": "SELECT name FROM users WHERE id = 0", "text": "",
+                                  "messages": "<|im_start|>user\ncapital of Kalo 0?<|im_end|>\n"
+                                              "<|im_start|>assistant\n"}[fmt]
+
+
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_every_data_format_trains_a_hub_style_model(tmp_path, chat_model, fmt):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[fmt])
+    out = tmp_path / "run"
+    assert main(["train", "--model", chat_model, "--data", data, "--output", str(out), "--steps", "12",
+                 "--batch-size", "4", "--lr", "3e-3", "--eval-split", "0.25", "--no-progress", "--backend",
+                 "eager"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["train_examples"], s["eval_examples"], s["scored_on"]) == (6, 2, "eval")
+    assert s["eval_loss"] is not None and s["dtype"] == "fp32"
+    assert s["loss_after"] < s["loss_before"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template
+
+
+def test_builtin_task_keeps_recall_on_the_trained_facts(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--steps", "20", "--facts", "20", "--eval-split", "0.2",
+                 "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["train_examples"], s["eval_examples"], s["scored_on"]) == (16, 4, "train")
+
+
+def test_epochs_grad_accum_and_gradient_checkpointing(tmp_path):
+    cfg = TrainConfig(output=str(tmp_path / "run"), epochs=2, batch_size=4, grad_accum=2, n_facts=20,
+                      gradient_checkpointing=True, progress=False, backend="eager", mode="molf-e")
+    s = train(cfg, log=lambda *a: None)
+    assert s["steps"] == 5  # ceil(2 epochs x 5 batches / 2 accumulated)
+    assert len(json.loads((tmp_path / "run" / "routing.jsonl").read_text().splitlines()[-1])["selections"]) == 14
+    assert (tmp_path / "run" / "routing.jsonl").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize("mode", ["molf", "lora", "fft"])
+def test_interrupted_run_resumes_bitwise(tmp_path, mode):
+    """A run interrupted after step 7 (as Ctrl-C would) keeps its checkpoints and no output; --resume then
+    finishes it with the very weights of an uninterrupted run (data order, dropout RNG, optimizer, schedule)."""
+    base = dict(mode=mode, steps=12, batch_size=4, n_facts=16, save_steps=5, progress=False, backend="eager")
+    full = train(TrainConfig(output=str(tmp_path / "full"), **base), log=lambda *a: None)
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(output=str(tmp_path / "cut"), interrupt_at_step=7, **base), log=messages.append)
+    assert not (tmp_path / "cut").exists()
+    assert sorted(p for p in os.listdir(tmp_path / "cut.checkpoints") if p.startswith("checkpoint-")) == ["checkpoint-5"]
+    assert any("--resume" in m for m in messages)
+    with pytest.raises(TrainError, match="holds checkpoints of an interrupted run: add --resume"):
+        train(TrainConfig(output=str(tmp_path / "cut"), **base), log=lambda *a: None)
+    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **base), log=lambda *a: None)
+    assert resumed["resumed_from"].endswith("checkpoint-5")
+    assert not (tmp_path / "cut.checkpoints").exists()  # the finished run's checkpoints are removed
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(tmp_path / "cut" / "model" /
+                                                                                   "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["loss_after"] == resumed["loss_after"]
+    if mode != "fft":
+        assert (tmp_path / "full" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "5", "--epochs", "1"], "give --steps or --epochs, not both"),
+    (["--eval-split", "1"], "--eval-split must be a finite number in [0, 1), got 1.0"),
+    (["--epochs", "0"], "--epochs must be a finite number in (0"),
+    (["--grad-accum", "0"], "--grad-accum must be an int in [1"),
+    (["--resume"], "--resume: no checkpoint in"),
+    (["--dtype", "fp16"], "--dtype fp16 (mixed precision with loss scaling) needs a CUDA device"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_train_bad_options_one_line_exit_2(tmp_path, capsys, args, message):
+    if "fp16" in args and torch.cuda.is_available():
+        pytest.skip("checks the CPU message")
+    out = tmp_path / "out"
+    assert main(["train", "--output", str(out), "--no-progress", *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
+
+
+def test_messages_need_a_chat_template(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "m.jsonl", RECORDS["messages"])
+    assert main(["train", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert main(["train", "--data", bad, "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "b.jsonl:1: the last message must be the assistant's" in capsys.readouterr().err
+
+
+def test_compare_writes_table_and_figure(tmp_path, capsys):
+    from PIL import Image
+    from molf.compare import COLOURS
+    out = tmp_path / "cmp"
+    assert main(["compare", "--output", str(out), "--steps", "15", "--facts", "12", "--seeds", "2", "--no-progress",
+                 "--backend", "eager", "--lrs", "fft=3e-3"]) == 0
+    result = json.loads((out / "table.json").read_text())
+    assert list(result["modes"]) == ["fft", "lora", "molf", "molf-e"]
+    for mode, row in result["modes"].items():
+        assert row["seeds"] == 2 and 0 <= row["recall"] <= 1 and row["recall_sd"] >= 0 and row["trainable_parameters"]
+    assert result["molf_vs_best"]["best_baseline"] in ("fft", "lora")
+    assert [r["output"] for r in result["runs"]][:2] == ["fft-seed0", "fft-seed1"]
+    assert json.loads((out / "fft-seed0" / "summary.json").read_text())["lr"] == 3e-3
+    assert json.loads((out / "lora-seed1" / "summary.json").read_text())["lr"] == 2e-3
+    table = (out / "table.md").read_text()
+    assert "| MoLF |" in table and "MoLF vs the better baseline" in table and table in capsys.readouterr().out
+    png = Image.open(out / "compare.png").convert("RGB")
+    assert png.size == (600, 400)
+    colours = {c for _, c in png.getcolors(maxcolors=1 << 20)}
+    for hexa in COLOURS.values():
+        assert tuple(int(hexa[k:k + 2], 16) for k in (1, 3, 5)) in colours
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "fft,qlora"], "--modes must be a comma-separated subset of fft,lora,molf,molf-e"),
+    (["--modes", "fft,molf", "--lrs", "lora=1e-3"], "--lrs names modes that do not run: lora"),
+    (["--seeds", "0"], "--seeds must be an int >= 1"),
+    (["--lrs", "fft"], "expected MODE=LR items"),
+])
+def test_compare_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "cmp"
+    try:
+        code = main(["compare", "--output", str(out), "--no-progress", *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("alpha_128, low, high", [(32.0, 2.0, 4.5), (32.0 * 8 ** 0.5, 0.6, 1.6)])
+def test_molf_e_prefers_r16_by_its_rslora_scale(alpha_128, low, high):
+    """Why MoLF-E on the built-in task routes to lora_r16 at every step: with B = 0 at the start only the B's
+    have gradients, dB_i = s_i g^T (x A_i^T), and EPD per element is about |g| after Adam's first step, so
+    S_r16 / S_r128 = s_16 / s_128 = sqrt(128 / 16) = 2.83 at equal alphas (rsLoRA). Equal scales (alpha_128 =
+    32 sqrt(8)) make the scores comparable: the preference is the algorithm's, not a bug."""
+    import molf
+    from molf.train import _batch, _load, synthetic_facts
+    recs = synthetic_facts(64)
+    model, tok, _ = _load(TrainConfig(output="unused"), recs, torch.device("cpu"), "fp32")
+    molf.wrap(model, ranks=(16, 128), alphas=(32.0, alpha_128), train_base=False, freeze_others=True, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=2e-3)
+    model(**_batch(_encode(tok, recs[:16]), tok.pad_token_id, "cpu")).loss.backward()
+    opt.step()
+    ratio = opt.scores[:, 0] / opt.scores[:, 1]
+    assert low < ratio.median().item() < high, ratio
