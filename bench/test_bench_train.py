@@ -20,7 +20,8 @@ else:
                 num_key_value_heads=4, vocab_size=512)
     NAME, DTYPE, BATCH, SEQ = "Qwen2 tiny (config)", torch.float32, 4, 64
 SETS = {"molf": dict(ranks=(128,), alphas=(32,), train_base=True),
-        "molf-e": dict(ranks=(16, 128), alphas=(32, 32), train_base=False)}
+        "molf-e": dict(ranks=(16, 128), alphas=(32, 32), train_base=False),
+        "molf-dropout0.05": dict(ranks=(128,), alphas=(32,), train_base=True, dropout=0.05)}  # peak memory vs "molf"
 
 
 def qwen2(setting, backend):

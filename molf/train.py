@@ -129,30 +129,21 @@ def read_records(path: str) -> list[dict]:
     return out
 
 
-class WordTokenizer:
-    """Whitespace tokenizer over a fixed vocabulary (for the built-in model: no download needed)."""
+def builtin_tokenizer(texts, vocab_size: int = 8192):
+    """The built-in model's tokenizer: byte-level BPE (as Qwen2's) trained on the run's own texts, so every
+    frequent word is one token. Saved with the model, it loads with AutoTokenizer as a Qwen2Tokenizer that
+    encodes exactly as this one (a word-level vocabulary would not: transformers picks the tokenizer class
+    by model type and rebuilds BPE from it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, texts):
-        words = sorted({w for t in texts for w in t.split()})
-        self.vocab = ["<pad>", "<eos>", "<unk>"] + words
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_token_id, self.eos_token_id = 0, 1
-
-    def encode(self, text):
-        return [self.index.get(w, 2) for w in text.split()]
-
-    def to_transformers(self):
-        """The same tokenizer as a transformers PreTrainedTokenizerFast (WordLevel over whitespace-split words),
-        so that the saved model folder loads with AutoTokenizer.from_pretrained."""
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        tok = Tokenizer(models.WordLevel(vocab=self.index, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-    def save_pretrained(self, path):
-        self.to_transformers().save_pretrained(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
 def _encode(tok, records):
@@ -160,7 +151,7 @@ def _encode(tok, records):
     rows = []
     for rec in records:
         if "messages" in rec:
-            if isinstance(tok, WordTokenizer) or not getattr(tok, "chat_template", None):
+            if not getattr(tok, "chat_template", None):
                 raise TrainError("chat 'messages' data needs a tokenizer with a chat template (--model with one)")
             prompt_text = tok.apply_chat_template(rec["messages"][:-1], tokenize=False, add_generation_prompt=True)
             full = tok.apply_chat_template(rec["messages"], tokenize=False)
@@ -169,8 +160,6 @@ def _encode(tok, records):
                                  "mask the loss to the last message")
             prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
             completion = tok(full, add_special_tokens=False)["input_ids"][len(prompt):]
-        elif isinstance(tok, WordTokenizer):
-            prompt, completion = tok.encode(rec["prompt"]), tok.encode(rec["completion"])
         else:
             prompt = tok(rec["prompt"], add_special_tokens=True)["input_ids"] if rec["prompt"] else \
                 ([tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else [])
@@ -442,9 +431,9 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
     if cfg.model is None:
         if any("messages" in r for r in records):
             raise TrainError("chat 'messages' data needs a tokenizer with a chat template (--model with one); the "
-                             "built-in model has a word-level tokenizer")
-        tok = WordTokenizer([r["prompt"] + " " + r["completion"] for r in records])
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok.vocab), hidden_size=128, intermediate_size=256,
+                             "built-in model's tokenizer has none")
+        tok = builtin_tokenizer([r["prompt"] + r["completion"] for r in records])
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=64, tie_word_embeddings=True,
                                              use_cache=False)).to(weights)

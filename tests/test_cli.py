@@ -28,15 +28,16 @@ def test_train_default_task_end_to_end(tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any(isinstance(m, molf.MoLFLinear) for m in merged.modules())
     assert "recall" in capsys.readouterr().out
-    from transformers import PreTrainedTokenizerFast
-    # A real transformers tokenizer is saved (transformers 5's AutoTokenizer maps a qwen2 config to Qwen2Tokenizer
-    # whatever tokenizer_config.json says, so the built-in word-level one loads with its own class).
-    tok = PreTrainedTokenizerFast.from_pretrained(out / "model")
-    assert tok.pad_token_id == 0 and tok.eos_token_id == 1
-    from molf.train import synthetic_facts
-    fact = synthetic_facts(40)[0]["prompt"] + synthetic_facts(40)[0]["completion"]
-    ids = tok(fact, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == fact and tok.unk_token_id not in ids[:-1]
+    from transformers import AutoTokenizer
+    # A complete Hugging Face folder: AutoTokenizer loads the built-in byte-level BPE tokenizer and encodes as it did
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    from molf.train import builtin_tokenizer, synthetic_facts
+    facts = synthetic_facts(40)
+    fact = facts[0]["prompt"] + facts[0]["completion"]
+    same = builtin_tokenizer([f["prompt"] + f["completion"] for f in facts])
+    assert tok(fact)["input_ids"] == same(fact)["input_ids"] and tok.decode(tok(fact)["input_ids"]) == fact
+    assert len(tok(facts[0]["completion"], add_special_tokens=False)["input_ids"]) == 1  # a word, a token
+    assert (tok.pad_token, tok.eos_token) == ("<pad>", "<eos>")
     first = json.loads(records[0])["selections"]
     assert any(v["scores"]["full"] > 0 for v in first.values()), "warm-up starts above lr = 0"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]  # no leftovers

@@ -13,12 +13,12 @@ datasets = pytest.importorskip("datasets")
 
 def make(out, max_steps):
     from molf.integrations.trl import MoLFSFTTrainer
-    from molf.train import WordTokenizer
+    from molf.train import builtin_tokenizer
 
     words = [f"w{i}" for i in range(40)]
     texts = [" ".join(words[(3 * i + k) % 40] for k in range(6)) for i in range(16)]
-    tok = WordTokenizer(texts).to_transformers()
-    model = molf.wrap(tiny_qwen2(vocab=64), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
+    tok = builtin_tokenizer(texts)
+    model = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = trl.SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=3e-3,
                          logging_steps=1, save_steps=3, report_to=[], use_cpu=True, seed=0, data_seed=0,
                          disable_tqdm=True, max_length=16, dataloader_num_workers=0)
