@@ -49,7 +49,8 @@ def _run_options(p, default_output):
                    help="tokens per example, longer ones are truncated (default: the model's max positions)")
     p.add_argument("--facts", type=int, default=400, help="number of synthetic facts (default 400)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda (pick the GPU with "
+                                                    "CUDA_VISIBLE_DEVICES)")
     p.add_argument("--backend", default="auto", choices=("auto", "eager", "triton"))
     p.add_argument("--report-to", default="none", help="the Trainer's logging: none, tensorboard, wandb, ... "
                                                        "(comma-separated)")

@@ -311,6 +311,9 @@ def _device(cfg: TrainConfig) -> torch.device:
             raise TrainError(f"--device {cfg.device}: no CUDA device is available on this machine (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise TrainError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.index not in (None, 0):
+            raise TrainError(f"--device {cfg.device}: the Trainer runs on the first visible GPU; choose the GPU with "
+                             f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
     elif device.type != "cpu":
         raise TrainError(f"--device {cfg.device}: molf train runs on cpu or cuda")
     if cfg.dtype == "fp16" and device.type != "cuda":

@@ -203,3 +203,12 @@ def test_molf_e_prefers_r16_by_its_rslora_scale(alpha_128, low, high):
     opt.step()
     ratio = opt.scores[:, 0] / opt.scores[:, 1]
     assert low < ratio.median().item() < high, ratio
+
+
+def test_a_second_gpu_is_chosen_by_cuda_visible_devices(monkeypatch):
+    """The Trainer places the model on the first visible GPU: --device cuda:1 would split model and optimizer."""
+    from molf.train import _device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TrainError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
+        _device(TrainConfig(device="cuda:1", output="unused"))
