@@ -158,10 +158,13 @@ class LayerPlanner:
                 torch.inference_mode(False), torch.enable_grad():
             for m in PROBE_M:
                 xs = torch.randn(m, layer.in_features, device=x.device, dtype=x.dtype, requires_grad=True)
-                g = torch.randn(m, layer.out_features, device=x.device, dtype=x.dtype)
+                upstream = {}  # the output gradient per output dtype (under autocast y's dtype is not x's)
 
-                def once(impl, xs=xs, g=g):
-                    torch.autograd.grad(run(impl, xs), [xs, *params], g)
+                def once(impl, xs=xs, upstream=upstream):
+                    y = run(impl, xs)
+                    if y.dtype not in upstream:
+                        upstream[y.dtype] = torch.randn(y.shape, device=y.device, dtype=y.dtype)
+                    torch.autograd.grad(y, [xs, *params], upstream[y.dtype], allow_unused=True)
                 ms = {}
                 for impl in IMPLS:
                     ms[impl] = float(self.timer(lambda impl=impl: once(impl), impl=impl, m=m))

@@ -163,3 +163,24 @@ def test_choice_identical_across_ranks(tmp_path):
     assert [r["impl"] for r in r0["rows"]] == [r["impl"] for r in r1["rows"]] == ["chain"] * 4
     assert r1["rows"][0]["source"] == "measured (broadcast from rank 0)"
     assert torch.equal(r0["y"], r1["y"])
+
+
+def test_measurement_runs_both_implementations_under_autocast(planner, monkeypatch):
+    """The timed function really runs forward and backward of both paths, also when autocast makes the
+    output's dtype differ from the input's; the layer's own gradients are left alone."""
+    ran = []
+
+    def calling_timer(fn, *, impl, m):
+        fn()
+        ran.append((impl, m))
+        return 1.0 if impl == "fused" else 2.0
+    monkeypatch.setattr(_plan, "PROBE_M", (16, 64))
+    monkeypatch.setattr(_plan, "_PROBE_UPPER", [(32, 16)])
+    monkeypatch.setattr(_plan, "_PROBE_KEY", {16: "16", 64: "64"})
+    planner.timer = calling_timer
+    lin = layer()
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = lin(torch.randn(5, 12))
+    assert y.dtype == torch.float16 and ran == [("fused", 16), ("chain", 16), ("fused", 64), ("chain", 64)]
+    assert all(p.grad is None for p in lin.parameters())
+    assert molf.layer_plan()[0]["dtype"] == "float16"
