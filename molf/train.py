@@ -161,10 +161,8 @@ def _encode(tok, records):
             prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
             completion = tok(full, add_special_tokens=False)["input_ids"][len(prompt):]
         else:
-            prompt = tok(rec["prompt"], add_special_tokens=True)["input_ids"] if rec["prompt"] else \
-                ([tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else [])
-            completion = tok(rec["prompt"] + rec["completion"], add_special_tokens=True)["input_ids"][len(prompt):] \
-                if rec["prompt"] else tok(rec["completion"], add_special_tokens=False)["input_ids"]
+            prompt = tok(rec["prompt"], add_special_tokens=True)["input_ids"]  # "" (plain text): the specials only
+            completion = tok(rec["prompt"] + rec["completion"], add_special_tokens=True)["input_ids"][len(prompt):]
         if not completion:
             continue
         rows.append((prompt, completion + [tok.eos_token_id]))
@@ -572,9 +570,10 @@ def _run(cfg: TrainConfig, device, work, log):
     ran = trainer.state.global_step - (int(re.search(r"(\d+)$", resume).group(1)) if resume else 0)
     seconds = result.metrics["train_runtime"]
     loss1, recall1 = evaluate(model, scored, pad, device)
-    eval_loss = evaluate(model, eval_rows, pad, device)[0] if eval_rows else None
-    if eval_rows:
-        trainer.log({"eval_loss": eval_loss, "eval_recall": evaluate(model, eval_rows, pad, device)[1]})
+    eval_loss = None
+    if eval_rows:  # held-out figures, evaluated once (they are the scored ones for user data)
+        eval_loss, eval_recall = (loss1, recall1) if scored is eval_rows else evaluate(model, eval_rows, pad, device)
+        trainer.log({"eval_loss": eval_loss, "eval_recall": eval_recall})
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     share, plots = {}, []
