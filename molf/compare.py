@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 
-from .train import TrainConfig, TrainError, _new_work_dir, _publish, _signals_raise, train
+from .train import TrainConfig, TrainError, check_output, published, train
 
 MODES = ("fft", "lora", "molf", "molf-e")
 NAMES = {"fft": "FFT", "lora": "LoRA r32", "molf": "MoLF", "molf-e": "MoLF-E"}
@@ -108,37 +107,29 @@ def compare(base: TrainConfig, modes=MODES, seeds: int = 1, lrs: dict | None = N
         raise TrainError(f"--lrs names modes that do not run: {','.join(sorted(set(lrs) - set(modes)))}")
     if not isinstance(seeds, int) or seeds < 1:
         raise TrainError(f"--seeds must be an int >= 1, got {seeds!r}")
-    if os.path.exists(base.output) and (not os.path.isdir(base.output) or os.listdir(base.output)):
-        raise TrainError(f"output {base.output} already exists and is not empty: choose another --output")
-    work = _new_work_dir(base.output)
-    finished = False
-    with _signals_raise():
-        try:
-            runs = []
-            for mode in modes:
-                for k in range(seeds):
-                    cfg = dataclasses.replace(base, mode=mode, seed=base.seed + k, lr=lrs.get(mode),
-                                              output=os.path.join(work, f"{mode}-seed{k}"))
-                    log(f"molf compare: {mode}, seed {cfg.seed}")
-                    runs.append(train(cfg, log=lambda *_: None))
-            result = aggregate(runs)
-            result["runs"] = [{k: r[k] for k in ("mode", "recall_after", "loss_after", "seconds_per_step", "output")}
-                              for r in runs]
-            for r in result["runs"]:
-                r["output"] = os.path.basename(r["output"])
-            metric = "recall" if base.data is None else "exact match"
-            with open(os.path.join(work, "table.json"), "w") as f:
-                json.dump(result, f, indent=2)
-            table = markdown(result, metric)
-            with open(os.path.join(work, "table.md"), "w") as f:
-                f.write(table)
-            figure(result, os.path.join(work, "compare.png"), metric)
-            finished = True
-            final = _publish(work, base.output, log)
-        except BaseException:
-            if not finished:
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+    check_output(base.output)
+    metric = "recall" if base.data is None else "exact match"
+
+    def run_all(work):
+        runs = []
+        for mode in modes:
+            for k in range(seeds):
+                cfg = dataclasses.replace(base, mode=mode, seed=base.seed + k, lr=lrs.get(mode),
+                                          output=os.path.join(work, f"{mode}-seed{k}"))
+                log(f"molf compare: {mode}, seed {cfg.seed}")
+                runs.append(train(cfg, log=lambda *_: None))
+        result = aggregate(runs)
+        result["runs"] = [{k: r[k] for k in ("mode", "recall_after", "loss_after", "seconds_per_step")}
+                          | {"output": os.path.basename(r["output"])} for r in runs]
+        with open(os.path.join(work, "table.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        table = markdown(result, metric)
+        with open(os.path.join(work, "table.md"), "w") as f:
+            f.write(table)
+        figure(result, os.path.join(work, "compare.png"), metric)
+        return result, table
+
+    (result, table), final = published(base.output, run_all, log)
     log(table.rstrip())
     log(f"molf compare: {final}/ (table.md, table.json, compare.png, one folder per run)")
     result["output"] = final

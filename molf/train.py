@@ -243,8 +243,7 @@ def _check(cfg: TrainConfig):
         hub_id = re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", cfg.model) and not cfg.model.startswith(".")
         if not hub_id or os.path.exists(cfg.model):
             raise TrainError(f"model path does not exist (or is not a directory): {cfg.model}")
-    if os.path.exists(cfg.output) and (not os.path.isdir(cfg.output) or os.listdir(cfg.output)):
-        raise TrainError(f"output {cfg.output} already exists and is not empty: choose another --output")
+    check_output(cfg.output)
     if cfg.steps is not None and cfg.epochs is not None:
         raise TrainError("give --steps or --epochs, not both")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
@@ -326,6 +325,12 @@ def _device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def check_output(output: str) -> None:
+    """--output must not exist, or be an empty folder."""
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise TrainError(f"output {output} already exists and is not empty: choose another --output")
+
+
 def _dtype(cfg: TrainConfig, device) -> str:
     """--dtype, or its default: bf16 on a GPU that supports it, fp32 elsewhere."""
     if cfg.dtype is not None:
@@ -396,24 +401,33 @@ def _signals_raise():
             signal.signal(s, h)
 
 
+def published(output: str, build, log, on_abort=None):
+    """(build(work), final folder): build writes into a hidden folder beside `output`, which becomes
+    `output` (or `output-N`, see _publish) only when build returns; if build raises (Ctrl-C, SIGTERM and
+    SIGHUP included) the folder is removed and on_abort() runs."""
+    work = _new_work_dir(output)
+    with _signals_raise():
+        try:
+            result = build(work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            if on_abort is not None:
+                on_abort()
+            raise
+        return result, _publish(work, output, log)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run one fine-tuning; returns the summary (also written to <output>/summary.json)."""
     _check(cfg)
     device = _device(cfg)
-    work = _new_work_dir(cfg.output)
-    finished = False
-    with _signals_raise():
-        try:
-            summary, lines = _run(cfg, device, work, log)
-            finished = True
-            final = _publish(work, cfg.output, log)
-        except BaseException:
-            if not finished:
-                shutil.rmtree(work, ignore_errors=True)
-                if _last_checkpoint(cfg.checkpoints):
-                    log(f"molf train: interrupted; checkpoints kept in {cfg.checkpoints}: run the same command "
-                        "with --resume to continue")
-            raise
+
+    def say_checkpoints_kept():
+        if _last_checkpoint(cfg.checkpoints):
+            log(f"molf train: interrupted; checkpoints kept in {cfg.checkpoints}: run the same command with "
+                "--resume to continue")
+    (summary, lines), final = published(cfg.output, lambda work: _run(cfg, device, work, log), log,
+                                        say_checkpoints_kept)
     if cfg.save_steps or cfg.resume:
         shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # the run is complete: its checkpoints are spent
     summary["output"] = final
