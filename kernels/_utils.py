@@ -1,4 +1,6 @@
 """Small helpers shared by the kernel families; version differences live here, as feature checks."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,7 @@ def config(pre_hook=None, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
+@functools.lru_cache(maxsize=None)
 def tensor_descriptor_class():
     """Triton's host-side TMA descriptor class (triton.tools.tensor_descriptor, Triton >= 3.4), or None: the
     one compatibility point for the descriptor paths (feature-checked, not version-compared)."""

@@ -21,6 +21,7 @@ the GPU (dA, dB: reductions over the M tokens) is split over K-ranges into fp32 
 order. For small ranks, v, dB (and db) come from one read of g (`lowrank_grads`); both are deterministic.
 """
 import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -254,14 +255,13 @@ def tma_path(a1, b1, a2, b2, out, drop) -> bool:
     """Whether `_mm2_tma_kernel` takes this product: a Hopper-or-later GPU (or the interpreter, when
     MOLF_TMA=1 forces it for the tests), Triton's descriptors, 16-bit operands that descriptors can take,
     a second product, and dropout (if any) on that product only. MOLF_TMA=0 turns the path off."""
-    import os
     flag = os.environ.get("MOLF_TMA", "auto")
     if flag == "0" or a2 is None or drop not in (NO_DROP, DROP_SECOND) or tensor_descriptor_class() is None:
         return False
     if interpreting():
         if flag != "1":
             return False
-    elif a1.device.type != "cuda" or torch.cuda.get_device_capability(a1.device)[0] < 9 or \
+    elif a1.device.type != "cuda" or _sm_major(a1.device) < 9 or \
             a1.dtype not in (torch.float16, torch.bfloat16):
         return False
     return all(_row_major(t) for t in (a1, a2, out)) and _b_form(b1) is not None and _b_form(b2) is not None
@@ -313,6 +313,11 @@ def _sum_partials(part, out, colscale=None, bias=None):
 @functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _split_k(M: int, N: int, K: int, device) -> int:
