@@ -35,3 +35,12 @@ def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab
 def batch(seed=1, n=2, t=8, vocab=64):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)
+
+
+@torch.no_grad()
+def randomize_lora_B(model, std=0.05):
+    """Every MoLF layer's B_i drawn from N(0, std^2) (they start at 0: the low-rank term would vanish)."""
+    import molf
+    for _, m in molf.layer.molf_layers(model):
+        for b in m.lora_B:
+            b.normal_(std=std)

@@ -10,7 +10,7 @@ from torch import nn
 
 import molf
 from conftest import BF16_INTERPRETER, CUDA, DEVICE
-from helpers import TOL, assert_close, batch, tiny_qwen2
+from helpers import TOL, assert_close, batch, randomize_lora_B, tiny_qwen2
 from molf.kernels import molf_linear as L
 from molf._math import dropout_keep
 from molf.kernels.molf_linear import _launch_mm2
@@ -314,11 +314,7 @@ def test_merge_after_training_equals_forward():
 def test_torch_compile_matches_eager(backward_plan):
     model = molf.wrap(tiny_qwen2(layers=1).to(DEVICE), ranks=(4, 8), alphas=(8, 8), train_base=True,
                       backend="triton")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, molf.MoLFLinear):
-                for b in m.lora_B:
-                    b.normal_(std=0.05)
+    randomize_lora_B(model)
     ids = batch().to(DEVICE)
     ref = model(ids, labels=ids)
     ref.loss.backward()
@@ -457,11 +453,7 @@ def test_cuda_graph_captures_a_training_step(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 32)).to(DEVICE)
     molf.wrap(model, ranks=(8, 16), alphas=(16, 16), target_modules="all-linear", backend=backend)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, molf.MoLFLinear):
-                for b in m.lora_B:
-                    b.normal_(std=0.05)
+    randomize_lora_B(model)
     ref = copy.deepcopy(model)
     opt = molf.MoLFAdamW(model, lr=1e-3, lora_lr=1e-3, weight_decay=0.1)
     ref_opt = molf.MoLFAdamW(ref, lr=1e-3, lora_lr=1e-3, weight_decay=0.1)

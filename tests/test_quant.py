@@ -12,7 +12,7 @@ from torch import nn
 
 import molf
 from conftest import DEVICE
-from helpers import assert_close, batch, rel_err, tiny_qwen2
+from helpers import assert_close, batch, randomize_lora_B, rel_err, tiny_qwen2
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes")
@@ -202,10 +202,7 @@ def test_merge_dequantizes_and_saves_a_float_checkpoint(tmp_path, kind):
     from transformers import AutoModelForCausalLM
     model = quantized_qwen2(tmp_path, kind)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
-    with torch.no_grad():
-        for _, m in molf.layer.molf_layers(model):
-            for b in m.lora_B:
-                b.normal_(std=0.05)
+    randomize_lora_B(model)
     ids = batch()
     want = model(ids).logits
     with pytest.warns(UserWarning, match=r"molf.merge dequantized 14 .* into float nn.Linear \(torch.float32\): the "
@@ -223,10 +220,7 @@ def test_export_peft_loads_on_the_quantized_base(tmp_path):
     peft = pytest.importorskip("peft")
     model = quantized_qwen2(tmp_path)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
-    with torch.no_grad():
-        for _, m in molf.layer.molf_layers(model):
-            for b in m.lora_B:
-                b.normal_(std=0.05)
+    randomize_lora_B(model)
     ids = batch()
     want = model.train()(ids).logits  # train mode: bitsandbytes' bf16 CPU inference kernels stay out of it
     molf.export_peft(model, tmp_path / "adapter")

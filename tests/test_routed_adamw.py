@@ -9,7 +9,7 @@ import torch
 
 import molf
 from conftest import CUDA, DEVICE, gpu_only
-from helpers import batch, rel_err
+from helpers import batch, randomize_lora_B, rel_err
 from molf.reference import MoLFAdamWReference
 from optim_utils import (MOLF, MOLF_E, MOLF_E_PFN, check_state_dict_roundtrip, flat_params, lockstep, make_opt,
                          train_step, wrapped)
@@ -37,11 +37,7 @@ def one_step_from_random_state(cfg, dtype, backend, score="epd"):
     """One step of MoLFAdamW and of the reference from the same random moments, step counts and gradients."""
     train_base, ranks, alphas, lr, lora_lr = cfg
     model = wrapped(train_base, ranks, alphas, dtype=dtype, device=DEVICE)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, molf.MoLFLinear):
-                for b in m.lora_B:
-                    b.normal_(std=0.05)
+    randomize_lora_B(model)
     ref_model = copy.deepcopy(model)
     eps = 1e-4 if dtype == torch.float16 else 1e-6  # eps = 1e-8 vanishes in half precision
     opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, score=score, eps=eps, backend=backend)
