@@ -94,7 +94,8 @@ def _versions_key(device: torch.device) -> str:
 
 def shape_of(layer, x: torch.Tensor) -> dict:
     """The plan's key for `layer` called on x (x already in the compute dtype)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    from .kernels._utils import autocast_dtype  # the planner runs on the triton backend only: triton is there
+    dtype = autocast_dtype(x.device.type) or x.dtype
     return dict(device=str(x.device), n=layer.out_features, k=layer.in_features, ranks=list(layer.ranks),
                 dtype=str(dtype).replace("torch.", ""), bias=layer.base.bias is not None,
                 dropout=bool(layer.training and layer.dropout > 0), train_base=bool(layer.base.weight.requires_grad))
