@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._env import column_scales
-from ._utils import autocast_dtype, cdiv, config, interpreting, tensor_descriptor_class
+from ._utils import autocast_dtype, autotune, cdiv, config, interpreting, tensor_descriptor_class
 
 # Where `_mm2` applies dropout (DROP): on A1 = x (u = xd A^T), on B1 = x (dA = v^T xd), on the second product
 # (dx's low-rank term), rows and columns of x being (token m, feature k) in each case.
@@ -122,7 +122,7 @@ def m_bucket(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "DROP", "SPLIT_K"])
+@autotune(_configs(), key=["M_BUCKET", "N", "K", "R", "HAS_SECOND", "DROP", "SPLIT_K"])
 @triton.jit
 def _mm2_kernel(a1, b1, a2, b2, seed_ptr, bias, colscale, c, M, M_BUCKET, N, K, R, k_split,
                 s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2r, s_b2r, s_b2n, s_cs, s_cm, s_cn, p_drop, inv_keep,
@@ -200,7 +200,7 @@ def _descriptor_product(acc, a_d, b_d, m0, n0, K, B_NK: tl.constexpr, BLOCK_K: t
     return acc
 
 
-@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "R", "DROP", "B1_NK", "B2_NK"])
+@autotune(_tma_configs(), key=["M_BUCKET", "N", "K", "R", "DROP", "B1_NK", "B2_NK"])
 @triton.jit
 def _mm2_tma_kernel(a1_d, b1_d, a2_d, b2_d, c_d, seed_ptr, bias, M, M_BUCKET, N, K, R, p_drop, inv_keep, NUM_SMS,
                     B1_NK: tl.constexpr, B2_NK: tl.constexpr, DROP: tl.constexpr, HAS_BIAS: tl.constexpr,
