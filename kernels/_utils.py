@@ -1,6 +1,7 @@
 """Small helpers shared by the kernel families; version differences live here, as feature checks."""
 import functools
 import inspect
+import os
 
 import torch
 import triton
@@ -47,6 +48,12 @@ def round_to(x, DTYPE: tl.constexpr):
         return x
     else:
         return x.to(DTYPE, fp_downcast_rounding="rtne")
+
+
+def tuning_configs(configs, default: int):
+    """The configs autotuning tries; MOLF_AUTOTUNE=0 keeps configs[default] alone (no tuning: the first call of
+    a shape compiles one kernel instead of len(configs); the GPU test suite sets it)."""
+    return [configs[default]] if os.environ.get("MOLF_AUTOTUNE", "1") == "0" else configs
 
 
 def _tuning_bench(kernel_call, quantiles=None):

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._env import column_scales
-from ._utils import autocast_dtype, autotune, cdiv, config, interpreting, tensor_descriptor_class
+from ._utils import autocast_dtype, autotune, cdiv, config, interpreting, tensor_descriptor_class, tuning_configs
 
 # Where `_mm2` applies dropout (DROP): on A1 = x (u = xd A^T), on B1 = x (dA = v^T xd), on the second product
 # (dx's low-rank term), rows and columns of x being (token m, feature k) in each case.
@@ -45,7 +45,7 @@ _KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
 def _configs():
     if interpreting():  # one small tile keeps the CPU interpreter fast (and autotune then skips benchmarking)
         return [config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)]
-    return [
+    return tuning_configs([
         config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -54,7 +54,7 @@ def _configs():
         config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
         config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
         config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    ]
+    ], default=3)
 
 
 _K_STEP = max(c.kwargs["BLOCK_K"] for c in _configs())
@@ -176,10 +176,11 @@ def _tma_configs():
     if interpreting():
         return [config(_set_tma_blocks, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SUBTILE=True, num_warps=4,
                        num_stages=1)]
-    return [config(_set_tma_blocks, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, SUBTILE=sub, num_warps=w,
-                   num_stages=st)
-            for bm, bn, w, st, sub in ((128, 256, 8, 3, True), (128, 128, 8, 4, True), (128, 128, 4, 4, False),
-                                       (64, 128, 4, 4, False), (128, 64, 4, 4, False))]
+    return tuning_configs([config(_set_tma_blocks, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, SUBTILE=sub,
+                                  num_warps=w, num_stages=st)
+                           for bm, bn, w, st, sub in ((128, 256, 8, 3, True), (128, 128, 8, 4, True),
+                                                      (128, 128, 4, 4, False), (64, 128, 4, 4, False),
+                                                      (128, 64, 4, 4, False))], default=1)
 
 
 @triton.jit

@@ -5,6 +5,8 @@ import torch
 # Kernels run under Triton's CPU interpreter where there is no GPU; it must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one config per kernel, no tuning: the suite compiles each variant once instead of once per config
+    os.environ.setdefault("MOLF_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
