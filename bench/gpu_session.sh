@@ -39,7 +39,7 @@ for stage in "$@"; do
   esac
   echo "== $stage ($t s left): $cmd" | tee -a "$OUT/$log" "$OUT/stages.txt"
   s0=$(date +%s)
-  timeout -k 5 "$((t - 10))" bash -c "$cmd" >> "$OUT/$log" 2>&1
+  timeout -s INT -k 20 "$((t - 25))" bash -c "$cmd" >> "$OUT/$log" 2>&1
   rc=$?
   echo "== $stage: rc=$rc in $(( $(date +%s) - s0 )) s" | tee -a "$OUT/$log" "$OUT/stages.txt"
   tail -4 "$OUT/$log"

@@ -123,14 +123,21 @@ class MoLFAdamW(torch.optim.Optimizer):
         return (self._seed_base + self.molf_step) % (2 ** 31 - 1)
 
     def _check_params_not_replaced(self):
-        """Every step (one identity check per parameter): a parameter replaced in its module after the
-        optimizer was built would otherwise train a detached tensor silently."""
+        """Every step (one identity and one device check per parameter): a parameter replaced in its module
+        after the optimizer was built would otherwise train a detached tensor silently, and one moved to
+        another device would meet state and tables left on the old one."""
+        dev = self.device
         for mod, attr, p in self.layout.slots:
             if mod._parameters.get(attr) is not p:
                 raise RuntimeError(
                     f"the parameter {self.layout.names[id(p)]} was replaced after MoLFAdamW was created (by "
                     "load_state_dict(assign=True), fully_shard, to_empty, ...): this optimizer would train a stale "
                     "tensor. Create the optimizer after loading, sharding or moving the model.")
+            if p.device != dev:
+                raise RuntimeError(
+                    f"the parameter {self.layout.names[id(p)]} is on {p.device}, but MoLFAdamW was created for "
+                    f"parameters on {dev}: the model was moved after the optimizer was created. Create the "
+                    "optimizer after moving the model.")
 
     def param_name(self, p) -> str:
         """A readable name of a parameter this optimizer trains: its layer, expert and tensor."""

@@ -1,4 +1,5 @@
 """Worker processes for tests/test_distributed.py (2 ranks, gloo, CPU)."""
+import contextlib
 import functools
 import os
 import traceback
@@ -8,6 +9,21 @@ import torch.distributed as dist
 
 import molf
 from helpers import batch, tiny_qwen2
+
+@contextlib.contextmanager
+def cpu_ranks():
+    """Spawned CPU ranks run the Triton kernels under the interpreter, which must be on before they import
+    triton (on a GPU machine the parent has not set it): the children inherit it from here."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
 
 CFG = dict(ranks=(2, 8), alphas=(8, 16), train_base=True)
 OPT = dict(lr=1e-3, lora_lr=1e-3, weight_decay=0.1, lora_weight_decay=0.01)
@@ -51,8 +67,6 @@ def steps(model, opt, ids, n):
 def run(rank, world, initfile, mode, backend, outdir, nccl=False):
     if nccl:
         torch.cuda.set_device(rank)
-    else:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{initfile}", rank=rank,
                             world_size=world)
     device = f"cuda:{rank}" if nccl else "cpu"
@@ -107,7 +121,6 @@ def run(rank, world, initfile, mode, backend, outdir, nccl=False):
 def plan_worker(rank, world, init_dir, out_dir):
     """Both ranks plan the same layer with fake timers that disagree: rank 0 measures (the chain wins there),
     rank 1 measures nothing and takes rank 0's choice."""
-    os.environ["TRITON_INTERPRET"] = "1"
     os.environ["MOLF_BACKEND"] = "triton"
     from molf import _plan
     result = {}

@@ -32,6 +32,16 @@ def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab
     return model.eval()
 
 
+def device_for(backend: str) -> torch.device:
+    """Where a test runs `backend`: the Triton kernels on the GPU when there is one (CPU tensors take them only
+    under the interpreter, which a GPU machine does not set), everything else on the CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def batch(seed=1, n=2, t=8, vocab=64):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)

@@ -4,7 +4,7 @@ import copy
 import torch
 
 import molf
-from helpers import batch, tiny_qwen2
+from helpers import batch, device_for, model_device, tiny_qwen2
 
 # (train_base, ranks, alphas, lr, lora_lr): learning rates chosen so that both experts win some steps.
 MOLF = (True, (8,), (8,), 1e-3, 1e-3)
@@ -12,8 +12,8 @@ MOLF_E = (False, (2, 8), (8, 16), 1e-3, 1e-3)
 MOLF_E_PFN = (False, (2, 8), (8, 24), 1e-3, 1e-3)
 
 
-def wrapped(train_base, ranks, alphas, seed=0, dtype=torch.float32, backend="eager", layers=2, device="cpu"):
-    model = tiny_qwen2(seed=seed, dtype=dtype, layers=layers).to(device)
+def wrapped(train_base, ranks, alphas, seed=0, dtype=torch.float32, backend="eager", layers=2, device=None):
+    model = tiny_qwen2(seed=seed, dtype=dtype, layers=layers).to(device_for(backend) if device is None else device)
     return molf.wrap(model, ranks=ranks, alphas=alphas, train_base=train_base, backend=backend)
 
 
@@ -24,6 +24,7 @@ def make_opt(cls, model, lr, lora_lr, **kw):
 
 
 def train_step(model, opt, ids, scheduler=None):
+    ids = ids.to(model_device(model))
     loss = model(ids, labels=ids).loss
     loss.backward()
     opt.step()

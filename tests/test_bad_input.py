@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, tiny_qwen2
+from helpers import assert_close, batch, device_for, model_device, tiny_qwen2
 from molf.cli import main
 from molf.optim import route
 from molf.reference import MoLFAdamWReference
@@ -62,8 +62,9 @@ def same_snapshot(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", ["smaller-into-larger", "larger-into-smaller"])
 def test_load_state_dict_of_another_model_size_raises_and_keeps_state(backend, direction):
-    small = molf.wrap(tiny_qwen2(hidden=32, inter=48), ranks=(4,), alphas=(8,), backend=backend)
-    large = molf.wrap(tiny_qwen2(hidden=64, inter=96), ranks=(4,), alphas=(8,), backend=backend)
+    dev = device_for(backend)
+    small = molf.wrap(tiny_qwen2(hidden=32, inter=48).to(dev), ranks=(4,), alphas=(8,), backend=backend)
+    large = molf.wrap(tiny_qwen2(hidden=64, inter=96).to(dev), ranks=(4,), alphas=(8,), backend=backend)
     src, dst = (small, large) if direction == "smaller-into-larger" else (large, small)
     opt_src = make_opt(molf.MoLFAdamW, src, 1e-3, 1e-3, backend=backend)
     opt_dst = make_opt(molf.MoLFAdamW, dst, 1e-3, 1e-3, backend=backend)
@@ -100,10 +101,10 @@ def test_load_state_dict_of_another_layout_or_optimizer_raises():
 def test_triton_tables_refuse_a_moment_of_the_wrong_size():
     model = wrapped(*MOLF[:3], backend="triton")
     opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="triton")
-    ids = batch()
+    ids = batch().to(model_device(model))
     train_step(model, opt, ids)
     p = opt.layout.experts[0][0][0]  # layer 0's full expert weight
-    opt.state[p]["exp_avg"] = torch.zeros(3)  # set by hand: the kernels would index it by p.numel()
+    opt.state[p]["exp_avg"] = torch.zeros(3, device=p.device)  # set by hand: the kernels would index it by p.numel()
     model(ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match=r"q_proj\.base\.weight \(expert full\).*moments \(3,\)"):
         opt.step()
@@ -130,6 +131,7 @@ def test_route_prefers_finite_then_non_finite_then_no_grad():
 
 def _poison_and_step(model, opt, ids, layer, value):
     """One step where one element of `layer`'s LoRA B gradient is `value`."""
+    ids = ids.to(model_device(model))
     model(ids, labels=ids).loss.backward()
     mod = [m for m in model.modules() if isinstance(m, molf.MoLFLinear)][layer]
     mod.lora_B[0].grad.view(-1)[0] = value
@@ -151,10 +153,10 @@ def test_non_finite_gradient_does_not_hijack_routing(value, tmp_path):
         assert not math.isfinite(opt.scores[0, 1]), "the poisoned expert's score should be non-finite"
         assert opt.routing[0].tolist() == [True, False], "a finite score must win over a non-finite one"
         assert all(torch.equal(b, bits(p)) for b, p in zip(before, list(mod.lora_B) + list(mod.lora_A)))
-        routes = [opt.routing.clone()]
+        routes = [opt.routing.cpu()]
         for _ in range(5):  # v stays inf: the poisoned expert keeps losing, the full expert keeps training
             train_step(model, opt, ids)
-            routes.append(opt.routing.clone())
+            routes.append(opt.routing.cpu())
             assert opt.routing[0].tolist() == [True, False]
         runs[backend] = (opt, torch.stack(routes))
     assert torch.equal(runs["eager"][1], runs["triton"][1]), "both backends route alike"
@@ -193,7 +195,7 @@ def test_losers_unchanged_with_nan_moments_and_eps_zero(path):
     for step in range(4):
         for p in model.parameters():
             if p.requires_grad:
-                p.grad = torch.randn(p.shape, generator=gen) + 3.0  # nonzero: the winners' v > 0
+                p.grad = (torch.randn(p.shape, generator=gen) + 3.0).to(p.device)  # nonzero: the winners' v > 0
         for m in mods:  # expert 0 (lora_r2): zero gradients, m = v = 0, so with eps = 0 its update is 0/0;
             m.lora_A[0].grad.zero_()  # from step 3 on a NaN element too
             m.lora_B[0].grad.zero_()
@@ -227,7 +229,7 @@ def test_add_param_group_raises(cls):
 def test_replaced_parameters_raise_at_every_step(backend, where):
     model = wrapped(*MOLF[:3], backend=backend)
     opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
-    ids = batch()
+    ids = batch().to(model_device(model))
     train_step(model, opt, ids)
     sd = copy.deepcopy(model.state_dict())
     part = "embed" if where == "embedding" else "layers.0.self_attn.q_proj"
@@ -425,16 +427,28 @@ def test_wrap_accepts_numpy_and_none_targets():
     assert all(type(r) is int for r in layers[0].ranks) and not layers[0].train_base
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a second device to move the model to")
+def test_model_moved_after_the_optimizer_raises():
+    model = wrapped(*MOLF[:3], device="cuda")
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
+    train_step(model, opt, batch())
+    model.to("cpu")  # the same Parameter objects, their storage now on the CPU
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="is on cpu, but MoLFAdamW was created for parameters on cuda"):
+        opt.step()
+
+
 # -- 9. layer edge cases agree on both backends --
 
 @pytest.mark.parametrize("k, n", [(0, 5), (4, 0)])
 def test_zero_width_linear_on_both_backends(k, n):
-    outs = {}
+    outs, dev = {}, device_for("triton")  # both backends on the device the kernels run on
     for backend in BACKENDS:
         torch.manual_seed(0)
         with pytest.warns(UserWarning):
-            layer = molf.MoLFLinear(nn.Linear(k, n), ranks=(2,), alphas=(4,), backend=backend)
-        x = torch.randn(3, k, requires_grad=True)
+            layer = molf.MoLFLinear(nn.Linear(k, n, device=dev), ranks=(2,), alphas=(4,), backend=backend)
+        x = torch.randn(3, k, device=dev, requires_grad=True)
         y = layer(x)
         y.backward(torch.ones_like(y))
         outs[backend] = [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
@@ -444,12 +458,13 @@ def test_zero_width_linear_on_both_backends(k, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_integer_input_is_a_type_error_under_autocast(backend):
-    layer = molf.MoLFLinear(nn.Linear(4, 3), ranks=(2,), alphas=(4,), backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    dev = device_for(backend)
+    layer = molf.MoLFLinear(nn.Linear(4, 3, device=dev), ranks=(2,), alphas=(4,), backend=backend)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
-            layer(torch.ones(2, 4, dtype=torch.long))
-    y = layer(torch.ones(2, 4))  # and a float input still works
-    assert_close(y, layer.base(torch.ones(2, 4)), 1e-6, "fresh layer == base")
+            layer(torch.ones(2, 4, dtype=torch.long, device=dev))
+    y = layer(torch.ones(2, 4, device=dev))  # and a float input still works
+    assert_close(y, layer.base(torch.ones(2, 4, device=dev)), 1e-6, "fresh layer == base")
 
 
 def test_state_dict_through_bytes_still_loads():  # the checks accept what torch.save/torch.load give back

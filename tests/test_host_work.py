@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import molf
+from helpers import device_for
 
 
 class NoOpKernel:
@@ -22,7 +23,7 @@ def host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
         monkeypatch.setattr(ra, name, NoOpKernel())
     torch.manual_seed(0)
     names = [f"l{i}" for i in range(8)]
-    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
+    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names}).to(device_for("triton"))
     molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend="triton")
     opt = molf.MoLFAdamW(net, lr=1e-3, backend="triton")
     params = [p for p in net.parameters() if p.requires_grad]

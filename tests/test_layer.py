@@ -199,7 +199,11 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("MOLF_BACKEND", raising=False)
     assert _backend.resolve("auto", cpu) == "eager"
     monkeypatch.setenv("MOLF_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors take the kernels only under the interpreter
     assert _backend.resolve("auto", cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' got tensors on cpu"):
+        _backend.resolve("auto", cpu)
     assert _backend.resolve("eager", cpu) == "eager"
     monkeypatch.setenv("MOLF_BACKEND", "bogus")
     with pytest.raises(ValueError, match="MOLF_BACKEND"):

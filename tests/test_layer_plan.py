@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import molf
+from conftest import DEVICE
 from helpers import assert_close
 from molf import _plan
 from molf.kernels import molf_linear as fused_kernels
@@ -28,8 +29,8 @@ class FakeTimer:
 
 @pytest.fixture
 def planner(monkeypatch):
-    """A fresh planner with a fake timer, layers on backend "auto" routed to the kernels (interpreter on the
-    CPU), and a spy on the fused path."""
+    """A fresh planner with a fake timer, layers on backend "auto" routed to the kernels (on the GPU, or under
+    the interpreter on the CPU), and a spy on the fused path."""
     monkeypatch.setenv("MOLF_BACKEND", "triton")
     monkeypatch.delenv("MOLF_LAYER_IMPL", raising=False)
     monkeypatch.delenv("MOLF_CACHE_DIR", raising=False)
@@ -43,7 +44,7 @@ def planner(monkeypatch):
 
 def layer(bias=True, dropout=0.0):
     torch.manual_seed(1)
-    lin = molf.MoLFLinear(nn.Linear(12, 10, bias=bias), ranks=(2, 4), alphas=(4, 8), dropout=dropout)
+    lin = molf.MoLFLinear(nn.Linear(12, 10, bias=bias, device=DEVICE), ranks=(2, 4), alphas=(4, 8), dropout=dropout)
     with torch.no_grad():
         for b in lin.lora_B:
             b.normal_()
@@ -62,14 +63,14 @@ def test_probe_for_takes_the_nearest_probe():
 
 def test_measured_once_per_shape_then_cached(planner):
     lin = layer()
-    x_small, x_large = torch.randn(3, 4, 12), torch.randn(1500, 12)
+    x_small, x_large = torch.randn(3, 4, 12, device=DEVICE), torch.randn(1500, 12, device=DEVICE)
     assert_close(lin(x_small), expected(lin, x_small), 1e-5, "small M")
     assert planner.timer.calls == [(impl, m) for m in _plan.PROBE_M for impl in _plan.IMPLS]
     assert planner.fused_calls == []  # 12 tokens: nearest probe 128, where the fake chain is faster
     assert_close(lin(x_large), expected(lin, x_large), 1e-5, "large M")
     assert planner.fused_calls == [(1500, 12)]  # probe 2048: the fused kernels
     for m in (5, 64, 300, 9000):  # new M in decided buckets: nothing is measured again
-        lin(torch.randn(m, 12))
+        lin(torch.randn(m, 12, device=DEVICE))
     assert planner.measurements == 8
     rows = molf.layer_plan()
     assert [(r["probe_m"], r["impl"]) for r in rows] == [(128, "chain"), (512, "chain"), (2048, "fused"),
@@ -84,7 +85,7 @@ def test_measured_once_per_shape_then_cached(planner):
 def test_explicit_triton_backend_is_never_planned(planner):
     lin = layer()
     lin.backend = "triton"
-    lin(torch.randn(4, 12))
+    lin(torch.randn(4, 12, device=DEVICE))
     assert planner.measurements == 0 and planner.fused_calls == [(4, 12)]
 
 
@@ -92,7 +93,7 @@ def test_explicit_triton_backend_is_never_planned(planner):
 def test_environment_pins_the_implementation(planner, monkeypatch, pin):
     monkeypatch.setenv("MOLF_LAYER_IMPL", pin)
     lin = layer()
-    x = torch.randn(7, 12)
+    x = torch.randn(7, 12, device=DEVICE)
     assert_close(lin(x), expected(lin, x), 1e-5, pin)
     assert planner.measurements == 0 and molf.layer_plan() == []
     assert bool(planner.fused_calls) == (pin == "fused")
@@ -103,20 +104,20 @@ def test_environment_pins_the_implementation(planner, monkeypatch, pin):
 
 def test_cache_file_is_written_and_read(planner, monkeypatch, tmp_path):
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "cache"))
-    layer()(torch.randn(5, 12))
+    layer()(torch.randn(5, 12, device=DEVICE))
     data = json.loads((tmp_path / "cache" / _plan.CACHE_FILE).read_text())
     (versions, shapes), = data.items()
     assert "triton" in versions and len(shapes) == 1
     again = _plan.LayerPlanner(timer=FakeTimer(cross=0))  # a new process: would choose otherwise if it measured
     monkeypatch.setattr(_plan, "PLANNER", again)
-    layer()(torch.randn(5, 12))
+    layer()(torch.randn(5, 12, device=DEVICE))
     assert again.measurements == 0
     (row, *_), = [molf.layer_plan()]
     assert row["impl"] == "chain" and row["source"].startswith("cache")
     (tmp_path / "cache" / _plan.CACHE_FILE).write_text("{not json")  # a broken file is ignored, then replaced
     third = _plan.LayerPlanner(timer=FakeTimer())
     monkeypatch.setattr(_plan, "PLANNER", third)
-    layer()(torch.randn(5, 12))
+    layer()(torch.randn(5, 12, device=DEVICE))
     assert third.measurements == 8
     assert json.loads((tmp_path / "cache" / _plan.CACHE_FILE).read_text())
 
@@ -124,38 +125,39 @@ def test_cache_file_is_written_and_read(planner, monkeypatch, tmp_path):
 def test_not_measured_while_capturing_or_tracing(planner, monkeypatch):
     monkeypatch.setattr(_plan, "_tracing_or_capturing", lambda: True)
     lin = layer()
-    lin(torch.randn(4, 12))
+    lin(torch.randn(4, 12, device=DEVICE))
     assert planner.measurements == 0 and planner.fused_calls == [(4, 12)] and molf.layer_plan() == []
     monkeypatch.setattr(_plan, "_tracing_or_capturing", lambda: False)
-    lin(torch.randn(4, 12))  # decided at the first call outside the capture
+    lin(torch.randn(4, 12, device=DEVICE))  # decided at the first call outside the capture
     assert planner.measurements == 8
 
 
 def test_measuring_does_not_move_the_random_stream(planner):
     lin = layer(dropout=0.1).train()
     torch.manual_seed(7)
-    lin(torch.randn(4, 12))  # measures (forks the RNG)
-    after_measured = torch.rand(3)
+    lin(torch.randn(4, 12, device=DEVICE))  # measures (forks the RNG)
+    after_measured = torch.rand(3, device=DEVICE)
     torch.manual_seed(7)
-    lin(torch.randn(4, 12))  # decided: no measurement
+    lin(torch.randn(4, 12, device=DEVICE))  # decided: no measurement
     assert planner.measurements == 8
-    assert torch.equal(torch.rand(3), after_measured)
+    assert torch.equal(torch.rand(3, device=DEVICE), after_measured)
     assert molf.layer_plan()[-1]["dropout"]  # dropout (training) is part of the shape
 
 
 def test_measured_under_no_grad(planner):
     lin = layer()
     with torch.no_grad():
-        lin(torch.randn(4, 12))
+        lin(torch.randn(4, 12, device=DEVICE))
     with torch.inference_mode():
-        layer(bias=False)(torch.randn(4, 12))
+        layer(bias=False)(torch.randn(4, 12, device=DEVICE))
     assert planner.measurements == 16
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_choice_identical_across_ranks(tmp_path):
     import dist_worker
-    mp.spawn(dist_worker.plan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    with dist_worker.cpu_ranks():
+        mp.spawn(dist_worker.plan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in range(2))
     assert "error" not in r0, r0.get("error")
     assert "error" not in r1, r1.get("error")
@@ -179,8 +181,8 @@ def test_measurement_runs_both_implementations_under_autocast(planner, monkeypat
     monkeypatch.setattr(_plan, "_PROBE_KEY", {16: "16", 64: "64"})
     planner.timer = calling_timer
     lin = layer()
-    with torch.autocast("cpu", dtype=torch.float16):
-        y = lin(torch.randn(5, 12))
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = lin(torch.randn(5, 12, device=DEVICE))
     assert y.dtype == torch.float16 and ran == [("fused", 16), ("chain", 16), ("fused", 64), ("chain", 64)]
     assert all(p.grad is None for p in lin.parameters())
     assert molf.layer_plan()[0]["dtype"] == "float16"

@@ -359,10 +359,10 @@ def test_autotune_key_is_a_bucket_of_m(monkeypatch):
     monkeypatch.setattr(L._mm2_kernel, "cache", {})
     tuned = []
     monkeypatch.setattr(L._mm2_kernel, "_bench", lambda *a, config, **k: tuned.append(config) or [1.0, 1.0, 1.0])
-    b1 = torch.randn(40, 24)
+    b1 = torch.randn(40, 24, device=DEVICE)
     for M in (100, 120, 128, 300, 500):
-        a1 = torch.randn(M, 40)
-        out = L._launch_mm2(torch.empty(M, 24), a1, b1, split=1)
+        a1 = torch.randn(M, 40, device=DEVICE)
+        out = L._launch_mm2(torch.empty(M, 24, device=DEVICE), a1, b1, split=1)
         assert_close(out, a1 @ b1, 1e-5, f"M={M}")
     assert len(tuned) == 2 * 2, "two buckets (128 and 512), two configs each: tuned once per bucket"
 
@@ -397,28 +397,36 @@ def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
         drop = L.DROP_SECOND if form == "dx_dropout" else L.NO_DROP
         out = L.product(g, w, a2=v, b2=a, seed=seed if drop else None, drop=drop, p=p if drop else 0.0)
         want = g.double() @ w.double() + keep * (v.double() @ a.double())
-    assert len(tma.grids) == 1
-    assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (3,)  # 3 programs for 9 tiles
     assert_close(out, want, TOL[dtype], form)
+    if CUDA and dtype == torch.float32:  # a GPU takes 16-bit operands only: fp32 stays on the pointer kernel
+        assert tma.grids == []
+        return
+    assert len(tma.grids) == 1
+    tiles = 3 * (3 if form == "forward" else 2)  # 32 x 32 tiles of the 70 x 72 (forward) or 70 x 48 (dx) output
+    programs = 3 if L.interpreting() else min(tiles, torch.cuda.get_device_properties(DEVICE).multi_processor_count)
+    assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (programs,)  # interpreter: 3 programs walk the tiles
 
 
 def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
     monkeypatch.setenv("MOLF_TMA", "1")
-    h = torch.float16
-    a1, b1 = torch.randn(8, 16, dtype=h), torch.randn(24, 16, dtype=h).t()
-    a2, b2, out = torch.randn(8, 8, dtype=h), torch.randn(24, 8, dtype=h).t(), torch.empty(8, 24, dtype=h)
+    h = dict(dtype=torch.float16, device=DEVICE)
+    a1, b1 = torch.randn(8, 16, **h), torch.randn(24, 16, **h).t()
+    a2, b2, out = torch.randn(8, 8, **h), torch.randn(24, 8, **h).t(), torch.empty(8, 24, **h)
     assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
     assert L.tma_path(a1, b1, a2, b2, out, L.DROP_SECOND)
     assert not L.tma_path(a1, b1, None, None, out, L.NO_DROP)  # a single product: the pointer kernel
     assert not L.tma_path(a1, b1, a2, b2, out, L.DROP_A1)
-    odd = torch.randn(8, 5, dtype=h)  # rank 5: a row of 10 bytes, not 16-byte aligned
-    assert not L.tma_path(a1, b1, odd, torch.randn(24, 5, dtype=h).t(), out, L.NO_DROP)
+    odd = torch.randn(8, 5, **h)  # rank 5: a row of 10 bytes, not 16-byte aligned
+    assert not L.tma_path(a1, b1, odd, torch.randn(24, 5, **h).t(), out, L.NO_DROP)
     assert not L.tma_path(a1[:, 1:], b1[1:], a2, b2, out, L.NO_DROP)  # an unaligned base
-    assert not L.tma_path(a1, torch.randn(16, 48, dtype=h)[:, ::2], a2, b2, out, L.NO_DROP)  # no unit stride
+    assert not L.tma_path(a1, torch.randn(16, 48, **h)[:, ::2], a2, b2, out, L.NO_DROP)  # no unit stride
+    if CUDA:  # on a GPU, 16-bit operands only
+        assert not L.tma_path(a1.float(), b1.float(), a2.float(), b2.float(), out.float(), L.NO_DROP)
     monkeypatch.setenv("MOLF_TMA", "0")
     assert not L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
     monkeypatch.delenv("MOLF_TMA")
-    assert not L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)  # interpreter, not forced
+    hopper = CUDA and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+    assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP) == hopper  # by default: Hopper GPUs, not the interpreter
 
 
 @pytest.mark.parametrize("shape", [(48, 40, (8, 16)), (45, 40, (8, 16)), (48, 40, (5,))],
@@ -431,6 +439,7 @@ def test_layer_on_tma_path_equals_pointer_path(monkeypatch, shape):
     fused.train()
     x = torch.randn(3, 23, k, device=DEVICE, dtype=torch.float16, requires_grad=True)
     g = torch.randn(3, 23, n, device=DEVICE, dtype=torch.float16)
+    monkeypatch.setenv("MOLF_TMA", "0")  # the pointer kernels (a Hopper GPU would take descriptors by default)
     torch.manual_seed(9)
     y, gr = grads(fused, x, g)
     monkeypatch.setenv("MOLF_TMA", "1")

@@ -32,34 +32,34 @@ def test_segment_sum_fixed_order_and_every_output_written():
 
 
 def test_table_rows_block_owner_and_staleness():
-    xs = [torch.zeros(5), torch.zeros(0), torch.zeros(300), torch.zeros(256)]
-    t = TensorTable([xs], 128, torch.device("cpu"))
+    xs = [torch.zeros(n, device=DEVICE) for n in (5, 0, 300, 256)]
+    t = TensorTable([xs], 128, DEVICE)
     assert t.n_blocks == 1 + 0 + 3 + 2 and t.n_rows == 4
     assert t.first_block == [0, 1, 1, 4, 6] and t.first.tolist() == [0, 1, 1, 4, 6]
     assert t.ptrs.shape == (4, 1)  # one row per tensor, never one entry per block
-    owners = torch.empty(t.n_blocks, dtype=torch.int64)
+    owners = torch.empty(t.n_blocks, dtype=torch.int64, device=DEVICE)
     _owner_kernel[(t.n_blocks,)](t.first, t.n_rows, owners, STEPS=t.search_steps)
     assert owners.tolist() == [0, 2, 2, 2, 3, 3]  # the empty tensor owns no block
     assert not t.stale([xs])
-    moved = [xs[0], xs[1], torch.zeros(300), xs[3]]
+    moved = [xs[0], xs[1], torch.zeros(300, device=DEVICE), xs[3]]
     assert t.stale([moved])
     t.repoint([moved])
     assert not t.stale([moved]) and t.ptrs[2, 0].item() == moved[2].data_ptr()
     with pytest.raises(ValueError, match="contiguous"):
-        TensorTable([[torch.zeros(4, 4).t()]], 128, torch.device("cpu"))
+        TensorTable([[torch.zeros(4, 4, device=DEVICE).t()]], 128, DEVICE)
 
 
 @pytest.mark.parametrize("n_rows", [1, 2, 3, 7, 8, 33])
 def test_block_owner_matches_searchsorted(n_rows):
     g = torch.Generator().manual_seed(n_rows)
     sizes = torch.randint(0, 4, (n_rows,), generator=g).tolist()
-    first = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int64)
+    first = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int64, device=DEVICE)
     n_blocks = int(first[-1])
     if n_blocks == 0:
         return
-    owners = torch.empty(n_blocks, dtype=torch.int64)
+    owners = torch.empty(n_blocks, dtype=torch.int64, device=DEVICE)
     _owner_kernel[(n_blocks,)](first, n_rows, owners, STEPS=max(1, n_rows.bit_length()))
-    want = torch.searchsorted(first, torch.arange(n_blocks), right=True) - 1
+    want = torch.searchsorted(first, torch.arange(n_blocks, device=DEVICE), right=True) - 1
     assert owners.tolist() == want.tolist()
 
 

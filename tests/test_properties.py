@@ -1,5 +1,5 @@
 """Property-based tests of the routed optimizer (hypothesis): small random layouts, hyperparameters, top_k
-and injected non-finite or huge gradient elements; eager and triton (interpreter) side by side."""
+and injected non-finite or huge gradient elements; eager (CPU) and triton (the GPU, or the interpreter) side by side."""
 import io
 import math
 
@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import molf
+from helpers import device_for
 
 INJECT = [math.nan, math.inf, -math.inf, 1e30, -1e30]  # overflow in any evaluation order: both backends agree
 
@@ -53,7 +54,7 @@ def setups(draw):
 
 def build(s, backend):
     torch.manual_seed(s["seed"])
-    model = Net(s["sizes"], s["bias"])
+    model = Net(s["sizes"], s["bias"]).to(device_for(backend))
     molf.wrap(model, ranks=s["ranks"], alphas=s["alphas"], train_base=s["train_base"],
               target_modules=tuple(f"l{i}" for i in range(len(s["sizes"]))), backend=backend)
     opt = molf.MoLFAdamW(model, lr=s["lr"], lora_lr=s["lora_lr"], weight_decay=s["weight_decay"],
@@ -66,7 +67,7 @@ def set_grads(model, s, step):
     gen = torch.Generator().manual_seed(s["seed"] * 7 + step)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
     inj = s["inject"][step]
     if inj is not None:
         p = params[inj[0] % len(params)]

@@ -143,7 +143,7 @@ def test_base_storage_untouched_by_training(backend):
 @pytest.mark.parametrize("kind", ["nf4-double", "int8"])
 def test_tiny_qwen2_from_pretrained_quantized_trains_routing_alike_on_both_backends(tmp_path, kind):
     """Loss goes down, and the eager and triton backends route identically step by step."""
-    ids = batch(n=2, t=8)
+    ids = batch(n=2, t=8).to(DEVICE)
     runs = {}
     for backend in ("eager", "triton"):
         model = quantized_qwen2(tmp_path, kind, layers=1)
@@ -165,7 +165,7 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing(tmp_path):
     assert model.is_gradient_checkpointing
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
     model.train()
-    losses, _ = train(model, molf.MoLFAdamW(model, lr=1e-2), batch(n=4, t=12), 8)
+    losses, _ = train(model, molf.MoLFAdamW(model, lr=1e-2), batch(n=4, t=12).to(DEVICE), 8)
     assert losses[-1] < losses[0]
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
@@ -203,7 +203,7 @@ def test_merge_dequantizes_and_saves_a_float_checkpoint(tmp_path, kind):
     model = quantized_qwen2(tmp_path, kind)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
     randomize_lora_B(model)
-    ids = batch()
+    ids = batch().to(DEVICE)
     want = model(ids).logits
     with pytest.warns(UserWarning, match=r"molf.merge dequantized 14 .* into float nn.Linear \(torch.float32\): the "
                                          r"merged model is no longer quantized there; its quantization_config was"):
@@ -221,7 +221,7 @@ def test_export_peft_loads_on_the_quantized_base(tmp_path):
     model = quantized_qwen2(tmp_path)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
     randomize_lora_B(model)
-    ids = batch()
+    ids = batch().to(DEVICE)
     want = model.train()(ids).logits  # train mode: bitsandbytes' bf16 CPU inference kernels stay out of it
     molf.export_peft(model, tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(quantized_qwen2(tmp_path), tmp_path / "adapter").train()
@@ -235,7 +235,7 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
     model = quantized_qwen2(tmp_path)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
     opt = molf.MoLFAdamW(model, lr=1e-2)
-    ids = batch()
+    ids = batch().to(DEVICE)
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
         opt.step()
@@ -272,7 +272,7 @@ def test_trainer_checkpoint_and_resume_on_a_quantized_base(tmp_path):
         model = quantized_qwen2(tmp_path)
         molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, freeze_others=True, backend="eager")
         args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                                 save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                                 save_steps=2, logging_steps=1, report_to=[], use_cpu=DEVICE.type == "cpu", seed=0,
                                  save_only_model=False)
         return MoLFTrainer(model=model, args=args, train_dataset=Data()), model
     t, full = trainer(tmp_path / "a", 4)
@@ -281,7 +281,7 @@ def test_trainer_checkpoint_and_resume_on_a_quantized_base(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    ids = batch()
+    ids = batch().to(DEVICE)
     assert torch.equal(resumed(ids).logits, full(ids).logits)
 
 
@@ -296,7 +296,7 @@ def test_dequantize_after_bitsandbytes_cpu_inference_repacking(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.lora_B[0].normal_()
         model.eval()
-        want = model(batch()).logits
+        want = model(batch().to(DEVICE)).logits
     layers = dict(molf.layer.molf_layers(model))
     repacked = [n for n, m in layers.items() if getattr(m.base.weight.quant_state, "packing_format_for_cpu", False)]
     storage = {n: layers[n].base.weight.data.clone() for n in repacked}
@@ -305,7 +305,7 @@ def test_dequantize_after_bitsandbytes_cpu_inference_repacking(tmp_path):
     for n in repacked:
         assert torch.equal(layers[n].base.weight.data, storage[n]), f"{n}: dequantize wrote to the layer"
     with torch.no_grad():
-        assert torch.equal(model(batch()).logits, want)
+        assert torch.equal(model(batch().to(DEVICE)).logits, want)
     with pytest.warns(UserWarning, match="no longer quantized"):
         molf.merge(model)
-    assert_close(model(batch()).logits, want, 1e-2, f"merged after inference ({len(repacked)} layers repacked)")
+    assert_close(model(batch().to(DEVICE)).logits, want, 1e-2, f"merged after inference ({len(repacked)} layers repacked)")

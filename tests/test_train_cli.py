@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_qwen2
+from helpers import rel_err, tiny_qwen2
 from molf.cli import main
 from molf.train import TrainConfig, TrainError, _encode, read_records, train
 
@@ -68,7 +68,8 @@ def test_every_data_format_trains_a_hub_style_model(tmp_path, chat_model, fmt):
                  "eager"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert (s["train_examples"], s["eval_examples"], s["scored_on"]) == (6, 2, "eval")
-    assert s["eval_loss"] is not None and s["dtype"] == "fp32"
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert s["eval_loss"] is not None and s["dtype"] == ("bf16" if gpu_bf16 else "fp32")
     assert s["loss_after"] < s["loss_before"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(out / "model")
@@ -112,7 +113,13 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(tmp_path / "cut" / "model" /
                                                                                    "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    if mode == "fft" and torch.cuda.is_available():
+        # fft trains the embedding, whose CUDA backward adds with atomics (in no fixed order): close, not bitwise
+        assert all(rel_err(b[k], a[k]) <= 1e-2 for k in a)
+        assert abs(full["loss_after"] - resumed["loss_after"]) <= 1e-3 * abs(full["loss_after"])
+        return
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert full["loss_after"] == resumed["loss_after"]
     if mode != "fft":
         assert (tmp_path / "full" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
