@@ -73,7 +73,9 @@ def _commit() -> str:
         return "unknown"
 
 
-_STAMPS = ("median_ms", "peak_mb", "commit", "date", "torch", "triton")
+# Measured values and stamps: everything else in a row says what was measured (achieved_GBps varies per run:
+# left in the identity it kept every run's row of the same measurement).
+_STAMPS = ("median_ms", "peak_mb", "achieved_GBps", "bytes_moved", "commit", "date", "torch", "triton")
 
 
 def _identity(row) -> tuple:

@@ -87,9 +87,11 @@ def segment_total(partials, seg_start, s, BLOCK: tl.constexpr):
     lo = tl.load(seg_start + s)
     hi = tl.load(seg_start + s + 1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(lo, hi, BLOCK):
+    i = lo
+    while i < hi:  # not range(lo, hi): Triton 3.6's interpreter cannot take loaded bounds under NumPy >= 2.5
         offs = i + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < hi, other=0.0)
+        i += BLOCK
     return tl.sum(acc, axis=0)
 
 

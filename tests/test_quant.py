@@ -212,7 +212,7 @@ def test_merge_dequantizes_and_saves_a_float_checkpoint(tmp_path, kind):
     assert_close(model(ids).logits, want, 2e-2 if kind == "int8" else 1e-5, "merged")  # int8: LLM.int8 activations
     model.save_pretrained(tmp_path / "merged")
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).to(DEVICE)
     assert_close(again(ids).logits, model(ids).logits, 1e-6, "reloaded")
 
 

@@ -114,8 +114,9 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     a, b = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(tmp_path / "cut" / "model" /
                                                                                    "model.safetensors")
     assert a.keys() == b.keys()
-    if mode == "fft" and torch.cuda.is_available():
-        # fft trains the embedding, whose CUDA backward adds with atomics (in no fixed order): close, not bitwise
+    if torch.cuda.is_available():
+        # on a GPU, attention's backward (SDPA) and the embedding's (fft) add with atomics in no fixed order:
+        # two runs differ in the last bits (2e-7 of the loss on an H100), so close, not bitwise
         assert all(rel_err(b[k], a[k]) <= 1e-2 for k in a)
         assert abs(full["loss_after"] - resumed["loss_after"]) <= 1e-3 * abs(full["loss_after"])
         return
