@@ -53,7 +53,10 @@ def round_to(x, DTYPE: tl.constexpr):
 def tuning_configs(configs, default: int):
     """The configs autotuning tries; MOLF_AUTOTUNE=0 keeps configs[default] alone (no tuning: the first call of
     a shape compiles one kernel instead of len(configs); the GPU test suite sets it)."""
-    return [configs[default]] if os.environ.get("MOLF_AUTOTUNE", "1") == "0" else configs
+    flag = os.environ.get("MOLF_AUTOTUNE", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"MOLF_AUTOTUNE must be 0 (one fixed config) or 1 (autotune), got {flag!r}")
+    return [configs[default]] if flag == "0" else configs
 
 
 def _tuning_bench(kernel_call, quantiles=None):

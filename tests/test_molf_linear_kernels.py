@@ -348,6 +348,17 @@ def test_bad_inputs_on_triton_backend():
         fused(torch.randn(3, 8, device=DEVICE, dtype=torch.float16))
 
 
+def test_molf_autotune_env_keeps_one_config(monkeypatch):
+    from molf.kernels._utils import tuning_configs
+    monkeypatch.setenv("MOLF_AUTOTUNE", "0")
+    assert tuning_configs(["a", "b", "c"], default=1) == ["b"]
+    monkeypatch.setenv("MOLF_AUTOTUNE", "1")
+    assert tuning_configs(["a", "b", "c"], default=1) == ["a", "b", "c"]
+    monkeypatch.setenv("MOLF_AUTOTUNE", "off")
+    with pytest.raises(ValueError, match="MOLF_AUTOTUNE must be 0 .* or 1 .*, got 'off'"):
+        tuning_configs(["a"], default=0)
+
+
 def test_autotune_key_is_a_bucket_of_m(monkeypatch):
     """Dynamic padding gives a new M almost every step: a new M in the same bucket must not tune again."""
     from molf.kernels import molf_linear as L
