@@ -81,8 +81,8 @@ def main():
     M = 8192 if CUDA else 64
     for module in ("k_proj", "gate_proj"):
         for backend in ("triton", "eager"):
-            report(f"layer fwd+bwd {module} r(16,128) M={M} backend={backend}", layer_case(module, (16, 128), backend, M),
-                   a.calls, a.rows)
+            report(f"layer fwd+bwd {module} r(16,128) M={M} backend={backend}",
+                   layer_case(module, (16, 128), backend, M), a.calls, a.rows)
     for setting in ("molf-e", "molf"):
         report(f"optimizer step {setting}", optim_case(setting), a.calls, a.rows)
 

@@ -308,4 +308,5 @@ def test_dequantize_after_bitsandbytes_cpu_inference_repacking(tmp_path):
         assert torch.equal(model(batch().to(DEVICE)).logits, want)
     with pytest.warns(UserWarning, match="no longer quantized"):
         molf.merge(model)
-    assert_close(model(batch().to(DEVICE)).logits, want, 1e-2, f"merged after inference ({len(repacked)} layers repacked)")
+    assert_close(model(batch().to(DEVICE)).logits, want, 1e-2,
+                 f"merged after inference ({len(repacked)} layers repacked)")
