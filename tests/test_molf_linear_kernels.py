@@ -414,7 +414,7 @@ def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
         return
     assert len(tma.grids) == 1
     tiles = 3 * (3 if form == "forward" else 2)  # 32 x 32 tiles of the 70 x 72 (forward) or 70 x 48 (dx) output
-    programs = 3 if L.interpreting() else min(tiles, torch.cuda.get_device_properties(DEVICE).multi_processor_count)
+    programs = 3 if L.interpreting() else min(tiles, L._sm_count(DEVICE))
     assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (programs,)  # interpreter: 3 programs walk the tiles
 
 
@@ -436,7 +436,7 @@ def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
     monkeypatch.setenv("MOLF_TMA", "0")
     assert not L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
     monkeypatch.delenv("MOLF_TMA")
-    hopper = CUDA and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+    hopper = CUDA and L._sm_major(DEVICE) >= 9
     assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP) == hopper  # by default: Hopper GPUs, not the interpreter
 
 
