@@ -4,7 +4,14 @@ torch ops make a pass over memory per op (about ten for the routed step); these 
 
     moments_score_:  m <- m + (1 - b1)(g - m),  v <- b2 v + (1 - b2) g^2  (in place), and returns
                      sum m^2/(sqrt(v) + 1e-8) (EPD) or sum (m/(sqrt(v) + 1e-8))^2 (PFN), in fp32
-    adamw_update_:   p <- p decay - step_size m / (sqrt(v) / bc2_sqrt + eps)
+    adamw_update_:   p <- p decay - step_size m / (sqrt(v) / bc2_sqrt + eps),  hp = [step_size, bc2_sqrt, decay]
+
+One pass, not two: inductor puts a flat reduction and the in-place stores it shares inputs with into two
+loops over memory (the second reads g, m, v again). Viewed as rows of `row_length(n)` elements, with the
+new moments multiplied by a [rows, 1] tensor of ones (exact: x * 1 == x, NaN and -0 included), the stores
+keep their row structure and inductor nests both loops under one loop over rows, so the second reads a
+row from cache. Measured on 2 CPU cores (one Qwen2.5-1.5B layer's large LoRA tensors, 5.6M elements,
+fp32): 3.3 ms against 3.9 ms for the flat version.
 
 Compiled on first use (a few seconds, once per process and dtype); where compiling fails (no C++
 compiler), `available()` turns False with one warning and the caller keeps its torch-op path.
@@ -14,37 +21,67 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch._dynamo
+import torch._inductor.config
 
-MIN_NUMEL = 1 << 17  # smaller tensors: torch's foreach ops (a compiled call costs ~0.3 ms of dispatch on the CPU)
-_state = {"ok": None, "fns": None}
+MIN_NUMEL = 1 << 17  # smaller tensors: torch's foreach ops (a compiled call costs ~0.06 ms of dispatch on the CPU)
+MAX_ROW, MIN_ROW = 4096, 128
+_state: dict = {"ok": None, "fns": None, "warned": False}
+_ones: dict[int, torch.Tensor] = {}  # rows -> [rows, 1] ones, shared by every tensor with that many rows
+_betas: dict[tuple, torch.Tensor] = {}
+# Raised (fullgraph=True) when one loop met more dtype/shape combinations than dynamo recompiles for.
+_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, n) for n in ("FailOnRecompileLimitHit", "RecompileLimitExceeded",
+                                                            "CacheLimitExceeded") if hasattr(torch._dynamo.exc, n))
 
 
-def _moments_score(g, m, v, b1: float, b2: float, pfn: bool):
+def _new_moments(g, m, v, one, betas):
     gf, mf, vf = g.float(), m.float(), v.float()
-    m1 = (mf + (1.0 - b1) * (gf - mf)).to(m.dtype)
-    v1 = (b2 * vf + (1.0 - b2) * gf * gf).to(v.dtype)
+    b1, b2 = betas[0], betas[1]  # a tensor: dynamo would specialise (recompile) on float values
+    m1 = ((mf + (1.0 - b1) * (gf - mf)) * one).to(m.dtype)
+    v1 = ((b2 * vf + (1.0 - b2) * gf * gf) * one).to(v.dtype)
     m.copy_(m1)
     v.copy_(v1)
-    d = v1.float().sqrt() + 1e-8  # the score reads the stored (rounded) moments, as the reference does
-    mf1 = m1.float()
-    if pfn:
-        q = mf1 / d
-        return (q * q).sum()
-    return (mf1 * mf1 / d).sum()  # as the kernels: overflow gives NaN (inf/inf), never a silent 0
+    return m1.float(), v1.float().sqrt() + 1e-8  # the score reads the stored (rounded) moments, as the reference
 
 
-def _adamw_update(p, m, v, step_size, bc2_sqrt, eps: float, decay):
+def _moments_epd(g, m, v, one, betas):
+    m1, d = _new_moments(g, m, v, one, betas)
+    return (m1 * m1 / d).sum(1).sum()  # as the kernels: overflow gives NaN (inf/inf), never a silent 0
+
+
+def _moments_pfn(g, m, v, one, betas):  # its own function: dynamo's recompile budget is per function
+    m1, d = _new_moments(g, m, v, one, betas)
+    q = m1 / d
+    return (q * q).sum(1).sum()
+
+
+def _adamw_update(p, m, v, hp, eps: float):
+    step_size, bc2_sqrt, decay = hp[0], hp[1], hp[2]
     new = p.float() * decay - step_size * m.float() / (v.float().sqrt() / bc2_sqrt + eps)
     p.copy_(new.to(p.dtype))
+
+
+_PLAIN = (_moments_epd, _moments_pfn, _adamw_update)
+# Round where the code rounds (bf16/fp16 moments stored, then read back by the score): inductor would
+# otherwise keep the fp32 value and the score would part from the reference's by ~1e-4.
+_OPTIONS = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else {}
+
+
+def row_length(n: int) -> int:
+    """The row length moments_score_ views n elements with: the largest power of two dividing n, at most
+    MAX_ROW and n / 2 (two rows at least: dynamo specialises a size of 1); 0 where that is under MIN_ROW
+    (such tensors keep the torch-op path)."""
+    row = min(n & -n, MAX_ROW, n // 2)
+    return row if row >= MIN_ROW else 0
 
 
 def available() -> bool:
     if _state["ok"] is None:
         try:
-            fns = [torch.compile(f, dynamic=True, fullgraph=True) for f in (_moments_score, _adamw_update)]
-            x = torch.zeros(MIN_NUMEL + 1)
-            fns[0](x, x.clone(), x.clone(), 0.9, 0.999, False)
-            _state["fns"], _state["ok"] = fns, True
+            _state["fns"] = [torch.compile(f, dynamic=True, fullgraph=True, options=_OPTIONS) for f in _PLAIN]
+            x = torch.zeros(MIN_NUMEL)
+            moments_score_(x, x.clone(), x.clone(), 0.9, 0.999, False)
+            _state["ok"] = True
         except Exception as e:  # no C++ compiler, or a platform inductor does not support
             warnings.warn(f"molf: torch.compile is not usable here ({type(e).__name__}: {str(e)[:120]}); the eager "
                           "optimizer keeps torch's per-op path on the CPU", RuntimeWarning, stacklevel=3)
@@ -52,9 +89,33 @@ def available() -> bool:
     return _state["ok"]
 
 
+def _call(i: int, *args):
+    """Compiled loop i; once dynamo stops recompiling it (a process that met many dtype and shape
+    combinations), the same function uncompiled: torch ops, same results, slower."""
+    try:
+        return _state["fns"][i](*args)
+    except _LIMIT_HIT:
+        _state["fns"][i] = _PLAIN[i]
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn("molf: torch.compile's recompile limit was reached for the CPU optimizer's loops; they "
+                          "run as torch ops from now on in this process (same results, slower)", RuntimeWarning,
+                          stacklevel=3)
+        return _PLAIN[i](*args)
+
+
 def moments_score_(g, m, v, b1: float, b2: float, pfn: bool) -> torch.Tensor:
-    return _state["fns"][0](g.view(-1), m.view(-1), v.view(-1), b1, b2, pfn)
+    """Contiguous g, m, v of n elements, row_length(n) > 0."""
+    row = row_length(g.numel())
+    rows = g.numel() // row
+    one = _ones.get(rows)
+    if one is None:
+        one = _ones[rows] = torch.ones(rows, 1)
+    betas = _betas.get((b1, b2))
+    if betas is None:
+        betas = _betas[b1, b2] = torch.tensor([b1, b2], dtype=torch.float64)
+    return _call(1 if pfn else 0, g.view(rows, row), m.view(rows, row), v.view(rows, row), one, betas)
 
 
-def adamw_update_(p, m, v, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, eps: float, decay: torch.Tensor):
-    _state["fns"][1](p.view(-1), m.view(-1), v.view(-1), step_size, bc2_sqrt, eps, decay)
+def adamw_update_(p, m, v, hp: torch.Tensor, eps: float):
+    _call(2, p.view(-1), m.view(-1), v.view(-1), hp, eps)

@@ -332,7 +332,7 @@ class EagerRoutedAdamW:
     def _fused(self, t: torch.Tensor) -> bool:
         """Whether tensor t takes the one-pass compiled CPU loop (large CPU tensors, where it compiles)."""
         return t.device.type == "cpu" and t.numel() >= _cpu_fused.MIN_NUMEL \
-            and t.is_contiguous() and _cpu_fused.available()
+            and t.is_contiguous() and _cpu_fused.row_length(t.numel()) > 0 and _cpu_fused.available()
 
     @staticmethod
     def _score_sums(ms, vs, score: str) -> list[torch.Tensor]:
@@ -395,6 +395,7 @@ class EagerRoutedAdamW:
         if opt.stochastic_rounding:
             gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())
         batch: dict[tuple, list] = {}
+        hps: dict[tuple, torch.Tensor] = {}
         for i, p in enumerate(plan.params):
             molf_param = i < plan.n_molf
             if molf_param and host_win is not None and not host_win[plan.owner[i]]:
@@ -402,20 +403,24 @@ class EagerRoutedAdamW:
             g, st = opt.param_groups[plan.group[i]], opt.state[p]
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
             p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
-            if host_win is not None and gen is None and p.dtype == m.dtype and not self._fused(p):
-                # CPU, small tensor: batched below, bias corrections as host floats (float64), as the reference
+            if host_win is not None and gen is None:  # CPU: bias corrections as host floats (float64), as the reference
                 t = step.item()
-                batch.setdefault((lr, wd, eps), []).append((p, m, v, math.sqrt(1.0 - beta2 ** t),
-                                                            -lr / (1.0 - beta1 ** t)))
-                continue
+                if self._fused(p):
+                    hp = hps.get((lr, wd, t))
+                    if hp is None:  # one small tensor per group and step count: the compiled loop's scalars
+                        hp = hps[lr, wd, t] = torch.tensor([lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t),
+                                                            1.0 - lr * wd])
+                    _cpu_fused.adamw_update_(p, m, v, hp, eps)
+                    continue
+                if p.dtype == m.dtype:  # small tensors: batched below
+                    batch.setdefault((lr, wd, eps), []).append((p, m, v, math.sqrt(1.0 - beta2 ** t),
+                                                                -lr / (1.0 - beta1 ** t)))
+                    continue
             # Bias corrections in float64: in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation.
             t = step.double()
             step_size = (lr / (1.0 - torch.pow(beta1, t))).float()
             bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().float()
             decay = 1.0 - lr * wd
-            if not (molf_param and host_win is None) and gen is None and self._fused(p):
-                _cpu_fused.adamw_update_(p, m, v, step_size, bc2_sqrt, eps, torch.tensor(decay, dtype=torch.float32))
-                continue
             upd = v.sqrt().div_(bc2_sqrt).add_(eps)  # one temporary, reused in place
             torch.div(m, upd, out=upd).mul_(step_size)
             masked = molf_param and host_win is None

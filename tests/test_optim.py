@@ -7,6 +7,7 @@ import torch
 
 import molf
 from helpers import assert_close, batch, rel_err, tiny_qwen2
+from molf._math import expert_score_terms
 from molf.optim import route
 from molf.reference import MoLFAdamWReference
 from optim_utils import (MOLF, MOLF_E, MOLF_E_PFN, check_state_dict_roundtrip, flat_params, lockstep, make_opt,
@@ -219,16 +220,75 @@ def test_bad_hyperparameters(kw, match):
 
 @pytest.mark.parametrize("score", ["epd", "pfn"])
 def test_cpu_one_pass_loops_match_reference(monkeypatch, score):
-    """The compiled one-pass CPU loops (large tensors; here every tensor) route and update like the reference."""
+    """The compiled one-pass CPU loops (here every tensor whose size has a row length, the others on torch
+    ops in the same step) route and update like the reference."""
     from molf import _cpu_fused
     if not _cpu_fused.available():
         pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
     monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", 0)
+    calls = {"moments_score_": 0, "adamw_update_": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(_cpu_fused, name), _n=name):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(_cpu_fused, name, counted)
     cfg = MOLF_E_PFN if score == "pfn" else MOLF
     r = lockstep(cfg, 12, molf.MoLFAdamW, MoLFAdamWReference, dict(score=score, backend="eager"), dict(score=score))
     assert torch.equal(r["routes_a"], r["routes_b"])
     assert_close(r["scores_a"], r["scores_b"], 1e-5, "scores")
     assert rel_err(flat_params(r["model_a"]), flat_params(r["model_b"])) <= 1e-6
+    assert calls["moments_score_"] > 0 and calls["adamw_update_"] > 0, calls
+    sizes = [p.numel() for p in r["model_a"].parameters() if p.requires_grad]
+    assert any(_cpu_fused.row_length(n) == 0 for n in sizes), "no tensor took the torch-op path beside"
+
+
+@pytest.mark.parametrize("n", [256, 768, 4096 * 3, 4096 * 40 + 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_one_pass_moments_score_matches_torch_ops(n, dtype):
+    """moments_score_ over every row length it takes (256 up to 4096, rows of one and many): the moments as
+    torch's lerp_/mul_/addcmul_ store them, the score sum as the fp32 formula over them."""
+    from molf import _cpu_fused
+    if not _cpu_fused.available():
+        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+    torch.manual_seed(n)
+    g, m = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+    v = torch.rand(n).to(dtype)
+    m_ref, v_ref = m.clone(), v.clone()
+    m_ref.lerp_(g, 0.1)
+    v_ref.mul_(0.999).addcmul_(g, g, value=0.001)
+    for score in ("epd", "pfn"):
+        mm, vv = m.clone(), v.clone()
+        got = _cpu_fused.moments_score_(g, mm, vv, 0.9, 0.999, score == "pfn")
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert_close(mm.float(), m_ref.float(), tol, "m")
+        assert_close(vv.float(), v_ref.float(), tol, "v")
+        want = expert_score_terms(mm, vv, score).double().sum()
+        assert abs(got.double() - want) <= 1e-5 * want, (score, float(got), float(want))
+
+
+def test_cpu_one_pass_loops_fall_back_past_the_recompile_limit(monkeypatch):
+    """A process that meets more dtype/shape combinations than dynamo recompiles for (fullgraph=True raises
+    then) keeps going with the same loop uncompiled: one warning, the same moments and score."""
+    from molf import _cpu_fused
+    if not _cpu_fused.available():
+        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+    if not _cpu_fused._LIMIT_HIT:
+        pytest.skip("this torch raises no recompile-limit exception")
+
+    def limit_hit(*args):
+        raise _cpu_fused._LIMIT_HIT[0]("recompile limit reached")
+    monkeypatch.setitem(_cpu_fused._state, "fns", [limit_hit] + _cpu_fused._state["fns"][1:])
+    monkeypatch.setitem(_cpu_fused._state, "warned", False)
+    torch.manual_seed(0)
+    g, m, v = torch.randn(4096), torch.randn(4096), torch.rand(4096)
+    m_ref, v_ref = m.clone(), v.clone()
+    _cpu_fused.moments_score_(g, m_ref, v_ref, 0.9, 0.999, True)  # the compiled (PFN) loop: the moments
+    with pytest.warns(RuntimeWarning, match="recompile limit"):
+        got = _cpu_fused.moments_score_(g, m, v, 0.9, 0.999, False)  # EPD: falls back
+    assert _cpu_fused._state["fns"][0] is _cpu_fused._moments_epd
+    assert_close(m, m_ref, 1e-6, "m")
+    assert_close(v, v_ref, 1e-6, "v")
+    assert_close(got, expert_score_terms(m, v, "epd").sum(), 1e-5, "score")
 
 
 def test_cpu_one_pass_loops_give_nan_for_an_overflowed_moment(monkeypatch):
@@ -241,6 +301,7 @@ def test_cpu_one_pass_loops_give_nan_for_an_overflowed_moment(monkeypatch):
         foreach = EagerRoutedAdamW._score_sums([m], [v], score)[0]
         assert math.isnan(foreach) == (score == "epd"), (score, foreach)
     if _cpu_fused.available():
-        g = torch.tensor([1e30, 1.0, 2.0])
-        got = _cpu_fused.moments_score_(g, torch.zeros(3), torch.zeros(3), 0.9, 0.999, False)
+        g = torch.ones(2 * _cpu_fused.MIN_ROW)
+        g[0] = 1e30
+        got = _cpu_fused.moments_score_(g, torch.zeros_like(g), torch.zeros_like(g), 0.9, 0.999, False)
         assert math.isnan(got)
