@@ -408,8 +408,8 @@ class EagerRoutedAdamW:
                 if self._fused(p):
                     hp = hps.get((lr, wd, t))
                     if hp is None:  # one small tensor per group and step count: the compiled loop's scalars
-                        hp = hps[lr, wd, t] = torch.tensor([lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t),
-                                                            1.0 - lr * wd])
+                        hp = hps[lr, wd, t] = torch.tensor([lr / (1.0 - beta1 ** t),
+                                                            1.0 / math.sqrt(1.0 - beta2 ** t), 1.0 - lr * wd])
                     _cpu_fused.adamw_update_(p, m, v, hp, eps)
                     continue
                 if p.dtype == m.dtype:  # small tensors: batched below
