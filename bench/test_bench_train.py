@@ -34,8 +34,11 @@ def qwen2(setting, backend):
 
 
 def reference_forward(layer, x):
+    """peft-style: dropout on the LoRA input from torch's RNG (torch.nn.Dropout's Bernoulli mask)."""
+    p = layer.dropout if layer.training else 0.0
+    mask = torch.empty_like(x).bernoulli_(1.0 - p) if p else None
     return molf.reference.molf_linear_reference(x, layer.base.weight, layer.base.bias, list(layer.lora_A),
-                                                list(layer.lora_B), layer.scalings)
+                                                list(layer.lora_B), layer.scalings, mask, p)
 
 
 @pytest.mark.parametrize("impl", ["molf", "eager", "reference"])

@@ -32,11 +32,13 @@ def dropout_seed(device) -> torch.Tensor:
 
 
 def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a x) >> 32 and (a x) mod 2^32 for a 32-bit constant a and 32-bit values x held in int64: the product
-    wraps modulo 2^64 in int64 (two's complement), so its two 32-bit halves are exact (checked against
-    Random123's known answer and the Triton kernel's umulhi)."""
-    p = x * a
-    return (p >> 32) & _U32, p & _U32
+    """(a x) >> 32 and (a x) mod 2^32 for a 32-bit constant a and 32-bit values x held in int64, from x's
+    16-bit halves: a x = t 2^16 + (a x_lo mod 2^16) with t = a x_hi + (a x_lo >> 16), every product below
+    2^48, so no int64 ever overflows (compiled C++ would make that undefined); checked against Random123's
+    known answer and the Triton kernel's umulhi."""
+    lo16 = a * (x & 0xFFFF)
+    t = a * (x >> 16) + (lo16 >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo16 & 0xFFFF)
 
 
 def philox_uniform(seed: torch.Tensor, rows: int, cols: int, row0: int = 0) -> torch.Tensor:

@@ -501,3 +501,25 @@ def test_cuda_graph_captures_a_training_step(backend):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert_close(p, q, 1e-6, name)
     assert torch.equal(opt.routing, ref_opt.routing)
+
+
+def test_philox_mul_hi_lo_is_exact():
+    """The 16-bit-halves product against Python's integers, at the edges of the 32-bit range too."""
+    from molf import _math
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x80000000]),
+                   torch.randint(0, 1 << 32, (1000,), generator=gen)])
+    for a in (*_math.PHILOX_MUL, 0xFFFFFFFF, 1):
+        hi, lo = _math._mul_hi_lo(a, x)
+        assert hi.tolist() == [(a * v) >> 32 for v in x.tolist()]
+        assert lo.tolist() == [(a * v) & 0xFFFFFFFF for v in x.tolist()]
+
+
+@pytest.mark.parametrize("rows, cols, p", [(37, 45, 0.05), (2, 1000, 0.5), (300, 7, 0.9)])
+def test_compiled_cpu_keep_mask_equals_torch_ops(rows, cols, p):
+    """The layer's CPU keep-mask (one compiled loop) is molf._math.dropout_keep's, bit for bit."""
+    from molf import _cpu_fused
+    if not _cpu_fused.available():
+        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+    seed = torch.randint(0, 1 << 62, (1,))
+    assert torch.equal(_cpu_fused.keep_mask(seed, rows, cols, p), dropout_keep(seed, rows, cols, p))
