@@ -242,6 +242,29 @@ def test_cpu_one_pass_loops_match_reference(monkeypatch, score):
     assert any(_cpu_fused.row_length(n) == 0 for n in sizes), "no tensor took the torch-op path beside"
 
 
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, torch.float32)],
+                         ids=["bf16", "fp16-fp32state"])
+def test_cpu_one_pass_loops_low_precision_match_torch_ops(monkeypatch, dtype, state_dtype):
+    """Half-precision parameters (their own moments, or fp32 moments) through the compiled loops: the same
+    routing and, to the dtype's precision, the same weights as the torch-op path."""
+    from molf import _cpu_fused
+    if not _cpu_fused.available():
+        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+    train_base, ranks, alphas, lr, lora_lr = MOLF_E
+    out = []
+    for min_numel in (0, 1 << 40):  # every tensor with a row length compiled; then none
+        monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", min_numel)
+        model = wrapped(train_base, ranks, alphas, dtype=dtype)
+        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, state_dtype=state_dtype, backend="eager")
+        routes = []
+        for _ in range(3):
+            train_step(model, opt, batch())
+            routes.append(opt.routing.clone())
+        out.append((flat_params(model), torch.stack(routes)))
+    assert torch.equal(out[0][1], out[1][1])
+    assert rel_err(out[0][0], out[1][0]) <= 1e-3
+
+
 @pytest.mark.parametrize("n", [256, 768, 4096 * 3, 4096 * 40 + 2048])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_one_pass_moments_score_matches_torch_ops(n, dtype):
