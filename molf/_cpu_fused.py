@@ -108,9 +108,9 @@ def _call(i: int, *args):
         _state["fns"][i] = _PLAIN[i]
         if not _state["warned"]:
             _state["warned"] = True
-            warnings.warn("molf: torch.compile's recompile limit was reached for the CPU optimizer's loops; they "
-                          "run as torch ops from now on in this process (same results, slower)", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn("molf: torch.compile's recompile limit was reached for a compiled CPU loop (optimizer "
+                          "step or dropout mask); it runs as torch ops from now on in this process (same results, "
+                          "slower)", RuntimeWarning, stacklevel=3)
         return _PLAIN[i](*args)
 
 

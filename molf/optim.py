@@ -329,10 +329,13 @@ class EagerRoutedAdamW:
         # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
         self.host_routing = opt.device.type == "cpu"
 
-    def _fused(self, t: torch.Tensor) -> bool:
-        """Whether tensor t takes the one-pass compiled CPU loop (large CPU tensors, where it compiles)."""
-        return t.device.type == "cpu" and t.numel() >= _cpu_fused.MIN_NUMEL \
-            and t.is_contiguous() and _cpu_fused.row_length(t.numel()) > 0 and _cpu_fused.available()
+    @staticmethod
+    def _fused(*ts: torch.Tensor) -> bool:
+        """Whether these same-sized tensors take the one-pass compiled CPU loops (large, contiguous, on the CPU,
+        where torch.compile builds code)."""
+        n = ts[0].numel()
+        return all(t.device.type == "cpu" and t.is_contiguous() for t in ts) and n >= _cpu_fused.MIN_NUMEL \
+            and _cpu_fused.row_length(n) > 0 and _cpu_fused.available()
 
     @staticmethod
     def _score_sums(ms, vs, score: str) -> list[torch.Tensor]:
@@ -358,7 +361,7 @@ class EagerRoutedAdamW:
         sts = [opt.state[p] for p in plan.params]
         ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
         gs = [local(p.grad) for p in plan.params]
-        fused = [self._fused(m) and g.is_contiguous() and v.is_contiguous() for m, v, g in zip(ms, vs, gs)]
+        fused = [self._fused(g, m, v) for g, m, v in zip(gs, ms, vs)]
         n = plan.inv_n.numel()
         per_expert = [[] for _ in range(n)]
         fused_sums = {}
@@ -405,7 +408,7 @@ class EagerRoutedAdamW:
             p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
             if host_win is not None and gen is None:  # CPU: bias corrections as host floats (float64), as the reference
                 t = step.item()
-                if self._fused(p):
+                if self._fused(p, m, v):
                     hp = hps.get((lr, wd, t))
                     if hp is None:  # one small tensor per group and step count: the compiled loop's scalars
                         hp = hps[lr, wd, t] = torch.tensor([lr / (1.0 - beta1 ** t),

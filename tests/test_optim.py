@@ -289,6 +289,32 @@ def test_cpu_one_pass_moments_score_matches_torch_ops(n, dtype):
         assert abs(got.double() - want) <= 1e-5 * want, (score, float(got), float(want))
 
 
+def test_cpu_one_pass_loops_take_non_contiguous_moments(monkeypatch):
+    """Moments loaded from a state dict with other strides (load_state_dict keeps them) take the torch-op path
+    and step like contiguous ones."""
+    from molf import _cpu_fused
+    if not _cpu_fused.available():
+        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+    monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", 0)
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    out = []
+    for transposed in (False, True):
+        model = wrapped(train_base, ranks, alphas)
+        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="eager")
+        train_step(model, opt, batch())
+        sd = copy.deepcopy(opt.state_dict())
+        if transposed:
+            for st in sd["state"].values():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if st[key].dim() == 2:
+                        st[key] = st[key].t().contiguous().t()
+        opt.load_state_dict(sd)
+        assert any(not st["exp_avg"].is_contiguous() for st in opt.state.values()) == transposed
+        train_step(model, opt, batch())
+        out.append(flat_params(model))
+    assert rel_err(out[1], out[0]) <= 1e-6
+
+
 def test_cpu_one_pass_loops_fall_back_past_the_recompile_limit(monkeypatch):
     """A process that meets more dtype/shape combinations than dynamo recompiles for (fullgraph=True raises
     then) keeps going with the same loop uncompiled: one warning, the same moments and score."""
