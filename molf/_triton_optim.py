@@ -23,6 +23,8 @@ class _Launch:
     def __init__(self, opt, plan, ids, block, device, first_global):
         self.opt, self.ids = opt, ids
         self.dtensors = [plan.params[i] for i in ids]
+        self.states = [opt.state[p] for p in self.dtensors]  # MoLFAdamW rebuilds when it creates state anew
+        self.sharded = any(local(p) is not p for p in self.dtensors)
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
         self.table = TensorTable(self.columns(), block, device)
@@ -51,13 +53,28 @@ class _Launch:
 
     def refresh(self) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
-        False when a size changed and the tables must be built again."""
-        cols = self.columns()
+        False when a size changed and the tables must be built again. O(tensors) with a small constant:
+        unchanged pointers cost one data_ptr() per tensor; moved gradients or parameters add a size and a
+        contiguity check each; moved moments (state replaced by hand) the full check of `columns`."""
+        now = [t for p, st in zip(self.dtensors, self.states) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+        if self.sharded:
+            now = [local(t) for t in now]
+        ptrs = [t.data_ptr() for t in now]
+        old = self.table.storage
+        if ptrs == old:
+            return True
+        if ptrs[2::4] != old[2::4] or ptrs[3::4] != old[3::4]:
+            cols = self.columns()
+            ptrs = self.table.pointers(cols)
+        else:
+            cols = [now[0::4], now[1::4], now[2::4], now[3::4]]
+            if [g.numel() for g in cols[1]] != [p.numel() for p in cols[0]]:
+                cols = self.columns()  # raises, naming the parameter
+            if not all(t.is_contiguous() for t in now):
+                ptrs = self.table.pointers(cols)  # raises, with the strides
         if [t.numel() for t in cols[0]] != self.table.numels:
             return False
-        ptrs = self.table.pointers(cols)
-        if ptrs != self.table.storage:
-            self.table.repoint(cols, ptrs)
+        self.table.repoint(cols, ptrs)
         return True
 
 

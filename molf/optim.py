@@ -151,14 +151,16 @@ class MoLFAdamW(torch.optim.Optimizer):
                 "or give them an optimizer of their own")
         super().add_param_group(param_group)
 
-    def _state(self, p):
+    def _state(self, p) -> bool:
+        """Create p's state (step, moments) if it has none; True when it did."""
         st = self.state[p]
-        if not st:
-            dt = self.state_dtype or p.dtype
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        return st
+        if st:
+            return False
+        dt = self.state_dtype or p.dtype
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return True
 
     def _backend_impl(self):
         name = _backend.resolve(self.backend, self.device)
@@ -178,8 +180,9 @@ class MoLFAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._check_params_not_replaced()
         plan = self._plan()
-        for p in plan.params:
-            self._state(p)
+        created = [self._state(p) for p in plan.params]
+        if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
+            self._impl = None
         impl = self._backend_impl()
         sums = impl.moments_and_sums(plan)
         if self._reduce_group is not None:

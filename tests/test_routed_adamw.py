@@ -336,3 +336,30 @@ def test_stochastic_rounding_of_bf16_is_unbiased(backend):
     if backend == "eager" or CUDA:
         assert means[False] == 1.5
     assert abs(means[True] - (1.5 - 1e-3)) < 2e-4, means
+
+
+@pytest.mark.parametrize("change", ["state cleared", "moment replaced"])
+def test_triton_tables_follow_state_made_anew(change):
+    """The tables' pointers are re-read only when they moved: state made anew (opt.state cleared, a moment
+    replaced by hand with one of the right size) must be what the kernels then read and write (before, a
+    cleared state left the tables on freed moments: the process crashed)."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF_E
+    out = []
+    for backend in ("triton", "eager"):
+        model = wrapped(train_base, ranks, alphas, device=DEVICE if backend == "triton" else "cpu")
+        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
+        ids = batch()
+        for _ in range(2):
+            train_step(model, opt, ids)
+        if change == "state cleared":
+            opt.state.clear()
+        else:
+            for st in opt.state.values():  # new storage, same values: the kernels must write the new one
+                st["exp_avg"] = st["exp_avg"].clone()
+        for _ in range(2):
+            train_step(model, opt, ids)
+        m = torch.cat([st["exp_avg"].double().flatten().cpu() for st in opt.state.values()])
+        out.append((flat_params(model).cpu(), opt.routing.cpu(), m))
+    assert torch.equal(out[0][1], out[1][1])
+    assert rel_err(out[0][2], out[1][2]) <= 1e-5
+    assert rel_err(out[0][0], out[1][0]) <= 1e-5
