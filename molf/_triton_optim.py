@@ -27,7 +27,9 @@ class _Launch:
         self.sharded = any(local(p) is not p for p in self.dtensors)
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
-        self.table = TensorTable(self.columns(), block, device)
+        cols = self.columns()
+        self.table = TensorTable(cols, block, device)
+        self.col_ptrs = [[t.data_ptr() for t in c] for c in cols]
         self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
         self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
         self.group = to_device([plan.group[i] for i in self.ids], torch.int32, device)
@@ -53,28 +55,25 @@ class _Launch:
 
     def refresh(self) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
-        False when a size changed and the tables must be built again. O(tensors) with a small constant:
-        unchanged pointers cost one data_ptr() per tensor; moved gradients or parameters add a size and a
-        contiguity check each; moved moments (state replaced by hand) the full check of `columns`."""
-        now = [t for p, st in zip(self.dtensors, self.states) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+        False when a parameter's size changed and the tables must be built again. O(tensors), a small
+        constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity check
+        each; moved moments (state replaced by hand) take the full check of `columns`."""
+        ps, sts = self.dtensors, self.states
+        cols = [ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]]
         if self.sharded:
-            now = [local(t) for t in now]
-        ptrs = [t.data_ptr() for t in now]
-        old = self.table.storage
-        if ptrs == old:
+            cols = [[local(t) for t in c] for c in cols]
+        ptrs = [[t.data_ptr() for t in c] for c in cols]
+        if ptrs == self.col_ptrs:
             return True
-        if ptrs[2::4] != old[2::4] or ptrs[3::4] != old[3::4]:
-            cols = self.columns()
-            ptrs = self.table.pointers(cols)
-        else:
-            cols = [now[0::4], now[1::4], now[2::4], now[3::4]]
-            if [g.numel() for g in cols[1]] != [p.numel() for p in cols[0]]:
-                cols = self.columns()  # raises, naming the parameter
-            if not all(t.is_contiguous() for t in now):
-                ptrs = self.table.pointers(cols)  # raises, with the strides
-        if [t.numel() for t in cols[0]] != self.table.numels:
+        if ptrs[0] != self.col_ptrs[0] and [p.numel() for p in cols[0]] != self.table.numels:
             return False
-        self.table.repoint(cols, ptrs)
+        if ptrs[2:] != self.col_ptrs[2:] or [g.numel() for g in cols[1]] != self.table.numels:
+            cols = self.columns()  # raises, naming the parameter
+        moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
+        if not all(t.is_contiguous() for c in moved for t in c):
+            self.table.pointers(cols)  # raises, with the strides
+        self.col_ptrs = ptrs
+        self.table.repoint(cols, [x for row in zip(*ptrs) for x in row])
         return True
 
 

@@ -363,3 +363,29 @@ def test_triton_tables_follow_state_made_anew(change):
     assert torch.equal(out[0][1], out[1][1])
     assert rel_err(out[0][2], out[1][2]) <= 1e-5
     assert rel_err(out[0][0], out[1][0]) <= 1e-5
+
+
+def test_triton_tables_follow_moved_parameters_and_refuse_strided_gradients():
+    """A parameter whose storage moved (p.data = a copy) is what the kernels then update; a gradient with other
+    strides (assigned by hand) is refused with its strides, not read as if contiguous."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    out = []
+    for backend in ("triton", "eager"):
+        model = wrapped(train_base, ranks, alphas, device=DEVICE if backend == "triton" else "cpu")
+        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
+        ids = batch()
+        train_step(model, opt, ids)
+        for p in model.parameters():
+            p.data = p.data.clone()
+        train_step(model, opt, ids)
+        out.append((flat_params(model).cpu(), opt.routing.cpu()))
+    assert torch.equal(out[0][1], out[1][1])
+    assert rel_err(out[0][0], out[1][0]) <= 1e-5
+    model = wrapped(train_base, ranks, alphas, device=DEVICE)
+    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="triton")
+    train_step(model, opt, batch())
+    model(batch().to(DEVICE), labels=batch().to(DEVICE)).loss.backward()
+    w = opt.layout.experts[0][0][0]
+    w.grad = w.grad.t().contiguous().t()
+    with pytest.raises(ValueError, match="contiguous tensors, got strides"):
+        opt.step()
