@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import CUDA, DEVICE, GPU_ONLY
-from molf.kernels.molf_linear import lowrank_grads, mm2, one_pass_pays
+from molf.kernels.molf_linear import lowrank_grads, one_pass_pays, product
 from shapes import MODELS
 
 CASES = [(m, mod, M) for m in MODELS for mod in ("q_proj", "k_proj", "gate_proj", "down_proj") for M in (4096, 8192)]
@@ -28,8 +28,8 @@ def test_lowrank_grads(measure, case, ranks, with_dbias, impl):
             return lowrank_grads(g, b_cat, u, s_cols, with_dbias)
     else:
         def fn():
-            v = mm2(g, b_cat, None, None, None, None, s_cols, 1.0)
-            d_b = mm2(g.t(), u, None, None, None, None, None, 1.0)
+            v = product(g, b_cat, colscale=s_cols)
+            d_b = product(g.t(), u)
             return v, d_b, (g.sum(0, dtype=torch.float32).to(dt) if with_dbias else None)
     measure(fn, bench="layer_bwd_lowrank_dbias" if with_dbias else "layer_bwd_lowrank", model=model,
             module=module, M=M, K=k, N=n, ranks=list(ranks), dtype="bfloat16", impl=impl,

@@ -378,15 +378,20 @@ def _launch_mm2(out, a1, b1, a2=None, b2=None, seed=None, drop=NO_DROP, p=0.0, b
     return out
 
 
-# torch.library ops: opaque to torch.compile (with fake implementations for tracing).
+def _mm2(a1, b1, a2, b2, seed, drop, p, bias, colscale):
+    out = torch.empty((a1.shape[0], b1.shape[1]), dtype=a1.dtype, device=a1.device)
+    return _launch_mm2(out, a1, b1, a2, b2, seed, drop, p, bias, colscale)
+
+
+# torch.library ops: opaque to torch.compile (with fake implementations for tracing). Outside torch.compile
+# the layer calls their bodies directly: a custom op's Python dispatch costs tens of microseconds per call.
 @torch.library.custom_op("molf::mm2", mutates_args=())
 def mm2(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
         seed: Optional[torch.Tensor], drop: int, p: float, bias: Optional[torch.Tensor],
         colscale: Optional[torch.Tensor]) -> torch.Tensor:
     """C = A1 B1 (+ A2 B2) (* colscale) (+ bias), fp32 accumulation, A1's dtype; dropout (Philox keep-mask of
     `seed`, kept entries times 1/(1-p)) on A1, B1 or the second product as `drop` says."""
-    out = torch.empty((a1.shape[0], b1.shape[1]), dtype=a1.dtype, device=a1.device)
-    return _launch_mm2(out, a1, b1, a2, b2, seed, drop, p, bias, colscale)
+    return _mm2(a1, b1, a2, b2, seed, drop, p, bias, colscale)
 
 
 @mm2.register_fake
@@ -467,11 +472,7 @@ def one_pass_pays(M: int, N: int, R: int, elsize: int, with_dbias: bool, device)
     return block_r <= 64 and cost < M * N * elsize * (2 if with_dbias else 1)
 
 
-@torch.library.custom_op("molf::lowrank_grads", mutates_args=())
-def lowrank_grads(g: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, s_cols: torch.Tensor,
-                  with_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(v, dB_cat, db) = ((g B_cat) * s_cols, g^T u, sum_m g) from one read of g, in g's dtype; db is empty
-    unless with_dbias. Partials are summed in a fixed order: deterministic, no atomics."""
+def _lowrank_grads(g, b_cat, u, s_cols, with_dbias):
     M, N = g.shape
     R = u.shape[1]
     if M == 0 or N == 0:  # nothing to read: zero sums
@@ -488,6 +489,14 @@ def lowrank_grads(g: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, s_cols:
     return v, d_b, _sum_partials(dbias_p, g.new_empty((N,))) if with_dbias else g.new_empty((0,))
 
 
+@torch.library.custom_op("molf::lowrank_grads", mutates_args=())
+def lowrank_grads(g: torch.Tensor, b_cat: torch.Tensor, u: torch.Tensor, s_cols: torch.Tensor,
+                  with_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v, dB_cat, db) = ((g B_cat) * s_cols, g^T u, sum_m g) from one read of g, in g's dtype; db is empty
+    unless with_dbias. Partials are summed in a fixed order: deterministic, no atomics."""
+    return _lowrank_grads(g, b_cat, u, s_cols, with_dbias)
+
+
 @lowrank_grads.register_fake
 def _(g, b_cat, u, s_cols, with_dbias):
     M, N = g.shape
@@ -496,7 +505,8 @@ def _(g, b_cat, u, s_cols, with_dbias):
 
 def product(a1, b1, *, a2=None, b2=None, seed=None, drop=NO_DROP, p=0.0, bias=None, colscale=None):
     """molf::mm2 by keyword: A1 B1 (+ A2 B2) (* colscale) (+ bias), with dropout where `drop` says."""
-    return mm2(a1, b1, a2, b2, seed, drop, p, bias, colscale)
+    op = mm2 if torch.compiler.is_compiling() else _mm2
+    return op(a1, b1, a2, b2, seed, drop, p, bias, colscale)
 
 
 class MoLFLinearFunction(torch.autograd.Function):
@@ -524,7 +534,8 @@ class MoLFLinearFunction(torch.autograd.Function):
         need_v, need_db = need_x or need_a_cat, need_bias and ctx.has_bias
         on = seed is not None
         if need_v and need_b_cat and one_pass_pays(*g.shape, u.shape[1], g.element_size(), need_db, g.device):
-            v, dbb, db = lowrank_grads(g, b_cat, u, s_cols, need_db)
+            op = lowrank_grads if torch.compiler.is_compiling() else _lowrank_grads
+            v, dbb, db = op(g, b_cat, u, s_cols, need_db)
             db = db if need_db else None  # the op returns an empty db when the bias takes no gradient
         elif need_v:
             v = product(g, b_cat, colscale=s_cols)
