@@ -338,25 +338,18 @@ def test_stochastic_rounding_of_bf16_is_unbiased(backend):
     assert abs(means[True] - (1.5 - 1e-3)) < 2e-4, means
 
 
-@pytest.mark.parametrize("change", ["state cleared", "moment replaced"])
-def test_triton_tables_follow_state_made_anew(change):
-    """The tables' pointers are re-read only when they moved: state made anew (opt.state cleared, a moment
-    replaced by hand with one of the right size) must be what the kernels then read and write (before, a
-    cleared state left the tables on freed moments: the process crashed)."""
-    train_base, ranks, alphas, lr, lora_lr = MOLF_E
+def triton_and_eager_around(cfg, change, steps=(2, 2)):
+    """Train cfg on the triton and the eager backend, calling change(model, opt) between steps[0] and steps[1]
+    steps; both must end with the same routing, moments and weights."""
+    train_base, ranks, alphas, lr, lora_lr = cfg
     out = []
     for backend in ("triton", "eager"):
         model = wrapped(train_base, ranks, alphas, device=DEVICE if backend == "triton" else "cpu")
         opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
         ids = batch()
-        for _ in range(2):
-            train_step(model, opt, ids)
-        if change == "state cleared":
-            opt.state.clear()
-        else:
-            for st in opt.state.values():  # new storage, same values: the kernels must write the new one
-                st["exp_avg"] = st["exp_avg"].clone()
-        for _ in range(2):
+        for i in range(steps[0] + steps[1]):
+            if i == steps[0]:
+                change(model, opt)
             train_step(model, opt, ids)
         m = torch.cat([st["exp_avg"].double().flatten().cpu() for st in opt.state.values()])
         out.append((flat_params(model).cpu(), opt.routing.cpu(), m))
@@ -365,22 +358,33 @@ def test_triton_tables_follow_state_made_anew(change):
     assert rel_err(out[0][0], out[1][0]) <= 1e-5
 
 
+def _clear_state(model, opt):
+    opt.state.clear()
+
+
+def _replace_moments(model, opt):
+    for st in opt.state.values():  # new storage, same values: the kernels must write the new one
+        st["exp_avg"] = st["exp_avg"].clone()
+
+
+def _move_parameters(model, opt):
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+@pytest.mark.parametrize("change", [_clear_state, _replace_moments], ids=["state cleared", "moment replaced"])
+def test_triton_tables_follow_state_made_anew(change):
+    """The tables' pointers are re-read only when they moved: state made anew (opt.state cleared, a moment
+    replaced by hand with one of the right size) must be what the kernels then read and write (before, a
+    cleared state left the tables on freed moments: the process crashed)."""
+    triton_and_eager_around(MOLF_E, change)
+
+
 def test_triton_tables_follow_moved_parameters_and_refuse_strided_gradients():
     """A parameter whose storage moved (p.data = a copy) is what the kernels then update; a gradient with other
     strides (assigned by hand) is refused with its strides, not read as if contiguous."""
+    triton_and_eager_around(MOLF, _move_parameters, steps=(1, 1))
     train_base, ranks, alphas, lr, lora_lr = MOLF
-    out = []
-    for backend in ("triton", "eager"):
-        model = wrapped(train_base, ranks, alphas, device=DEVICE if backend == "triton" else "cpu")
-        opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
-        ids = batch()
-        train_step(model, opt, ids)
-        for p in model.parameters():
-            p.data = p.data.clone()
-        train_step(model, opt, ids)
-        out.append((flat_params(model).cpu(), opt.routing.cpu()))
-    assert torch.equal(out[0][1], out[1][1])
-    assert rel_err(out[0][0], out[1][0]) <= 1e-5
     model = wrapped(train_base, ranks, alphas, device=DEVICE)
     opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="triton")
     train_step(model, opt, batch())
