@@ -82,7 +82,8 @@ def test_layer(measure, case, ranks, mode, impl):
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] == CASES[-1][2]], ids=lambda c: f"{c[0]}-{c[1]}-M{c[2]}")
 def test_layer_dropout(measure, case, p, impl):
     """LoRA dropout as the paper trains (p = 0.05, r = 128, frozen base): the fused kernels redraw the mask
-    from a seed (nothing stored); molf_eager and eager keep x * mask / (1 - p) (and the mask) for backward."""
+    from a seed (nothing stored); molf_eager (molf's counter-based mask) and eager (peft-style, torch's
+    Bernoulli mask) keep x * mask / (1 - p) (and the mask) for backward."""
     if impl == "molf_fused" and not CUDA:
         pytest.skip(GPU_ONLY)
     model, module, M = case
@@ -97,7 +98,7 @@ def test_layer_dropout(measure, case, p, impl):
     def fwd():
         if impl != "eager":
             return layer(x)
-        mask = molf.reference.dropout_mask(x, p) if p > 0 else None
+        mask = torch.empty_like(x).bernoulli_(1.0 - p) if p > 0 else None  # peft-style: torch's Bernoulli
         return molf_linear_reference(x, lin.weight, lin.bias, As, Bs, layer.scalings, mask, p)
     measure(lambda: fwd().backward(g), bench=f"layer_fwd_bwd_frozen_dropout{p}", model=model, module=module, M=M,
             K=k, N=n, ranks=[128], dtype=str(DTYPE).removeprefix("torch."), impl=impl)
