@@ -23,57 +23,58 @@ class _Launch:
     def __init__(self, opt, plan, ids, block, device, first_global):
         self.opt, self.ids = opt, ids
         self.dtensors = [plan.params[i] for i in ids]
-        self.states = [opt.state[p] for p in self.dtensors]  # MoLFAdamW rebuilds when it creates state anew
         self.sharded = any(local(p) is not p for p in self.dtensors)
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
-        cols = self.columns()
-        self.table = TensorTable(cols, block, device)
-        self.col_ptrs = [[t.data_ptr() for t in c] for c in cols]
+        self.table = TensorTable(self.columns(), block, device)
+        self.col_ptrs = [[t.data_ptr() for t in c] for c in self.current()]
         self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
         self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
         self.group = to_device([plan.group[i] for i in self.ids], torch.int32, device)
         self.tensor_id = to_device(self.ids, torch.int32, device)
 
+    def current(self):
+        """[params, grads, exp_avgs, exp_avg_sqs, step counters] as they are now, local tensors (FSDP2: this
+        rank's shards)."""
+        ps, state = self.dtensors, self.opt.state
+        sts = [state[p] for p in ps]
+        cols = [ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                [st["step"] for st in sts]]
+        return [[local(t) for t in c] for c in cols] if self.sharded else cols
+
     def columns(self):
-        """[params, grads, exp_avgs, exp_avg_sqs] as local tensors (FSDP2: this rank's shards), checked:
-        the kernels index every column by the parameter's numel, so a smaller moment would be written out
-        of bounds. One host check per tensor."""
-        opt = self.opt
-        cols = [[], [], [], []]
-        for p in self.dtensors:
-            st = opt.state[p]
-            row = [local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+        """The table's columns (`current()` but the step counters), checked: the kernels index every column by
+        the parameter's numel, so a smaller moment would be written out of bounds. One host check per tensor."""
+        cols = self.current()[:4]
+        for p, row in zip(self.dtensors, zip(*cols)):
             if len({t.numel() for t in row}) > 1 or len({t.device for t in row}) > 1:
+                st = self.opt.state[p]
                 raise ValueError(
-                    f"{opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient {tuple(p.grad.shape)}, "
-                    f"moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} on "
-                    f"{st['exp_avg'].device}: the moments must have the parameter's shape and device")
-            for c, t in zip(cols, row):
-                c.append(t)
+                    f"{self.opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient "
+                    f"{tuple(p.grad.shape)}, moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} "
+                    f"on {st['exp_avg'].device}: the moments must have the parameter's shape and device")
         return cols
 
     def refresh(self) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
-        False when a parameter's size changed and the tables must be built again. O(tensors), a small
-        constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity check
-        each; moved moments (state replaced by hand) take the full check of `columns`."""
-        ps, sts = self.dtensors, self.states
-        cols = [ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]]
-        if self.sharded:
-            cols = [[local(t) for t in c] for c in cols]
+        False when the tables must be built again: a parameter's size changed, or moments or step counters
+        were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a small
+        constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity check."""
+        cols = self.current()
         ptrs = [[t.data_ptr() for t in c] for c in cols]
         if ptrs == self.col_ptrs:
             return True
-        if ptrs[0] != self.col_ptrs[0] and [p.numel() for p in cols[0]] != self.table.numels:
+        if ptrs[2:] != self.col_ptrs[2:] or (ptrs[0] != self.col_ptrs[0]
+                                            and [p.numel() for p in cols[0]] != self.table.numels):
             return False
-        if ptrs[2:] != self.col_ptrs[2:] or [g.numel() for g in cols[1]] != self.table.numels:
+        cols = cols[:4]
+        if [g.numel() for g in cols[1]] != self.table.numels:
             cols = self.columns()  # raises, naming the parameter
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
         if not all(t.is_contiguous() for c in moved for t in c):
             self.table.pointers(cols)  # raises, with the strides
         self.col_ptrs = ptrs
-        self.table.repoint(cols, [x for row in zip(*ptrs) for x in row])
+        self.table.repoint(cols, [x for row in zip(*ptrs[:4]) for x in row])
         return True
 
 

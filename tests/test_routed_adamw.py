@@ -367,12 +367,18 @@ def _replace_moments(model, opt):
         st["exp_avg"] = st["exp_avg"].clone()
 
 
+def _replace_state_entries(model, opt):
+    for p in list(opt.state):  # a new dict per parameter, as a hand-written state loader would assign
+        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
 def _move_parameters(model, opt):
     for p in model.parameters():
         p.data = p.data.clone()
 
 
-@pytest.mark.parametrize("change", [_clear_state, _replace_moments], ids=["state cleared", "moment replaced"])
+@pytest.mark.parametrize("change", [_clear_state, _replace_moments, _replace_state_entries],
+                         ids=["state cleared", "moment replaced", "state entry replaced"])
 def test_triton_tables_follow_state_made_anew(change):
     """The tables' pointers are re-read only when they moved: state made anew (opt.state cleared, a moment
     replaced by hand with one of the right size) must be what the kernels then read and write (before, a
