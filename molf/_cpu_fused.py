@@ -32,9 +32,7 @@ from ._math import philox_uniform
 MIN_NUMEL = 1 << 14  # smaller tensors: torch's foreach ops (a compiled call costs ~0.02 ms of dispatch on the CPU)
 MAX_ROW, MIN_ROW = 4096, 128
 _state: dict = {"ok": None, "fns": None, "warned": False}
-_ones: dict[int, torch.Tensor] = {}  # rows -> [rows, 1] ones, shared by every tensor with that many rows
-_betas: dict[tuple, torch.Tensor] = {}
-_probs: dict[float, torch.Tensor] = {}
+_constants: dict[tuple, torch.Tensor] = {}  # small tensors the loops take (ones per row count, betas, p)
 # Raised (fullgraph=True) when one loop met more dtype/shape combinations than dynamo recompiles for.
 _LIMIT_HIT = tuple(getattr(torch._dynamo.exc, n) for n in ("FailOnRecompileLimitHit", "RecompileLimitExceeded",
                                                             "CacheLimitExceeded") if hasattr(torch._dynamo.exc, n))
@@ -99,6 +97,14 @@ def available() -> bool:
     return _state["ok"]
 
 
+def _constant(key: tuple, make) -> torch.Tensor:
+    """The small tensor `make()` built once per key and kept (a tensor: dynamo would recompile per float)."""
+    t = _constants.get(key)
+    if t is None:
+        t = _constants[key] = make()
+    return t
+
+
 def _call(i: int, *args):
     """Compiled loop i; once dynamo stops recompiling it (a process that met many dtype and shape
     combinations), the same function uncompiled: torch ops, same results, slower."""
@@ -118,12 +124,8 @@ def moments_score_(g, m, v, b1: float, b2: float, pfn: bool) -> torch.Tensor:
     """Contiguous g, m, v of n elements, row_length(n) > 0."""
     row = row_length(g.numel())
     rows = g.numel() // row
-    one = _ones.get(rows)
-    if one is None:
-        one = _ones[rows] = torch.ones(rows, 1)
-    betas = _betas.get((b1, b2))
-    if betas is None:
-        betas = _betas[b1, b2] = torch.tensor([b1, b2], dtype=torch.float64)
+    one = _constant(("ones", rows), lambda: torch.ones(rows, 1))  # shared by every tensor with that many rows
+    betas = _constant(("betas", b1, b2), lambda: torch.tensor([b1, b2], dtype=torch.float64))
     return _call(1 if pfn else 0, g.view(rows, row), m.view(rows, row), v.view(rows, row), one, betas)
 
 
@@ -134,7 +136,4 @@ def adamw_update_(p, m, v, hp: torch.Tensor, eps: float):
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """The dropout keep-mask u(seed, m, k) >= p of molf._math.dropout_keep in one compiled loop (its torch ops
     make ~200 passes over int64 temporaries: 17x slower at 256 x 128)."""
-    pt = _probs.get(p)
-    if pt is None:
-        pt = _probs[p] = torch.tensor(p, dtype=torch.float32)
-    return _call(3, seed, rows, cols, pt)
+    return _call(3, seed, rows, cols, _constant(("p", p), lambda: torch.tensor(p, dtype=torch.float32)))
