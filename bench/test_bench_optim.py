@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import molf
-from conftest import CUDA, DEVICE, GPU_ONLY, ROWS
+from conftest import CUDA, DEVICE, GPU_ONLY, KERNELS, ROWS
 from shapes import MODELS, decoder_stack
 
 MODEL = "Qwen2.5-1.5B"
@@ -31,7 +31,7 @@ def build(setting):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("setting", list(SETS))
 def test_optim_step(measure, setting, impl):
-    if impl == "molf" and not CUDA:
+    if impl == "molf" and not KERNELS:
         pytest.skip(GPU_ONLY)
     model = build(setting)
     kw = dict(lr=5e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
@@ -64,7 +64,7 @@ def test_optim_step(measure, setting, impl):
 def test_optim_step_fresh_grads(measure, setting, impl):
     """As a Trainer runs it: zero_grad(set_to_none=True) gives the gradients new storage every step (two
     gradient sets alternate here, so no allocation is timed); the tables follow with O(tensors) host work."""
-    if impl == "molf" and not CUDA:
+    if impl == "molf" and not KERNELS:
         pytest.skip(GPU_ONLY)
     model = build(setting)
     opt = molf.MoLFAdamW(model, backend="triton" if impl == "molf" else "eager", lr=5e-5, lora_lr=5e-5,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import molf
-from conftest import CUDA, DEVICE, GPU_ONLY, ROWS
+from conftest import CUDA, DEVICE, GPU_ONLY, KERNELS, ROWS, SMOKE
 
 if CUDA:
     DIMS = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -19,6 +19,8 @@ else:
     DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=512)
     NAME, DTYPE, BATCH, SEQ = "Qwen2 tiny (config)", torch.float32, 4, 64
+    if SMOKE:  # the kernels under the interpreter: fewer tokens and layers
+        DIMS, BATCH, SEQ = dict(DIMS, num_hidden_layers=1), 2, 16
 SETS = {"molf": dict(ranks=(128,), alphas=(32,), train_base=True),
         "molf-e": dict(ranks=(16, 128), alphas=(32, 32), train_base=False),
         "molf-dropout0.05": dict(ranks=(128,), alphas=(32,), train_base=True, dropout=0.05)}  # peak memory vs "molf"
@@ -44,7 +46,7 @@ def reference_forward(layer, x):
 @pytest.mark.parametrize("impl", ["molf", "eager", "reference"])
 @pytest.mark.parametrize("setting", list(SETS))
 def test_train_step(measure, setting, impl):
-    if impl == "molf" and not CUDA:
+    if impl == "molf" and not KERNELS:
         pytest.skip(GPU_ONLY)
     backend = "triton" if impl == "molf" else "eager"
     model, cfg = qwen2(setting, backend)
