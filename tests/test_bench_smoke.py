@@ -39,3 +39,13 @@ def test_gpu_only_benchmark_rows_run_under_the_interpreter():
     passed = re.search(r"(\d+) passed", out.stdout)
     assert passed and int(passed.group(1)) == len(ROWS) and "skipped" not in out.stdout, tail
     assert {f.name: f.read_bytes() for f in results.glob("*")} == before, "the smoke run must write no results"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
+def test_profile_fixed_costs_script_runs():
+    """bench/profile_fixed_costs.py (the GPU session's profile) in its CPU mode: tiny layers under the
+    interpreter, one layer's optimizer step in the eager backend."""
+    out = subprocess.run([sys.executable, "bench/profile_fixed_costs.py", "--calls", "1", "--rows", "1"], cwd=ROOT,
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("\n== ") == 6, out.stdout[-2000:]
