@@ -64,10 +64,6 @@ def measure(benchmark):
             return float("nan")
         fn()  # compiles, autotunes, allocates state
         _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        once = time.perf_counter() - t0
         if CUDA:  # peak memory of one call, above what was allocated before it
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -78,6 +74,9 @@ def measure(benchmark):
             ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
             benchmark.pedantic(lambda: (fn(), _sync()), rounds=3, warmup_rounds=1)
         else:
+            t0 = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t0
             # About half a second of rounds (5 to 50): a small machine's noise is a few ms, as long as a short row
             rounds = min(50, max(5, int(0.5 / max(once, 1e-6))))
             benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)

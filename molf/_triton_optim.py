@@ -26,8 +26,9 @@ class _Launch:
         self.sharded = any(local(p) is not p for p in self.dtensors)
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
-        self.table = TensorTable(self.columns(), block, device)
-        self.col_ptrs = [[t.data_ptr() for t in c] for c in self.current()]
+        cols = self.current()
+        self.table = TensorTable(self.columns(cols), block, device)
+        self.col_ptrs = [[t.data_ptr() for t in c] for c in cols]
         self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
         self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
         self.group = to_device([plan.group[i] for i in self.ids], torch.int32, device)
@@ -42,10 +43,10 @@ class _Launch:
                 [st["step"] for st in sts]]
         return [[local(t) for t in c] for c in cols] if self.sharded else cols
 
-    def columns(self):
-        """The table's columns (`current()` but the step counters), checked: the kernels index every column by
-        the parameter's numel, so a smaller moment would be written out of bounds. One host check per tensor."""
-        cols = self.current()[:4]
+    def columns(self, cols):
+        """The table's columns: `current()`'s cols but the step counters, checked: the kernels index every column
+        by the parameter's numel, so a smaller moment would be written out of bounds. One host check per tensor."""
+        cols = cols[:4]
         for p, row in zip(self.dtensors, zip(*cols)):
             if len({t.numel() for t in row}) > 1 or len({t.device for t in row}) > 1:
                 st = self.opt.state[p]
@@ -69,7 +70,7 @@ class _Launch:
             return False
         cols = cols[:4]
         if [g.numel() for g in cols[1]] != self.table.numels:
-            cols = self.columns()  # raises, naming the parameter
+            cols = self.columns(cols)  # raises, naming the parameter
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
         if not all(t.is_contiguous() for c in moved for t in c):
             self.table.pointers(cols)  # raises, with the strides
