@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import _backend, _checks, _cpu_fused, _plan, quant
+from . import _backend, _checks, _cpu, _plan, quant
 from ._math import dropout_keep, dropout_seed
 from .kernels._env import column_scales
 
@@ -195,14 +195,14 @@ class MoLFLinear(nn.Module):
                               self.dropout, s_cols=s_cols, base_out=self.base(x))
 
     def _keep_mask(self, seed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The keep-mask the fused kernels would draw from `seed` for x: one Triton launch on a GPU, one
-        compiled loop on the CPU, torch ops (molf._math.dropout_keep) elsewhere."""
+        """The keep-mask the fused kernels would draw from `seed` for x: one Triton launch on a GPU, one C loop
+        on the CPU (molf/_cpu.c), torch ops (molf._math.dropout_keep) elsewhere."""
         rows, cols = x.numel() // max(self.in_features, 1), self.in_features
         if x.device.type == "cuda" and _backend.triton_available():
             from .kernels.molf_linear import keep_mask
             return keep_mask(seed, rows, cols, self.dropout).view(x.shape)
-        if x.device.type == "cpu" and _cpu_fused.available():
-            return _cpu_fused.keep_mask(seed, rows, cols, self.dropout).view(x.shape)
+        if x.device.type == "cpu" and _cpu.available():
+            return _cpu.keep_mask(seed, rows, cols, self.dropout).view(x.shape)
         return dropout_keep(seed, rows, cols, self.dropout).view(x.shape)
 
     def _column_scales(self, device, dtype) -> torch.Tensor:

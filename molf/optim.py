@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _backend, _checks, _cpu_fused
+from . import _backend, _checks, _cpu
 from ._dist import local, shard_group
 from ._layout import build_layout
 from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
@@ -324,21 +324,15 @@ class MoLFAdamW(torch.optim.Optimizer):
 
 class EagerRoutedAdamW:
     """The routed step in torch ops (foreach moments, per-expert sums, the winners' AdamW update); on the CPU,
-    large tensors take one-pass compiled loops instead (molf/_cpu_fused.py)."""
+    two calls of C loops over every tensor instead (molf/_cpu.py), torch ops for what they do not take."""
     name = "eager"
 
     def __init__(self, opt: MoLFAdamW):
         self.opt = opt
         # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
         self.host_routing = opt.device.type == "cpu"
-
-    @staticmethod
-    def _fused(*ts: torch.Tensor) -> bool:
-        """Whether these same-sized tensors take the one-pass compiled CPU loops (large, contiguous, on the CPU,
-        where torch.compile builds code)."""
-        n = ts[0].numel()
-        return all(t.device.type == "cpu" and t.is_contiguous() for t in ts) and n >= _cpu_fused.MIN_NUMEL \
-            and _cpu_fused.row_length(n) > 0 and _cpu_fused.available()
+        self._tables: dict[int, _cpu.Table] = {}  # per plan (id): the native CPU loops' rows
+        self._tab = None  # this step's table, from moments_and_sums to update
 
     @staticmethod
     def _score_sums(ms, vs, score: str) -> list[torch.Tensor]:
@@ -358,34 +352,59 @@ class EagerRoutedAdamW:
             torch._foreach_mul_(q, q)
         return list(torch._foreach_norm(q, 1))  # the terms are >= 0 (or NaN): their 1-norm is their sum
 
+    def _native_table(self, plan: StepPlan, ps, gs, ms, vs, steps):
+        """The native CPU loops' table (molf/_cpu.py) for this step's rows that they take (contiguous CPU
+        tensors of a dtype they store, fp32 step counts), or None. Kept per plan while no parameter, moment or
+        step tensor moves; the gradient column is rewritten every step (new storage after zero_grad)."""
+        if not self.host_routing or not _cpu.available():
+            return None
+        key = tuple(t.data_ptr() for col in (ps, ms, vs, steps) for t in col)
+        tab = self._tables.get(id(plan))
+        if tab is None or tab.key != key:
+            rows = [i for i in range(len(ps)) if _cpu.takes(ps[i]) and _cpu.takes(ms[i])
+                    and _cpu.takes(vs[i]) and steps[i].is_cpu and steps[i].dtype == torch.float32]
+            pick = lambda col: [col[i] for i in rows]  # noqa: E731
+            tab = _cpu.Table(key, pick(ps), pick(ms), pick(vs), pick(steps), pick(plan.owner), pick(plan.group))
+            tab.rows = rows
+            self._tables[id(plan)] = tab
+        grads = [gs[i] for i in tab.rows]
+        if not all(map(_cpu.takes, grads)):  # a strided or odd-dtype gradient: torch ops this step
+            return None
+        tab.set_grads(grads)
+        return tab
+
     def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
         sts = [opt.state[p] for p in plan.params]
+        ps = [local(p) for p in plan.params]
         ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
         gs = [local(p.grad) for p in plan.params]
-        fused = [self._fused(g, m, v) for g, m, v in zip(gs, ms, vs)]
+        steps = [s["step"] for s in sts]
+        tab = self._tab = self._native_table(plan, ps, gs, ms, vs, steps)
         n = plan.inv_n.numel()
-        per_expert = [[] for _ in range(n)]
-        fused_sums = {}
-        for i in (i for i, f in enumerate(fused) if f):
-            fused_sums[i] = _cpu_fused.moments_score_(gs[i], ms[i], vs[i], beta1, beta2, opt.score == "pfn")
-        rest = [i for i, f in enumerate(fused) if not f]
+        if tab is not None:
+            sums = torch.zeros(n, dtype=torch.float64)
+            _cpu.moments_score_(tab, beta1, beta2, opt.score == "pfn", sums)
+            sums = sums.float()
+        taken = set(tab.rows) if tab is not None else set()
+        rest = [i for i in range(len(plan.params)) if i not in taken]
         if rest:
             r_ms, r_vs = [ms[i] for i in rest], [vs[i] for i in rest]
             r_gs = [gs[i] if gs[i].dtype == ms[i].dtype else gs[i].to(ms[i].dtype) for i in rest]
             torch._foreach_lerp_(r_ms, r_gs, 1.0 - beta1)
             torch._foreach_mul_(r_vs, beta2)
             torch._foreach_addcmul_(r_vs, r_gs, r_gs, value=1.0 - beta2)
-        if sts:
-            torch._foreach_add_([s["step"] for s in sts], 1.0)
-        small = [i for i in range(plan.n_molf) if i not in fused_sums]
-        small_sums = dict(zip(small, self._score_sums([ms[i] for i in small], [vs[i] for i in small], opt.score)))
-        for i in range(plan.n_molf):
-            per_expert[plan.owner[i]].append(fused_sums[i] if i in fused_sums else small_sums[i])
-        zero = torch.zeros((), dtype=torch.float32, device=opt.device)
-        sums = [sum(terms[1:], terms[0]) if terms else zero for terms in per_expert]  # fixed order
-        return torch.stack(sums).view_as(plan.inv_n)
+            torch._foreach_add_([steps[i] for i in rest], 1.0)
+        small = [i for i in rest if i < plan.n_molf]
+        if small or tab is None:
+            zero = torch.zeros((), dtype=torch.float32, device=opt.device)
+            per_expert = [[] for _ in range(n)]
+            for i, term in zip(small, self._score_sums([ms[i] for i in small], [vs[i] for i in small], opt.score)):
+                per_expert[plan.owner[i]].append(term)
+            rest_sums = torch.stack([sum(ts[1:], ts[0]) if ts else zero for ts in per_expert])  # fixed order
+            sums = rest_sums if tab is None else sums + rest_sums
+        return sums.view_as(plan.inv_n)
 
     def update(self, plan: StepPlan, winners: torch.Tensor) -> None:
         """p <- p (1 - lr wd) - lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps) for winners (and parameters outside
@@ -395,14 +414,23 @@ class EagerRoutedAdamW:
         skipped; on a GPU the new values are selected by torch.where, without a host synchronisation."""
         opt = self.opt
         beta1, beta2 = opt.defaults["betas"]
-        host_win = winners.view(-1).tolist() if self.host_routing else None
-        win = winners.view(-1)
         gen = None
         if opt.stochastic_rounding:
             gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())
+        tab, self._tab = self._tab, None
+        done = set()
+        if tab is not None and gen is None:  # one native call; losers skipped where the routing lies
+            hp = torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in opt.param_groups], dtype=torch.float64)
+            _cpu.adamw_update_(tab, winners.reshape(-1).contiguous(), hp, beta1, beta2)
+            done = set(tab.rows)
+        if len(done) == len(plan.params):
+            return
+        host_win = winners.view(-1).tolist() if self.host_routing else None
+        win = winners.view(-1)
         batch: dict[tuple, list] = {}
-        hps: dict[tuple, torch.Tensor] = {}
         for i, p in enumerate(plan.params):
+            if i in done:
+                continue
             molf_param = i < plan.n_molf
             if molf_param and host_win is not None and not host_win[plan.owner[i]]:
                 continue
@@ -411,13 +439,6 @@ class EagerRoutedAdamW:
             p, m, v, step = local(p), local(st["exp_avg"]), local(st["exp_avg_sq"]), st["step"]
             if host_win is not None and gen is None:  # CPU: bias corrections as host floats (float64), as the reference
                 t = step.item()
-                if self._fused(p, m, v):
-                    hp = hps.get((lr, wd, t))
-                    if hp is None:  # one small tensor per group and step count: the compiled loop's scalars
-                        hp = hps[lr, wd, t] = torch.tensor([lr / (1.0 - beta1 ** t),
-                                                            1.0 / math.sqrt(1.0 - beta2 ** t), 1.0 - lr * wd])
-                    _cpu_fused.adamw_update_(p, m, v, hp, eps)
-                    continue
                 if p.dtype == m.dtype:  # small tensors: batched below
                     batch.setdefault((lr, wd, eps), []).append((p, m, v, math.sqrt(1.0 - beta2 ** t),
                                                                 -lr / (1.0 - beta1 ** t)))

@@ -516,10 +516,12 @@ def test_philox_mul_hi_lo_is_exact():
 
 
 @pytest.mark.parametrize("rows, cols, p", [(37, 45, 0.05), (2, 1000, 0.5), (300, 7, 0.9)])
-def test_compiled_cpu_keep_mask_equals_torch_ops(rows, cols, p):
-    """The layer's CPU keep-mask (one compiled loop) is molf._math.dropout_keep's, bit for bit."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
-    seed = torch.randint(0, 1 << 62, (1,))
-    assert torch.equal(_cpu_fused.keep_mask(seed, rows, cols, p), dropout_keep(seed, rows, cols, p))
+def test_cpu_keep_mask_equals_torch_ops(rows, cols, p):
+    """The layer's CPU keep-mask (one C loop) is molf._math.dropout_keep's, bit for bit, for seeds with high
+    bits set and p at a multiple of 2^-24 (the comparison's edge)."""
+    from molf import _cpu
+    if not _cpu.available():
+        pytest.skip("the CPU loops (molf/_cpu.c) cannot be built here: no working C compiler")
+    for seed in (torch.randint(0, 1 << 62, (1,)), torch.tensor([(1 << 62) - 1]), torch.tensor([0])):
+        for q in (p, 3 / (1 << 24)):
+            assert torch.equal(_cpu.keep_mask(seed, rows, cols, q), dropout_keep(seed, rows, cols, q))

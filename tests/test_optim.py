@@ -218,139 +218,243 @@ def test_bad_hyperparameters(kw, match):
         molf.MoLFAdamW(model, **args)
 
 
+def cpu_loops():
+    """molf._cpu, or a skip where its C loops cannot be built on this machine (no C compiler)."""
+    from molf import _cpu
+    if not _cpu.available():
+        pytest.skip("the CPU loops (molf/_cpu.c) cannot be built here: no working C compiler")
+    return _cpu
+
+
+def without_cpu_loops(monkeypatch):
+    """Runs what follows on torch's ops, as on a machine without a C compiler."""
+    from molf import _cpu
+    monkeypatch.setitem(_cpu._state, "lib", None)
+    monkeypatch.setitem(_cpu._state, "tried", True)
+
+
 @pytest.mark.parametrize("score", ["epd", "pfn"])
-def test_cpu_one_pass_loops_match_reference(monkeypatch, score):
-    """The compiled one-pass CPU loops (here every tensor whose size has a row length, the others on torch
-    ops in the same step) route and update like the reference."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
-    monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", 0)
+def test_cpu_loops_match_reference(monkeypatch, score):
+    """The C loops (two calls per step over every tensor) route and update like the reference."""
+    _cpu = cpu_loops()
     calls = {"moments_score_": 0, "adamw_update_": 0}
     for name in calls:
-        def counted(*a, _f=getattr(_cpu_fused, name), _n=name):
+        def counted(*a, _f=getattr(_cpu, name), _n=name):
             calls[_n] += 1
             return _f(*a)
-        monkeypatch.setattr(_cpu_fused, name, counted)
+        monkeypatch.setattr(_cpu, name, counted)
     cfg = MOLF_E_PFN if score == "pfn" else MOLF
     r = lockstep(cfg, 12, molf.MoLFAdamW, MoLFAdamWReference, dict(score=score, backend="eager"), dict(score=score))
     assert torch.equal(r["routes_a"], r["routes_b"])
     assert_close(r["scores_a"], r["scores_b"], 1e-5, "scores")
     assert rel_err(flat_params(r["model_a"]), flat_params(r["model_b"])) <= 1e-6
-    assert calls["moments_score_"] > 0 and calls["adamw_update_"] > 0, calls
-    sizes = [p.numel() for p in r["model_a"].parameters() if p.requires_grad]
-    assert any(_cpu_fused.row_length(n) == 0 for n in sizes), "no tensor took the torch-op path beside"
+    assert calls == {"moments_score_": 12, "adamw_update_": 12}, calls
 
 
-@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, torch.float32)],
-                         ids=["bf16", "fp16-fp32state"])
-def test_cpu_one_pass_loops_low_precision_match_torch_ops(monkeypatch, dtype, state_dtype):
-    """Half-precision parameters (their own moments, or fp32 moments) through the compiled loops: the same
-    routing and, to the dtype's precision, the same weights as the torch-op path."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.float32)],
+                         ids=["bf16", "fp16-fp32state", "bf16-fp32state"])
+def test_cpu_loops_low_precision_match_torch_ops(monkeypatch, dtype, state_dtype):
+    """Half-precision parameters (their own moments, or fp32 moments) through the C loops: the same routing
+    and, to the dtype's precision, the same weights as torch's ops."""
+    cpu_loops()
     train_base, ranks, alphas, lr, lora_lr = MOLF_E
     out = []
-    for min_numel in (0, 1 << 40):  # every tensor with a row length compiled; then none
-        monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", min_numel)
+    for native in (True, False):
+        if not native:
+            without_cpu_loops(monkeypatch)
         model = wrapped(train_base, ranks, alphas, dtype=dtype)
         opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, state_dtype=state_dtype, backend="eager")
         routes = []
         for _ in range(3):
             train_step(model, opt, batch())
             routes.append(opt.routing.clone())
+        assert (opt._impl._tables != {}) == native
         out.append((flat_params(model), torch.stack(routes)))
     assert torch.equal(out[0][1], out[1][1])
     assert rel_err(out[0][0], out[1][0]) <= 1e-3
 
 
-@pytest.mark.parametrize("n", [256, 768, 4096 * 3, 4096 * 40 + 2048])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_one_pass_moments_score_matches_torch_ops(n, dtype):
-    """moments_score_ over every row length it takes (256 up to 4096, rows of one and many): the moments as
-    torch's lerp_/mul_/addcmul_ store them, the score sum as the fp32 formula over them."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
-    torch.manual_seed(n)
-    g, m = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-    v = torch.rand(n).to(dtype)
-    m_ref, v_ref = m.clone(), v.clone()
-    m_ref.lerp_(g, 0.1)
-    v_ref.mul_(0.999).addcmul_(g, g, value=0.001)
-    for score in ("epd", "pfn"):
-        mm, vv = m.clone(), v.clone()
-        got = _cpu_fused.moments_score_(g, mm, vv, 0.9, 0.999, score == "pfn")
-        tol = 1e-6 if dtype == torch.float32 else 1e-2
-        assert_close(mm.float(), m_ref.float(), tol, "m")
-        assert_close(vv.float(), v_ref.float(), tol, "v")
-        want = expert_score_terms(mm, vv, score).double().sum()
-        assert abs(got.double() - want) <= 1e-5 * want, (score, float(got), float(want))
+def random_rows(data, _cpu):
+    """1-6 tensors of 0-20000 elements (several blocks of 8192, ragged tails), each of a dtype the loops store,
+    owned by one of 3 experts or none (-1)."""
+    import hypothesis.strategies as st
+    dtypes = sorted(_cpu.CODES, key=str)
+    n = data.draw(st.integers(1, 6))
+    sizes = [data.draw(st.sampled_from([0, 1, 15, 16, 257, 8191, 8192, 8193, 20000])) for _ in range(n)]
+    kinds = [data.draw(st.sampled_from(dtypes)) for _ in range(n)]
+    owner = [data.draw(st.integers(-1, 2)) for _ in range(n)]
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31)))
+    rows = []
+    for size, dt in zip(sizes, kinds):
+        g, m = (torch.randn(size, generator=gen) * 3).to(dt), torch.randn(size, generator=gen).to(dt)
+        v = (torch.rand(size, generator=gen) * 2).to(dt)
+        rows.append(dict(p=torch.randn(size, generator=gen).to(dt), g=g, m=m, v=v,
+                         step=torch.tensor(data.draw(st.sampled_from([0.0, 1.0, 99.0])))))
+    return rows, owner
 
 
-def test_cpu_one_pass_loops_take_non_contiguous_moments(monkeypatch):
-    """Moments loaded from a state dict with other strides (load_state_dict keeps them) take the torch-op path
-    and step like contiguous ones."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
-    monkeypatch.setattr(_cpu_fused, "MIN_NUMEL", 0)
+def test_cpu_moments_score_matches_torch_ops():
+    """moments_score_ over random tables: every row's moments as torch's lerp_/mul_/addcmul_ store them
+    (computed in fp32, rounded once), its step advanced, each expert's sum the fp32 terms over the stored
+    moments (rows outside MoLF layers add nothing), and the sums bitwise the same on 1 and 2 threads."""
+    hypothesis = pytest.importorskip("hypothesis")
+    _cpu = cpu_loops()
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(hypothesis.strategies.data())
+    def check(data):
+        rows, owner = random_rows(data, _cpu)
+        for score in ("epd", "pfn"):
+            sums = {}
+            for threads in (1, 2):
+                rs = [{k: t.clone() for k, t in r.items()} for r in rows]
+                tab = _cpu.Table(0, [r["p"] for r in rs], [r["m"] for r in rs], [r["v"] for r in rs],
+                                 [r["step"] for r in rs], owner, [0] * len(rs))
+                tab.set_grads([r["g"] for r in rs])
+                out = torch.zeros(3, dtype=torch.float64)
+                with torch_threads(threads):
+                    _cpu.moments_score_(tab, 0.9, 0.999, score == "pfn", out)
+                sums[threads] = out
+            assert torch.equal(sums[1], sums[2])
+            want = torch.zeros(3, dtype=torch.float64)
+            for r, new, o in zip(rows, rs, owner):
+                g, m, v = r["g"].float(), r["m"].float(), r["v"].float()
+                m_want, v_want = (m + 0.1 * (g - m)).to(r["m"].dtype), (0.999 * v + 0.001 * g * g).to(r["v"].dtype)
+                tol = 1e-6 if r["m"].dtype == torch.float32 else 0.0  # fp32: torch's lerp_ rounds differently
+                assert_close(new["m"].float(), m_want.float(), tol, "m")
+                assert_close(new["v"].float(), v_want.float(), tol, "v")
+                assert float(new["step"]) == float(r["step"]) + 1
+                assert torch.equal(new["p"], r["p"]) and torch.equal(new["g"], r["g"])
+                if o >= 0:
+                    want[o] += expert_score_terms(new["m"], new["v"], score).double().sum()
+            assert torch.allclose(sums[1], want, rtol=1e-5, atol=0), (score, sums[1], want)
+    check()
+
+
+def test_cpu_adamw_update_matches_torch_ops():
+    """adamw_update_ over random tables: rows outside MoLF layers and winners' rows take AdamW (fp32 math,
+    bias corrections in float64, one rounding to the parameter's dtype), losers' parameters stay bitwise."""
+    hypothesis = pytest.importorskip("hypothesis")
+    _cpu = cpu_loops()
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(hypothesis.strategies.data())
+    def check(data):
+        rows, owner = random_rows(data, _cpu)
+        for r in rows:
+            r["v"] = r["v"].abs()
+            r["step"] += 1
+        win = torch.tensor(data.draw(hypothesis.strategies.lists(hypothesis.strategies.booleans(), min_size=3,
+                                                                  max_size=3)))
+        group = [data.draw(hypothesis.strategies.integers(0, 1)) for _ in rows]
+        hp = torch.tensor([[1e-2, 0.1, 1e-8], [3e-3, 0.0, 1e-6]], dtype=torch.float64)
+        ps = [r["p"].clone() for r in rows]
+        tab = _cpu.Table(0, ps, [r["m"] for r in rows], [r["v"] for r in rows], [r["step"] for r in rows], owner,
+                         group)
+        _cpu.adamw_update_(tab, win, hp, 0.9, 0.999)
+        for r, p, o, gi in zip(rows, ps, owner, group):
+            if o >= 0 and not win[o]:
+                assert torch.equal(p, r["p"])
+                continue
+            lr, wd, eps = hp[gi].tolist()
+            t = float(r["step"])
+            step_size, bc2 = lr / (1 - 0.9 ** t), math.sqrt(1 - 0.999 ** t)
+            want = r["p"].float() * (1 - lr * wd) - step_size * r["m"].float() / (r["v"].float().sqrt() / bc2 + eps)
+            if p.dtype == torch.float32:
+                assert_close(p, want, 1e-6, "p")
+            else:  # one rounding of the fp32 result: at most one ulp apart where the fp32 values differ slightly
+                assert_close(p.float(), want.to(p.dtype).float(), 1e-2, "p")
+    check()
+
+
+class torch_threads:
+    def __init__(self, n):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@pytest.mark.parametrize("transpose", ["moments", "grads"])
+def test_cpu_loops_leave_strided_tensors_to_torch_ops(transpose):
+    """Moments loaded from a state dict with other strides (load_state_dict keeps them) leave their rows to
+    torch's ops; a strided gradient sends the whole step there: both step like contiguous ones."""
+    cpu_loops()
     train_base, ranks, alphas, lr, lora_lr = MOLF
     out = []
-    for transposed in (False, True):
+    for strided in (False, True):
         model = wrapped(train_base, ranks, alphas)
         opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="eager")
         train_step(model, opt, batch())
         sd = copy.deepcopy(opt.state_dict())
-        if transposed:
+        if strided and transpose == "moments":
             for st in sd["state"].values():
                 for key in ("exp_avg", "exp_avg_sq"):
                     if st[key].dim() == 2:
                         st[key] = st[key].t().contiguous().t()
         opt.load_state_dict(sd)
-        assert any(not st["exp_avg"].is_contiguous() for st in opt.state.values()) == transposed
-        train_step(model, opt, batch())
+        assert any(not st["exp_avg"].is_contiguous() for st in opt.state.values()) == (strided and
+                                                                                     transpose == "moments")
+        model.zero_grad()
+        model(input_ids=batch(), labels=batch()).loss.backward()
+        if strided and transpose == "grads":
+            for p in model.parameters():
+                if p.grad is not None and p.grad.dim() == 2:
+                    p.grad = p.grad.t().contiguous().t()
+        opt.step()
         out.append(flat_params(model))
     assert rel_err(out[1], out[0]) <= 1e-6
 
 
-def test_cpu_one_pass_loops_fall_back_past_the_recompile_limit(monkeypatch):
-    """A process that meets more dtype/shape combinations than dynamo recompiles for (fullgraph=True raises
-    then) keeps going with the same loop uncompiled: one warning, the same moments and score."""
-    from molf import _cpu_fused
-    if not _cpu_fused.available():
-        pytest.skip("torch.compile cannot build CPU code on this machine (no C++ compiler)")
-    if not _cpu_fused._LIMIT_HIT:
-        pytest.skip("this torch raises no recompile-limit exception")
-
-    def limit_hit(*args):
-        raise _cpu_fused._LIMIT_HIT[0]("recompile limit reached")
-    monkeypatch.setitem(_cpu_fused._state, "fns", [limit_hit] + _cpu_fused._state["fns"][1:])
-    monkeypatch.setitem(_cpu_fused._state, "warned", False)
-    torch.manual_seed(0)
-    g, m, v = torch.randn(4096), torch.randn(4096), torch.rand(4096)
-    m_ref, v_ref = m.clone(), v.clone()
-    _cpu_fused.moments_score_(g, m_ref, v_ref, 0.9, 0.999, True)  # the compiled (PFN) loop: the moments
-    with pytest.warns(RuntimeWarning, match="recompile limit"):
-        got = _cpu_fused.moments_score_(g, m, v, 0.9, 0.999, False)  # EPD: falls back
-    assert _cpu_fused._state["fns"][0] is _cpu_fused._moments_epd
-    assert_close(m, m_ref, 1e-6, "m")
-    assert_close(v, v_ref, 1e-6, "v")
-    assert_close(got, expert_score_terms(m, v, "epd").sum(), 1e-5, "score")
+def test_cpu_loops_keep_no_gradient_alive():
+    """zero_grad(set_to_none=True) frees the gradients: the C loops' tables keep pointers, not tensors."""
+    import gc
+    import weakref
+    cpu_loops()
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    model = wrapped(train_base, ranks, alphas)
+    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="eager")
+    train_step(model, opt, batch())
+    model(input_ids=batch(), labels=batch()).loss.backward()
+    refs = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert opt._impl._tables and all(r() is None for r in refs)
 
 
-def test_cpu_one_pass_loops_give_nan_for_an_overflowed_moment(monkeypatch):
-    """A spike that overflows v makes the score NaN on every path (kernels, foreach, compiled), never 0."""
-    from molf import _cpu_fused
+def test_cpu_loops_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path):
+    """Without a C compiler: one RuntimeWarning naming the cause, then torch's ops, routing as the reference."""
+    from molf import _cpu
+    monkeypatch.setitem(_cpu._state, "lib", None)
+    monkeypatch.setitem(_cpu._state, "tried", False)
+    monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert not _cpu.available()
+    r = lockstep(MOLF, 4, molf.MoLFAdamW, MoLFAdamWReference, dict(backend="eager"), {})
+    assert torch.equal(r["routes_a"], r["routes_b"])
+    assert rel_err(flat_params(r["model_a"]), flat_params(r["model_b"])) <= 1e-6
+
+
+def test_cpu_loops_give_nan_for_an_overflowed_moment():
+    """A spike that overflows v makes the EPD score NaN on every path (kernels, foreach, C loops), never 0."""
     from molf.optim import EagerRoutedAdamW
     m = torch.tensor([1e29, 1.0, 2.0])
     v = torch.tensor([math.inf, 1.0, 4.0])
     for score in ("epd", "pfn"):
         foreach = EagerRoutedAdamW._score_sums([m], [v], score)[0]
         assert math.isnan(foreach) == (score == "epd"), (score, foreach)
-    if _cpu_fused.available():
-        g = torch.ones(2 * _cpu_fused.MIN_ROW)
-        g[0] = 1e30
-        got = _cpu_fused.moments_score_(g, torch.zeros_like(g), torch.zeros_like(g), 0.9, 0.999, False)
-        assert math.isnan(got)
+    _cpu = cpu_loops()
+    g = torch.ones(300)
+    g[0] = 1e30
+    zeros = [torch.zeros_like(g), torch.zeros_like(g)]
+    tab = _cpu.Table(0, [g.clone()], [zeros[0]], [zeros[1]], [torch.tensor(0.0)], [0], [0])
+    tab.set_grads([g])
+    sums = torch.zeros(1, dtype=torch.float64)
+    _cpu.moments_score_(tab, 0.9, 0.999, False, sums)
+    assert math.isnan(sums[0])

@@ -1,0 +1,166 @@
+"""The CPU loops in C (molf/_cpu.c, built on first use with the C compiler, cached per machine):
+
+    moments_score_:  m <- m + (1 - b1)(g - m),  v <- b2 v + (1 - b2) g^2,  step += 1, and per expert the sum of
+                     m^2/(sqrt(v) + 1e-8) (EPD) or (m/(sqrt(v) + 1e-8))^2 (PFN) over its tensors
+    adamw_update_:   p <- p (1 - lr wd) - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps), for winners and
+                     parameters outside MoLF layers (the routing is read where it lies)
+    keep_mask:       the layer's dropout keep-mask (Philox-4x32-10, molf._math.dropout_keep)
+
+Why not torch ops: on the CPU each op is a pass over memory and each foreach op a loop of per-tensor ops
+(~10 of 4-10 us per tensor and step); torch.compile'd loops fuse the math but cost 20-60 us of dispatch per
+call. Here the optimizer's step is two calls whatever the tensor count, each one pass over memory
+(csrc_notes/routed_adamw.md "The CPU"). Tensors are rows of int64 tables (pointers, numel, owner, group):
+host work O(tensors) per step.
+
+Where no compiler works, `available()` turns False with one warning and callers keep torch's ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("_cpu.c")
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
+_state: dict = {"lib": None, "tried": False}
+_I64, _U8, _F64 = (torch.int64, torch.uint8, torch.float64)
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's flags (a cache shared by machines must not mix builds)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOLF_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "molf")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    compilers = [c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)]
+    if not compilers:
+        raise RuntimeError("no C compiler found (set CC)")
+    src = _SRC.read_bytes()
+    errors = []
+    for cc in compilers:
+        for openmp in (["-fopenmp"], []):  # without OpenMP (Apple clang): one thread
+            flags = _FLAGS + openmp
+            key = hashlib.sha256(src + repr((cc, flags, platform.machine(), _cpu_id())).encode()).hexdigest()[:16]
+            lib = _cache_dir() / f"cpu-{key}.so"
+            if not lib.exists():
+                lib.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+                os.close(fd)
+                run = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+                if run.returncode:
+                    os.unlink(tmp)
+                    errors.append(f"{cc} {' '.join(openmp)}: {run.stderr.strip()[-300:]}")
+                    continue
+                os.replace(tmp, lib)  # atomic: processes building at once each write their own file
+            return _bind(ctypes.CDLL(str(lib)))
+    raise RuntimeError("; ".join(errors))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.molf_moments_score.argtypes = [i64] + [p] * 9 + [f64, f64, i32, p, i32]
+    lib.molf_adamw_update.argtypes = [i64] + [p] * 12 + [f64, f64, i32]
+    lib.molf_keep_mask.argtypes = [ctypes.c_uint64, i64, i64, i64, ctypes.c_float, p, i32]
+    lib.molf_moments_score.restype = lib.molf_adamw_update.restype = lib.molf_has_f16.restype = i32
+    lib.molf_keep_mask.restype = None
+    return lib
+
+
+def available() -> bool:
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            lib = _build()
+            CODES.update({torch.float32: 0, torch.bfloat16: 1})
+            if lib.molf_has_f16():
+                CODES[torch.float16] = 2
+            _state["lib"] = lib
+        except Exception as e:  # no compiler, a read-only cache, a platform the source does not build on
+            warnings.warn(f"molf: the CPU loops (molf/_cpu.c) could not be built ({type(e).__name__}: "
+                          f"{str(e)[:300]}); the eager optimizer and the dropout mask keep torch's ops on the CPU "
+                          "(same results, slower)", RuntimeWarning, stacklevel=3)
+    return _state["lib"] is not None
+
+
+CODES: dict[torch.dtype, int] = {}  # the storage dtypes the loops read and write (fp16 where C has _Float16)
+
+
+def takes(t: torch.Tensor) -> bool:
+    """Whether the loops take t: a contiguous CPU tensor of a dtype they store (after `available()`)."""
+    return t.is_cpu and t.dtype in CODES and t.is_contiguous()
+
+
+class Table:
+    """One row per tensor. Pointer columns G, P, M, V, STEP (the gradient's refreshed every step by
+    `set_grads`; no reference to a gradient is kept), dtype codes of g, p, m, v, numel, owner (expert index,
+    -1 outside MoLF layers), group (param group index). `key` names the storage it was built for."""
+    G, P, M, V, STEP = range(5)
+
+    def __init__(self, key, ps, ms, vs, steps, owner, group):
+        self.key, self.n = key, len(ps)
+        self.keep = (ps, ms, vs, steps)  # their pointers below stay valid while the table lives
+        self.ptrs = torch.tensor([[0] * self.n] + [[t.data_ptr() for t in col] for col in self.keep], dtype=_I64)
+        self.dtypes = torch.tensor([[CODES[t.dtype] for t in col] for col in (ps, ps, ms, vs)], dtype=_U8)
+        self.numel = torch.tensor([p.numel() for p in ps], dtype=_I64)
+        self.owner = torch.tensor(owner, dtype=_I64)
+        self.group = torch.tensor(group, dtype=_I64)
+
+    def set_grads(self, gs) -> None:
+        """The gradients of this step (each of its parameter's dtype and contiguous: `takes`)."""
+        self.ptrs[self.G] = torch.tensor([g.data_ptr() for g in gs], dtype=_I64)
+        self.dtypes[0] = torch.tensor([CODES[g.dtype] for g in gs], dtype=_U8)
+
+    def _col(self, k: int) -> int:
+        return self.ptrs.data_ptr() + k * self.n * 8
+
+    def _dt(self, k: int) -> int:
+        return self.dtypes.data_ptr() + k * self.n
+
+
+def _check(rc: int):
+    if rc:
+        raise MemoryError("molf: the CPU optimizer loops could not allocate their block tables")
+
+
+def moments_score_(tab: Table, b1: float, b2: float, pfn: bool, sums: torch.Tensor) -> None:
+    """Advances every row's moments and step; adds each row's score sum to sums[owner] (float64, contiguous)."""
+    _check(_state["lib"].molf_moments_score(
+        tab.n, tab._col(tab.G), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), tab.numel.data_ptr(),
+        tab._dt(0), tab._dt(2), tab._dt(3), tab.owner.data_ptr(), b1, b2, int(pfn), sums.data_ptr(),
+        torch.get_num_threads()))
+
+
+def adamw_update_(tab: Table, win: torch.Tensor, hp: torch.Tensor, b1: float, b2: float) -> None:
+    """The update of rows outside MoLF layers (owner < 0) and rows whose expert won (win: bool, contiguous,
+    one per expert); hp: float64 [groups, 3] of (lr, weight decay, eps)."""
+    _check(_state["lib"].molf_adamw_update(
+        tab.n, tab._col(tab.P), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), tab.numel.data_ptr(),
+        tab._dt(1), tab._dt(2), tab._dt(3), tab.owner.data_ptr(), win.data_ptr(), tab.group.data_ptr(),
+        hp.data_ptr(), b1, b2, torch.get_num_threads()))
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The (rows, cols) bool keep-mask u(seed, m, k) >= p of molf._math.dropout_keep (seed: one int64 on the
+    CPU); p compared in fp32, as the torch ops compare."""
+    out = torch.empty((rows, cols), dtype=torch.bool)
+    _state["lib"].molf_keep_mask(int(seed.reshape(-1)[0]), rows, cols, 0,
+                                 float(torch.tensor(p, dtype=torch.float32)), out.data_ptr(), torch.get_num_threads())
+    return out
