@@ -220,16 +220,16 @@ int molf_adamw_update(int64_t n, const int64_t *p, const int64_t *m, const int64
     return 0;
 }
 
-/* The dropout keep-mask of molf._math.dropout_keep: out[m, k] = u(seed, row0 + m, k) >= p for m < rows, k < cols,
+/* The dropout keep-mask of molf._math.dropout_keep: out[m, k] = u(seed, m, k) >= p for m < rows, k < cols,
    u = (c0 >> 8) / 2^24 with c0 the first word of Philox-4x32-10 for counter (k, m, 0, 0), key (seed mod 2^32,
    seed >> 32); the fused kernels draw the same function where they load x. */
-void molf_keep_mask(uint64_t seed, int64_t rows, int64_t cols, int64_t row0, float p, uint8_t *out, int threads) {
+void molf_keep_mask(uint64_t seed, int64_t rows, int64_t cols, float p, uint8_t *out, int threads) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         uint8_t *o = out + r * cols;
         for (int64_t k = 0; k < cols; k++) {
-            uint32_t c0 = (uint32_t)k, c1 = (uint32_t)(row0 + r), c2 = 0, c3 = 0, a = k0, b = k1;
+            uint32_t c0 = (uint32_t)k, c1 = (uint32_t)r, c2 = 0, c3 = 0, a = k0, b = k1;
             for (int round = 0; round < 10; round++) {
                 uint64_t x = (uint64_t)0xD2511F53u * c0, y = (uint64_t)0xCD9E8D57u * c2;
                 uint32_t n0 = (uint32_t)(y >> 32) ^ c1 ^ a, n2 = (uint32_t)(x >> 32) ^ c3 ^ b;

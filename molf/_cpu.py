@@ -31,7 +31,6 @@ import torch
 _SRC = Path(__file__).with_name("_cpu.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _state: dict = {"lib": None, "tried": False}
-_I64, _U8, _F64 = (torch.int64, torch.uint8, torch.float64)
 
 
 def _cpu_id() -> str:
@@ -78,7 +77,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.molf_moments_score.argtypes = [i64] + [p] * 9 + [f64, f64, i32, p, i32]
     lib.molf_adamw_update.argtypes = [i64] + [p] * 12 + [f64, f64, i32]
-    lib.molf_keep_mask.argtypes = [ctypes.c_uint64, i64, i64, i64, ctypes.c_float, p, i32]
+    lib.molf_keep_mask.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_float, p, i32]
     lib.molf_moments_score.restype = lib.molf_adamw_update.restype = lib.molf_has_f16.restype = i32
     lib.molf_keep_mask.restype = None
     return lib
@@ -109,30 +108,31 @@ def takes(t: torch.Tensor) -> bool:
 
 
 class Table:
-    """One row per tensor. Pointer columns G, P, M, V, STEP (the gradient's refreshed every step by
-    `set_grads`; no reference to a gradient is kept), dtype codes of g, p, m, v, numel, owner (expert index,
-    -1 outside MoLF layers), group (param group index). `key` names the storage it was built for."""
+    """One row per tensor, as plain C arrays: pointer columns G, P, M, V, STEP (the gradient's rewritten every
+    step by `set_grads`; no reference to a gradient is kept), dtype codes of g, p, m, v, numel, owner (expert
+    index, -1 outside MoLF layers), group (param group index). `key` names the storage it was built for."""
     G, P, M, V, STEP = range(5)
 
     def __init__(self, key, ps, ms, vs, steps, owner, group):
-        self.key, self.n = key, len(ps)
+        n = self.n = len(ps)
+        self.key = key
         self.keep = (ps, ms, vs, steps)  # their pointers below stay valid while the table lives
-        self.ptrs = torch.tensor([[0] * self.n] + [[t.data_ptr() for t in col] for col in self.keep], dtype=_I64)
-        self.dtypes = torch.tensor([[CODES[t.dtype] for t in col] for col in (ps, ps, ms, vs)], dtype=_U8)
-        self.numel = torch.tensor([p.numel() for p in ps], dtype=_I64)
-        self.owner = torch.tensor(owner, dtype=_I64)
-        self.group = torch.tensor(group, dtype=_I64)
+        self.ptrs = (ctypes.c_int64 * (5 * n + 1))(*[0] * n, *[t.data_ptr() for col in self.keep for t in col])
+        self.dtypes = (ctypes.c_uint8 * (4 * n + 1))(*[CODES[t.dtype] for col in (ps, ps, ms, vs) for t in col])
+        self.numel = (ctypes.c_int64 * (n + 1))(*[p.numel() for p in ps])
+        self.owner = (ctypes.c_int64 * (n + 1))(*owner)
+        self.group = (ctypes.c_int64 * (n + 1))(*group)
 
     def set_grads(self, gs) -> None:
-        """The gradients of this step (each of its parameter's dtype and contiguous: `takes`)."""
-        self.ptrs[self.G] = torch.tensor([g.data_ptr() for g in gs], dtype=_I64)
-        self.dtypes[0] = torch.tensor([CODES[g.dtype] for g in gs], dtype=_U8)
+        """The gradients of this step (each contiguous, of a dtype the loops store: `takes`)."""
+        self.ptrs[:self.n] = [g.data_ptr() for g in gs]
+        self.dtypes[:self.n] = [CODES[g.dtype] for g in gs]
 
     def _col(self, k: int) -> int:
-        return self.ptrs.data_ptr() + k * self.n * 8
+        return ctypes.addressof(self.ptrs) + k * self.n * 8
 
     def _dt(self, k: int) -> int:
-        return self.dtypes.data_ptr() + k * self.n
+        return ctypes.addressof(self.dtypes) + k * self.n
 
 
 def _check(rc: int):
@@ -143,8 +143,8 @@ def _check(rc: int):
 def moments_score_(tab: Table, b1: float, b2: float, pfn: bool, sums: torch.Tensor) -> None:
     """Advances every row's moments and step; adds each row's score sum to sums[owner] (float64, contiguous)."""
     _check(_state["lib"].molf_moments_score(
-        tab.n, tab._col(tab.G), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), tab.numel.data_ptr(),
-        tab._dt(0), tab._dt(2), tab._dt(3), tab.owner.data_ptr(), b1, b2, int(pfn), sums.data_ptr(),
+        tab.n, tab._col(tab.G), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), ctypes.addressof(tab.numel),
+        tab._dt(0), tab._dt(2), tab._dt(3), ctypes.addressof(tab.owner), b1, b2, int(pfn), sums.data_ptr(),
         torch.get_num_threads()))
 
 
@@ -152,15 +152,14 @@ def adamw_update_(tab: Table, win: torch.Tensor, hp: torch.Tensor, b1: float, b2
     """The update of rows outside MoLF layers (owner < 0) and rows whose expert won (win: bool, contiguous,
     one per expert); hp: float64 [groups, 3] of (lr, weight decay, eps)."""
     _check(_state["lib"].molf_adamw_update(
-        tab.n, tab._col(tab.P), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), tab.numel.data_ptr(),
-        tab._dt(1), tab._dt(2), tab._dt(3), tab.owner.data_ptr(), win.data_ptr(), tab.group.data_ptr(),
+        tab.n, tab._col(tab.P), tab._col(tab.M), tab._col(tab.V), tab._col(tab.STEP), ctypes.addressof(tab.numel),
+        tab._dt(1), tab._dt(2), tab._dt(3), ctypes.addressof(tab.owner), win.data_ptr(), ctypes.addressof(tab.group),
         hp.data_ptr(), b1, b2, torch.get_num_threads()))
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """The (rows, cols) bool keep-mask u(seed, m, k) >= p of molf._math.dropout_keep (seed: one int64 on the
-    CPU); p compared in fp32, as the torch ops compare."""
+    CPU); p rounded to fp32 (ctypes' c_float), as the torch ops compare."""
     out = torch.empty((rows, cols), dtype=torch.bool)
-    _state["lib"].molf_keep_mask(int(seed.reshape(-1)[0]), rows, cols, 0,
-                                 float(torch.tensor(p, dtype=torch.float32)), out.data_ptr(), torch.get_num_threads())
+    _state["lib"].molf_keep_mask(int(seed.reshape(-1)[0]), rows, cols, p, out.data_ptr(), torch.get_num_threads())
     return out
