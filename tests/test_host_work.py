@@ -42,3 +42,35 @@ def test_step_host_time_does_not_grow_with_elements(monkeypatch):
     small = host_ms_per_step(32, monkeypatch)    # 8 layers of 32 x 32
     large = host_ms_per_step(1024, monkeypatch)  # the same tensors, 1024x the elements
     assert large < 2.0 * small, f"host time per step {small:.2f} ms -> {large:.2f} ms for 1024x the elements"
+
+
+def eager_cpu_host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
+    """The same for the eager backend on the CPU, its two C calls replaced by no-ops."""
+    from molf import _cpu
+    if not _cpu.available():
+        import pytest
+        pytest.skip("the CPU loops (molf/_cpu.c) cannot be built here: no working C compiler")
+    monkeypatch.setattr(_cpu, "moments_score_", lambda *a: None)
+    monkeypatch.setattr(_cpu, "adamw_update_", lambda *a: None)
+    torch.manual_seed(0)
+    names = [f"l{i}" for i in range(8)]
+    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
+    molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend="eager")
+    opt = molf.MoLFAdamW(net, lr=1e-3, backend="eager")
+    params = [p for p in net.parameters() if p.requires_grad]
+    pools = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    times = []
+    for step in range(steps):
+        for p, g in zip(params, pools[step % 2]):
+            p.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    assert opt._impl._tables, "the C loops' tables were not used"
+    return statistics.median(times[2:]) * 1e3
+
+
+def test_eager_cpu_step_host_time_does_not_grow_with_elements(monkeypatch):
+    small = eager_cpu_host_ms_per_step(32, monkeypatch)
+    large = eager_cpu_host_ms_per_step(1024, monkeypatch)
+    assert large < 2.0 * small, f"host time per step {small:.2f} ms -> {large:.2f} ms for 1024x the elements"
