@@ -141,39 +141,6 @@ static double block_moments(void *g, void *m, void *v, int dg, int dm, int dv, i
     return total;
 }
 
-/* Columns of n rows: pointers g, m, v, step (fp32 scalar), numel, dtype codes dg, dm, dv, owner (expert index;
-   < 0: no score, a parameter outside MoLF layers). score: 0 EPD, 1 PFN. sums: one double per expert, added to
-   (the caller zeroes them). Returns 0, or -1 when out of memory. */
-int molf_moments_score(int64_t n, const int64_t *g, const int64_t *m, const int64_t *v, const int64_t *step,
-                       const int64_t *numel, const uint8_t *dg, const uint8_t *dm, const uint8_t *dv,
-                       const int64_t *owner, double b1, double b2, int score, double *sums, int threads) {
-    int64_t *first = malloc((size_t)(n + 1) * sizeof(int64_t));
-    uint8_t *use = malloc((size_t)(n + 1));
-    if (!first || !use) { free(first); free(use); return -1; }
-    for (int64_t i = 0; i < n; i++) use[i] = 1;
-    int64_t total = block_table(n, numel, use, first);
-    double *part = malloc((size_t)(total + 1) * sizeof(double));
-    if (!part) { free(first); free(use); return -1; }
-    float omb1 = (float)(1.0 - b1), b2f = (float)b2, omb2 = (float)(1.0 - b2);
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < total; b++) {
-        int64_t i = tensor_of_block(n, first, b);
-        int64_t i0 = (b - first[i]) * BLOCK, i1 = i0 + BLOCK < numel[i] ? i0 + BLOCK : numel[i];
-        part[b] = block_moments((void *)g[i], (void *)m[i], (void *)v[i], dg[i], dm[i], dv[i], i0, i1, omb1, b2f, omb2,
-                                owner[i] < 0 ? -1 : score);
-    }
-    for (int64_t i = 0; i < n; i++) {
-        *(float *)step[i] += 1.0f;
-        if (owner[i] < 0) continue;
-        int64_t end = i + 1 < n ? first[i + 1] : total;
-        double s = 0.0;
-        for (int64_t b = first[i]; b < end; b++) s += part[b];
-        sums[owner[i]] += s;
-    }
-    free(part); free(first); free(use);
-    return 0;
-}
-
 static void block_update(void *p, void *m, void *v, int dp, int dm, int dv, int64_t i0, int64_t i1, float step_size,
                          float inv_bc2_sqrt, float decay, float eps) {
     float pb[CHUNK], mb[CHUNK], vb[CHUNK];
@@ -189,34 +156,195 @@ static void block_update(void *p, void *m, void *v, int dp, int dm, int dv, int6
     }
 }
 
-/* Columns as molf_moments_score's, p for g; step: the advanced step counts. win: one byte per expert (the
-   routing, flattened); group: each row's param group; hp: 3 doubles per group (lr, weight decay, eps). */
+/* A table of n rows (one per tensor): pointers g, p, m, v, step (an fp32 scalar), numel, dtype codes dg, dp, dm,
+   dv, owner (expert index layer * n_experts + e; < 0: a parameter outside MoLF layers, no score), param group. */
+typedef struct {
+    int64_t n;
+    const int64_t *g, *p, *m, *v, *step, *numel, *owner, *group;
+    const uint8_t *dg, *dp, *dm, *dv;
+} Rows;
+
+/* Scratch for n rows: first blocks, block partial sums, per-row update coefficients. */
+typedef struct {
+    int64_t *first;
+    uint8_t *use;
+    double *part;
+    float *coef;
+} Scratch;
+
+static void scratch_free(Scratch *s) { free(s->first); free(s->use); free(s->part); free(s->coef); }
+
+static int scratch_alloc(Scratch *s, const Rows *R) {
+    int64_t blocks = 0;
+    for (int64_t i = 0; i < R->n; i++) blocks += (R->numel[i] + BLOCK - 1) / BLOCK;
+    s->first = malloc((size_t)(R->n + 1) * sizeof(int64_t));
+    s->use = malloc((size_t)(R->n + 1));
+    s->part = malloc((size_t)(blocks + 1) * sizeof(double));
+    s->coef = malloc((size_t)(4 * R->n + 4) * sizeof(float));
+    if (s->first && s->use && s->part && s->coef) return 0;
+    scratch_free(s);
+    return -1;
+}
+
+/* Rows [r0, r1): moments advanced, steps advanced, score sums added to sums[owner]. */
+static void moments_rows(const Rows *R, int64_t r0, int64_t r1, Scratch *S, double b1, double b2, int score,
+                         double *sums, int threads) {
+    int64_t n = r1 - r0, *first = S->first;
+    for (int64_t i = 0; i < n; i++) S->use[i] = 1;
+    int64_t total = block_table(n, R->numel + r0, S->use, first);
+    float omb1 = (float)(1.0 - b1), b2f = (float)b2, omb2 = (float)(1.0 - b2);
+    double *part = S->part;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < total; b++) {
+        int64_t i = r0 + tensor_of_block(n, first, b), len = R->numel[i];
+        int64_t i0 = (b - first[i - r0]) * BLOCK, i1 = i0 + BLOCK < len ? i0 + BLOCK : len;
+        part[b] = block_moments((void *)R->g[i], (void *)R->m[i], (void *)R->v[i], R->dg[i], R->dm[i], R->dv[i], i0,
+                                i1, omb1, b2f, omb2, R->owner[i] < 0 ? -1 : score);
+    }
+    for (int64_t k = 0; k < n; k++) {
+        int64_t i = r0 + k;
+        *(float *)R->step[i] += 1.0f;
+        if (R->owner[i] < 0) continue;
+        int64_t end = k + 1 < n ? first[k + 1] : total;
+        double s = 0.0;
+        for (int64_t b = first[k]; b < end; b++) s += part[b];
+        sums[R->owner[i]] += s;
+    }
+}
+
+/* Rows [r0, r1) outside MoLF layers or whose expert won: p <- p decay - step_size m / (sqrt(v) inv_bc2_sqrt + eps). */
+static void update_rows(const Rows *R, int64_t r0, int64_t r1, Scratch *S, const uint8_t *win, const double *hp,
+                        double b1, double b2, int threads) {
+    int64_t n = r1 - r0, *first = S->first;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t i = r0 + k;
+        S->use[k] = R->owner[i] < 0 || win[R->owner[i]];
+        const double *h = hp + 3 * R->group[i];
+        double t = *(const float *)R->step[i];  /* bias corrections in double: 1 - b2^t cancels in fp32 */
+        float *c = S->coef + 4 * k;
+        c[0] = (float)(h[0] / (1.0 - pow(b1, t)));
+        c[1] = (float)(1.0 / sqrt(1.0 - pow(b2, t)));
+        c[2] = (float)(1.0 - h[0] * h[1]);
+        c[3] = (float)h[2];
+    }
+    int64_t total = block_table(n, R->numel + r0, S->use, first);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < total; b++) {
+        int64_t k = tensor_of_block(n, first, b), i = r0 + k, len = R->numel[i];
+        int64_t i0 = (b - first[k]) * BLOCK, i1 = i0 + BLOCK < len ? i0 + BLOCK : len;
+        const float *c = S->coef + 4 * k;
+        block_update((void *)R->p[i], (void *)R->m[i], (void *)R->v[i], R->dp[i], R->dm[i], R->dv[i], i0, i1, c[0], c[1],
+                     c[2], c[3]);
+    }
+}
+
+/* molf._math.route for one layer of E experts: S_e = lr_e inv_n_e sum_e (EPD) or sqrt(sum_e) inv_n_e (PFN) in
+   fp32, -inf without gradients; the top_k by (finite, then non-finite, then no gradient; higher score; lower
+   index) win, never one without gradients. */
+static void route_layer(const double *sums, const float *inv_n, const uint8_t *no_grad, const float *lr, int64_t E,
+                        int score, int64_t top_k, float *S, uint8_t *win) {
+    for (int64_t e = 0; e < E; e++) {
+        float s = (float)sums[e];
+        s = score == 0 ? s * inv_n[e] * lr[e] : sqrtf(s) * inv_n[e];
+        S[e] = no_grad[e] ? -INFINITY : s;
+        win[e] = 0;
+    }
+    for (int64_t k = 0; k < top_k; k++) {
+        int64_t best = -1;
+        int best_cls = -1;
+        float best_key = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            if (win[e]) continue;
+            int cls = no_grad[e] ? 0 : isfinite(S[e]) ? 2 : 1;
+            float key = isfinite(S[e]) ? S[e] : 0.0f;
+            if (cls > best_cls || (cls == best_cls && key > best_key)) best = e, best_cls = cls, best_key = key;
+        }
+        if (best < 0) break;
+        win[best] = 1;
+    }
+    for (int64_t e = 0; e < E; e++) win[e] = win[e] && !no_grad[e];
+}
+
+/* route_layer over n_layers layers (sums, inv_n, no_grad, scores, win: n_layers x n_experts). */
+void molf_route(int64_t n_layers, int64_t n_experts, const double *sums, const float *inv_n, const uint8_t *no_grad,
+                const float *lr, int score, int64_t top_k, float *scores, uint8_t *win) {
+    for (int64_t l = 0, o = 0; l < n_layers; l++, o += n_experts)
+        route_layer(sums + o, inv_n + o, no_grad + o, lr, n_experts, score, top_k, scores + o, win + o);
+}
+
+static Rows rows_of(int64_t n, const int64_t *g, const int64_t *p, const int64_t *m, const int64_t *v,
+                    const int64_t *step, const int64_t *numel, const uint8_t *dg, const uint8_t *dp, const uint8_t *dm,
+                    const uint8_t *dv, const int64_t *owner, const int64_t *group) {
+    Rows R = {n, g, p, m, v, step, numel, owner, group, dg, dp, dm, dv};
+    return R;
+}
+
+/* The table's moments and score sums: sums (one double per expert) added to. score: 0 EPD, 1 PFN. Returns 0,
+   or -1 when out of memory (then nothing was changed). */
+int molf_moments_score(int64_t n, const int64_t *g, const int64_t *m, const int64_t *v, const int64_t *step,
+                       const int64_t *numel, const uint8_t *dg, const uint8_t *dm, const uint8_t *dv,
+                       const int64_t *owner, double b1, double b2, int score, double *sums, int threads) {
+    Rows R = rows_of(n, g, NULL, m, v, step, numel, dg, NULL, dm, dv, owner, NULL);
+    Scratch S;
+    if (scratch_alloc(&S, &R)) return -1;
+    moments_rows(&R, 0, n, &S, b1, b2, score, sums, threads);
+    scratch_free(&S);
+    return 0;
+}
+
+/* The update of rows outside MoLF layers and rows whose expert won (win: one byte per expert, the routing
+   flattened); hp: 3 doubles per param group (lr, weight decay, eps); steps already advanced. */
 int molf_adamw_update(int64_t n, const int64_t *p, const int64_t *m, const int64_t *v, const int64_t *step,
                       const int64_t *numel, const uint8_t *dp, const uint8_t *dm, const uint8_t *dv,
                       const int64_t *owner, const uint8_t *win, const int64_t *group, const double *hp, double b1,
                       double b2, int threads) {
-    int64_t *first = malloc((size_t)(n + 1) * sizeof(int64_t));
-    uint8_t *use = malloc((size_t)(n + 1));
-    float *coef = malloc((size_t)(4 * n + 1) * sizeof(float));
-    if (!first || !use || !coef) { free(first); free(use); free(coef); return -1; }
-    for (int64_t i = 0; i < n; i++) {
-        use[i] = owner[i] < 0 || win[owner[i]];
-        const double *h = hp + 3 * group[i];
-        double t = *(const float *)step[i];  /* bias corrections in double: 1 - b2^t cancels in fp32 */
-        coef[4 * i] = (float)(h[0] / (1.0 - pow(b1, t)));
-        coef[4 * i + 1] = (float)(1.0 / sqrt(1.0 - pow(b2, t)));
-        coef[4 * i + 2] = (float)(1.0 - h[0] * h[1]);
-        coef[4 * i + 3] = (float)h[2];
+    Rows R = rows_of(n, NULL, p, m, v, step, numel, NULL, dp, dm, dv, owner, group);
+    Scratch S;
+    if (scratch_alloc(&S, &R)) return -1;
+    update_rows(&R, 0, n, &S, win, hp, b1, b2, threads);
+    scratch_free(&S);
+    return 0;
+}
+
+/* The whole routed step in one call: moments and sums, routing (route_layer), the winners' update, taken a run
+   of whole layers of about `run_bytes` of tensors at a time, so the update reads m and v back from cache.
+   Rows of MoLF experts come first, ordered by owner (layer-major), then rows outside MoLF layers (owner < 0).
+   Per expert (n_layers x n_experts): inv_n, no_grad (in), sums (zeroed here), scores, win (out); lr: per
+   expert index e. */
+int molf_routed_step(int64_t n, const int64_t *g, const int64_t *p, const int64_t *m, const int64_t *v,
+                     const int64_t *step, const int64_t *numel, const uint8_t *dg, const uint8_t *dp,
+                     const uint8_t *dm, const uint8_t *dv, const int64_t *owner, const int64_t *group, const double *hp,
+                     double b1, double b2, int score, int64_t n_layers, int64_t n_experts, const float *inv_n,
+                     const uint8_t *no_grad, const float *lr, int64_t top_k, double *sums, float *scores,
+                     uint8_t *win, int64_t run_bytes, int threads) {
+    Rows R = rows_of(n, g, p, m, v, step, numel, dg, dp, dm, dv, owner, group);
+    Scratch S;
+    if (scratch_alloc(&S, &R)) return -1;
+    const int64_t E = n_experts;
+    for (int64_t i = 0; i < n_layers * E; i++) sums[i] = 0.0;
+    int64_t r = 0, routed = 0;  /* layers [0, routed) are routed */
+    while (r < n && owner[r] >= 0) {
+        int64_t r1 = r, bytes = 0, layer = owner[r] / E;
+        while (r1 < n && owner[r1] >= 0 && (bytes < run_bytes || owner[r1] / E == layer)) {
+            layer = owner[r1] / E;
+            bytes += numel[r1] * 16;
+            r1++;
+        }
+        moments_rows(&R, r, r1, &S, b1, b2, score, sums, threads);
+        for (; routed <= layer; routed++)
+            route_layer(sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, E, score, top_k,
+                        scores + routed * E, win + routed * E);
+        update_rows(&R, r, r1, &S, win, hp, b1, b2, threads);
+        r = r1;
     }
-    int64_t total = block_table(n, numel, use, first);
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < total; b++) {
-        int64_t i = tensor_of_block(n, first, b);
-        int64_t i0 = (b - first[i]) * BLOCK, i1 = i0 + BLOCK < numel[i] ? i0 + BLOCK : numel[i];
-        const float *c = coef + 4 * i;
-        block_update((void *)p[i], (void *)m[i], (void *)v[i], dp[i], dm[i], dv[i], i0, i1, c[0], c[1], c[2], c[3]);
+    for (; routed < n_layers; routed++)
+        route_layer(sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, E, score, top_k,
+                    scores + routed * E, win + routed * E);
+    if (r < n) {  /* parameters outside MoLF layers: moments and the update, no score */
+        moments_rows(&R, r, n, &S, b1, b2, score, sums, threads);
+        update_rows(&R, r, n, &S, win, hp, b1, b2, threads);
     }
-    free(first); free(use); free(coef);
+    scratch_free(&S);
     return 0;
 }
 

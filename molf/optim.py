@@ -184,13 +184,19 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
         impl = self._backend_impl()
-        sums = impl.moments_and_sums(plan)
-        if self._reduce_group is not None:
-            torch.distributed.all_reduce(sums, group=self._reduce_group)  # one collective for the whole model
         lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
-        self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
+        # The CPU's C loops take the whole step in one call where no collective sits between sums and routing.
+        done = impl.routed_step(plan, lrs) if impl.name == "eager" and self._reduce_group is None else None
+        if done is None:
+            sums = impl.moments_and_sums(plan)
+            if self._reduce_group is not None:
+                torch.distributed.all_reduce(sums, group=self._reduce_group)  # one collective for the whole model
+            self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
+        else:
+            self.routing, self.scores = done
         self._nonfinite += (~self.scores.isfinite() & ~plan.no_grad).sum()  # on the device, no synchronisation
-        impl.update(plan, self.routing)
+        if done is None:
+            impl.update(plan, self.routing)
         self.molf_step += 1
         if self._history.maxlen:
             self._history.append((self.molf_step, self.routing, self.scores))
@@ -366,6 +372,9 @@ class EagerRoutedAdamW:
             pick = lambda col: [col[i] for i in rows]  # noqa: E731
             tab = _cpu.Table(key, pick(ps), pick(ms), pick(vs), pick(steps), pick(plan.owner), pick(plan.group))
             tab.rows = rows
+            owners = [plan.owner[i] for i in rows]  # routed_step_ wants MoLF rows layer-major, then the others
+            tab.ordered = all(a <= b or b < 0 for a, b in zip(owners, owners[1:])) and \
+                all(b < 0 for a, b in zip(owners, owners[1:]) if a < 0)
             self._tables[id(plan)] = tab
         grads = [gs[i] for i in tab.rows]
         if not all(map(_cpu.takes, grads)):  # a strided or odd-dtype gradient: torch ops this step
@@ -373,14 +382,32 @@ class EagerRoutedAdamW:
         tab.set_grads(grads)
         return tab
 
-    def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
+    def _columns(self, plan: StepPlan):
         opt = self.opt
-        beta1, beta2 = opt.defaults["betas"]
         sts = [opt.state[p] for p in plan.params]
         ps = [local(p) for p in plan.params]
         ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
-        gs = [local(p.grad) for p in plan.params]
-        steps = [s["step"] for s in sts]
+        return ps, [local(p.grad) for p in plan.params], ms, vs, [s["step"] for s in sts]
+
+    def routed_step(self, plan: StepPlan, expert_lrs: list[float]):
+        """The whole step in one call of the C loops (molf/_cpu.py routed_step_: a few layers at a time, so
+        the update reads the moments back from cache) when they take every tensor; (winners, scores) as
+        molf._math.route gives them, or None (then the caller runs the step in parts)."""
+        opt = self.opt
+        if not self.host_routing or opt.stochastic_rounding or not _cpu.available():
+            return None
+        tab = self._native_table(plan, *self._columns(plan))
+        if tab is None or len(tab.rows) != len(plan.params) or not tab.ordered:
+            return None
+        hp = torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in opt.param_groups], dtype=torch.float64)
+        beta1, beta2 = opt.defaults["betas"]
+        return _cpu.routed_step_(tab, hp, beta1, beta2, opt.score == "pfn", plan.inv_n, plan.no_grad, expert_lrs,
+                                 opt.top_k)
+
+    def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
+        opt = self.opt
+        beta1, beta2 = opt.defaults["betas"]
+        ps, gs, ms, vs, steps = self._columns(plan)
         tab = self._tab = self._native_table(plan, ps, gs, ms, vs, steps)
         n = plan.inv_n.numel()
         if tab is not None:

@@ -45,13 +45,15 @@ def test_step_host_time_does_not_grow_with_elements(monkeypatch):
 
 
 def eager_cpu_host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
-    """The same for the eager backend on the CPU, its two C calls replaced by no-ops."""
+    """The same for the eager backend on the CPU, its C calls replaced by no-ops."""
     from molf import _cpu
     if not _cpu.available():
         import pytest
         pytest.skip("the CPU loops (molf/_cpu.c) cannot be built here: no working C compiler")
     monkeypatch.setattr(_cpu, "moments_score_", lambda *a: None)
     monkeypatch.setattr(_cpu, "adamw_update_", lambda *a: None)
+    monkeypatch.setattr(_cpu, "routed_step_", lambda tab, hp, b1, b2, pfn, inv_n, no_grad, lrs, top_k: (
+        torch.zeros_like(no_grad), torch.zeros(inv_n.shape)))
     torch.manual_seed(0)
     names = [f"l{i}" for i in range(8)]
     net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})

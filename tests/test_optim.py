@@ -233,11 +233,17 @@ def without_cpu_loops(monkeypatch):
     monkeypatch.setitem(_cpu._state, "tried", True)
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["one-call", "in-parts"])
 @pytest.mark.parametrize("score", ["epd", "pfn"])
-def test_cpu_loops_match_reference(monkeypatch, score):
-    """The C loops (two calls per step over every tensor) route and update like the reference."""
+def test_cpu_loops_match_reference(monkeypatch, score, whole):
+    """The C loops route and update like the reference: the whole step in one call (routing in C, a few layers
+    at a time), and in parts (moments + sums, torch's route, the update: the path with a collective between)."""
     _cpu = cpu_loops()
-    calls = {"moments_score_": 0, "adamw_update_": 0}
+    from molf.optim import EagerRoutedAdamW
+    if not whole:
+        monkeypatch.setattr(EagerRoutedAdamW, "routed_step", lambda self, plan, lrs: None)
+    monkeypatch.setattr(_cpu, "RUN_BYTES", 1)  # one layer per run: every layer routed between two runs
+    calls = {"moments_score_": 0, "adamw_update_": 0, "routed_step_": 0}
     for name in calls:
         def counted(*a, _f=getattr(_cpu, name), _n=name):
             calls[_n] += 1
@@ -248,7 +254,9 @@ def test_cpu_loops_match_reference(monkeypatch, score):
     assert torch.equal(r["routes_a"], r["routes_b"])
     assert_close(r["scores_a"], r["scores_b"], 1e-5, "scores")
     assert rel_err(flat_params(r["model_a"]), flat_params(r["model_b"])) <= 1e-6
-    assert calls == {"moments_score_": 12, "adamw_update_": 12}, calls
+    want = dict(moments_score_=0, adamw_update_=0, routed_step_=12) if whole else \
+        dict(moments_score_=12, adamw_update_=12, routed_step_=0)
+    assert calls == want, calls
 
 
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, torch.float32),
@@ -365,6 +373,40 @@ def test_cpu_adamw_update_matches_torch_ops():
                 assert_close(p, want, 1e-6, "p")
             else:  # one rounding of the fp32 result: at most one ulp apart where the fp32 values differ slightly
                 assert_close(p.float(), want.to(p.dtype).float(), 1e-2, "p")
+    check()
+
+
+def test_cpu_route_matches_route():
+    """The routing inside the C step against molf._math.route: the same fp32 scores (bitwise for EPD, within
+    two ulps for PFN's square root) and the same winners, over ties, NaN and inf sums, experts without gradients,
+    per-expert learning rates and top_k."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    _cpu = cpu_loops()
+    values = st.sampled_from([0.0, 1e-30, 0.5, 0.5, 3.0, 1e30, math.nan, math.inf]) | st.floats(0, 1e3)
+
+    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+    @hypothesis.given(st.data())
+    def check(data):
+        n_layers, n_experts = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+        shape = (n_layers, n_experts)
+        sums = torch.tensor(data.draw(st.lists(values, min_size=n_layers * n_experts,
+                                               max_size=n_layers * n_experts)), dtype=torch.float64).view(shape)
+        inv_n = torch.tensor(data.draw(st.lists(st.sampled_from([1.0, 0.25, 1 / 3, 1e-6]), min_size=sums.numel(),
+                                                max_size=sums.numel())), dtype=torch.float32).view(shape)
+        no_grad = torch.tensor(data.draw(st.lists(st.booleans(), min_size=sums.numel(), max_size=sums.numel()))
+                               ).view(shape)
+        lrs = data.draw(st.lists(st.sampled_from([1e-4, 3e-4, 0.1]), min_size=n_experts, max_size=n_experts))
+        score, top_k = data.draw(st.sampled_from(["epd", "pfn"])), data.draw(st.integers(1, n_experts))
+        want_w, want_s = route(sums.float(), inv_n, no_grad, lrs, score, top_k)
+        got_w, got_s = _cpu.route(sums, inv_n, no_grad, lrs, score == "pfn", top_k)
+        # EPD: products, correctly rounded on both sides; PFN: torch's CPU sqrt is not (1 ulp off at times)
+        torch.testing.assert_close(got_s, want_s, rtol=0 if score == "epd" else 2.4e-7, atol=0, equal_nan=True)
+        # the winners are route's order on the scores the C loop computed (x * 1 is exact)
+        ones = torch.ones(shape)
+        assert torch.equal(got_w, route(got_s.clone(), ones, no_grad, [1.0] * n_experts, "epd", top_k)[0])
+        if torch.equal(got_s.nan_to_num(), want_s.nan_to_num()):
+            assert torch.equal(got_w, want_w), (sums, no_grad, got_w, want_w)
     check()
 
 
