@@ -310,8 +310,9 @@ int molf_adamw_update(int64_t n, const int64_t *p, const int64_t *m, const int64
    of whole layers of about `run_bytes` of tensors at a time, so the update reads m and v back from cache.
    Rows of MoLF experts come first, ordered by owner (layer-major), then rows outside MoLF layers (owner < 0).
    Per expert (n_layers x n_experts): inv_n, no_grad (in), sums (zeroed here), scores, win (out); lr: per
-   expert index e. */
-int molf_routed_step(int64_t n, const int64_t *g, const int64_t *p, const int64_t *m, const int64_t *v,
+   expert index e. Returns the number of non-finite scores of experts with gradients, or -1 when out of memory
+   (then nothing was changed). */
+int64_t molf_routed_step(int64_t n, const int64_t *g, const int64_t *p, const int64_t *m, const int64_t *v,
                      const int64_t *step, const int64_t *numel, const uint8_t *dg, const uint8_t *dp,
                      const uint8_t *dm, const uint8_t *dv, const int64_t *owner, const int64_t *group, const double *hp,
                      double b1, double b2, int score, int64_t n_layers, int64_t n_experts, const float *inv_n,
@@ -345,7 +346,9 @@ int molf_routed_step(int64_t n, const int64_t *g, const int64_t *p, const int64_
         update_rows(&R, r, n, &S, win, hp, b1, b2, threads);
     }
     scratch_free(&S);
-    return 0;
+    int64_t nonfinite = 0;
+    for (int64_t i = 0; i < n_layers * E; i++) nonfinite += !no_grad[i] && !isfinite(scores[i]);
+    return nonfinite;
 }
 
 /* The dropout keep-mask of molf._math.dropout_keep: out[m, k] = u(seed, m, k) >= p for m < rows, k < cols,

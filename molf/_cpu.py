@@ -78,7 +78,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.molf_moments_score.argtypes = [i64] + [p] * 9 + [f64, f64, i32, p, i32]
     lib.molf_adamw_update.argtypes = [i64] + [p] * 12 + [f64, f64, i32]
     lib.molf_routed_step.argtypes = [i64] + [p] * 13 + [f64, f64, i32, i64, i64, p, p, p, i64, p, p, p, i64, i32]
-    lib.molf_routed_step.restype = i32
+    lib.molf_routed_step.restype = i64
     lib.molf_route.argtypes = [i64, i64, p, p, p, p, i32, i64, p, p]
     lib.molf_route.restype = None
     lib.molf_keep_mask.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_float, p, i32]
@@ -165,22 +165,23 @@ RUN_BYTES = 16 << 20  # routed_step_ takes whole layers of about this many bytes
 
 
 def routed_step_(tab: Table, hp: torch.Tensor, b1: float, b2: float, pfn: bool, inv_n: torch.Tensor,
-                 no_grad: torch.Tensor, expert_lrs: list[float], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 no_grad: torch.Tensor, expert_lrs: list[float], top_k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """moments_score_, molf._math.route and adamw_update_ in one call, a few layers at a time (the update
     reads m and v back from cache); rows ordered by owner, rows outside MoLF layers last. Returns (winners,
-    scores) as route does."""
+    scores) as route does and the number of non-finite scores of experts with gradients."""
     lib, cols = _state["lib"], [tab._col(k) for k in (tab.G, tab.P, tab.M, tab.V, tab.STEP)]
     n_layers, n_experts = inv_n.shape
     sums = torch.empty(n_layers * n_experts, dtype=torch.float64)
     scores = torch.empty((n_layers, n_experts), dtype=torch.float32)
     winners = torch.empty((n_layers, n_experts), dtype=torch.bool)
     lrs = (ctypes.c_float * n_experts)(*expert_lrs)
-    _check(lib.molf_routed_step(
+    nonfinite = lib.molf_routed_step(
         tab.n, *cols, ctypes.addressof(tab.numel), *(tab._dt(k) for k in range(4)), ctypes.addressof(tab.owner),
         ctypes.addressof(tab.group), hp.data_ptr(), b1, b2, int(pfn), n_layers, n_experts, inv_n.data_ptr(),
         no_grad.data_ptr(), ctypes.addressof(lrs), top_k, sums.data_ptr(), scores.data_ptr(), winners.data_ptr(),
-        RUN_BYTES, torch.get_num_threads()))
-    return winners, scores
+        RUN_BYTES, torch.get_num_threads())
+    _check(nonfinite < 0)
+    return winners, scores, nonfinite
 
 
 def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert_lrs: list[float], pfn: bool,

@@ -192,11 +192,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             if self._reduce_group is not None:
                 torch.distributed.all_reduce(sums, group=self._reduce_group)  # one collective for the whole model
             self.routing, self.scores = route(sums, plan.inv_n, plan.no_grad, lrs, self.score, self.top_k)
-        else:
-            self.routing, self.scores = done
-        self._nonfinite += (~self.scores.isfinite() & ~plan.no_grad).sum()  # on the device, no synchronisation
-        if done is None:
+            self._nonfinite += (~self.scores.isfinite() & ~plan.no_grad).sum()  # on the device, no synchronisation
             impl.update(plan, self.routing)
+        else:
+            self.routing, self.scores, nonfinite = done
+            if nonfinite:
+                self._nonfinite += nonfinite
         self.molf_step += 1
         if self._history.maxlen:
             self._history.append((self.molf_step, self.routing, self.scores))
@@ -392,7 +393,8 @@ class EagerRoutedAdamW:
     def routed_step(self, plan: StepPlan, expert_lrs: list[float]):
         """The whole step in one call of the C loops (molf/_cpu.py routed_step_: a few layers at a time, so
         the update reads the moments back from cache) when they take every tensor; (winners, scores) as
-        molf._math.route gives them, or None (then the caller runs the step in parts)."""
+        molf._math.route gives them and the count of non-finite scores, or None (then the caller runs the step
+        in parts)."""
         opt = self.opt
         if not self.host_routing or opt.stochastic_rounding or not _cpu.available():
             return None

@@ -53,7 +53,7 @@ def eager_cpu_host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> floa
     monkeypatch.setattr(_cpu, "moments_score_", lambda *a: None)
     monkeypatch.setattr(_cpu, "adamw_update_", lambda *a: None)
     monkeypatch.setattr(_cpu, "routed_step_", lambda tab, hp, b1, b2, pfn, inv_n, no_grad, lrs, top_k: (
-        torch.zeros_like(no_grad), torch.zeros(inv_n.shape)))
+        torch.zeros_like(no_grad), torch.zeros(inv_n.shape), 0))
     torch.manual_seed(0)
     names = [f"l{i}" for i in range(8)]
     net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
