@@ -1,11 +1,14 @@
-/* The CPU loops molf/_cpu.py builds and loads: the eager optimizer's step in one call per pass over every
-   tensor, and the dropout keep-mask.
+/* The CPU loops molf/_cpu.py builds and loads: the eager optimizer's step over every tensor, and the dropout
+   keep-mask.
 
-   moments_score:  m <- m + (1 - b1)(g - m),  v <- b2 v + (1 - b2) g^2,  step <- step + 1  (in place), and
-                   per expert e: sum over its tensors of m^2/(sqrt(v) + 1e-8) (EPD) or (m/(sqrt(v) + 1e-8))^2
-                   (PFN), read from the stored (rounded) moments, fp32 terms summed per block, blocks in double.
-   adamw_update:   p <- p (1 - lr wd) - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps) for tensors outside
-                   MoLF layers and those whose expert won (win[owner]); the rest are not touched.
+   moments:   m <- m + (1 - b1)(g - m),  v <- b2 v + (1 - b2) g^2,  step <- step + 1  (in place), and per
+              expert e: sum over its tensors of m^2/(sqrt(v) + 1e-8) (EPD) or (m/(sqrt(v) + 1e-8))^2 (PFN),
+              read from the stored (rounded) moments, fp32 terms summed per block, blocks in double.
+   routing:   molf._math.route's, per layer (route_layer).
+   update:    p <- p (1 - lr wd) - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps) for tensors outside
+              MoLF layers and those whose expert won (win[owner]); the rest are not touched.
+   molf_routed_step does all three in one call, a run of layers at a time; molf_moments_score and
+   molf_adamw_update are the passes apart (for a collective between them).
 
    A tensor is a row of plain tables (pointers, numel, dtype codes, owner, param group): host work per call is
    O(tensors). Elements are cut into blocks of BLOCK, shared by OpenMP threads; block sums are added in block

@@ -4,13 +4,15 @@
                      m^2/(sqrt(v) + 1e-8) (EPD) or (m/(sqrt(v) + 1e-8))^2 (PFN) over its tensors
     adamw_update_:   p <- p (1 - lr wd) - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps), for winners and
                      parameters outside MoLF layers (the routing is read where it lies)
+    routed_step_:    both, with molf._math.route's routing between them, in one call, a run of layers at a time
     keep_mask:       the layer's dropout keep-mask (Philox-4x32-10, molf._math.dropout_keep)
 
 Why not torch ops: on the CPU each op is a pass over memory and each foreach op a loop of per-tensor ops
 (~10 of 4-10 us per tensor and step); torch.compile'd loops fuse the math but cost 20-60 us of dispatch per
-call. Here the optimizer's step is two calls whatever the tensor count, each one pass over memory
-(csrc_notes/routed_adamw.md "The CPU"). Tensors are rows of int64 tables (pointers, numel, owner, group):
-host work O(tensors) per step.
+call. Here the optimizer's step is one call whatever the tensor count (two, around torch's routing, where a
+collective sits between sums and routing), each element read and written once per pass
+(csrc_notes/routed_adamw.md "The CPU"). Tensors are rows of C arrays (pointers, numel, owner, group): host
+work O(tensors) per step.
 
 Where no compiler works, `available()` turns False with one warning and callers keep torch's ops.
 """
@@ -63,7 +65,8 @@ def _build() -> ctypes.CDLL:
                 lib.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
                 os.close(fd)
-                run = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+                run = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                     timeout=300)
                 if run.returncode:
                     os.unlink(tmp)
                     errors.append(f"{cc} {' '.join(openmp)}: {run.stderr.strip()[-300:]}")
