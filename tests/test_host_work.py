@@ -3,6 +3,7 @@ the gradients' storage moves every step (zero_grad(set_to_none=True), as every T
 import statistics
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,15 +18,13 @@ class NoOpKernel:
         return lambda *args, **kwargs: None
 
 
-def host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
-    import molf.kernels.routed_adamw as ra
-    for name in ("_moments_score_kernel", "_finish_kernel", "_masked_update_kernel"):
-        monkeypatch.setattr(ra, name, NoOpKernel())
+def host_ms_per_step(width: int, backend: str, steps: int = 12) -> float:
+    """Median host time of step() for 8 MoLF layers of width x width, new gradient storage every step."""
     torch.manual_seed(0)
     names = [f"l{i}" for i in range(8)]
-    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names}).to(device_for("triton"))
-    molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend="triton")
-    opt = molf.MoLFAdamW(net, lr=1e-3, backend="triton")
+    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names}).to(device_for(backend))
+    molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend=backend)
+    opt = molf.MoLFAdamW(net, lr=1e-3, backend=backend)
     params = [p for p in net.parameters() if p.requires_grad]
     pools = [[torch.zeros_like(p) for p in params] for _ in range(2)]  # two gradient sets: storage moves each step
     times = []
@@ -35,44 +34,29 @@ def host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
         t0 = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - t0)
+    if backend == "eager":
+        assert opt._impl._tables, "the C loops' tables were not used"
     return statistics.median(times[2:]) * 1e3
 
 
 def test_step_host_time_does_not_grow_with_elements(monkeypatch):
-    small = host_ms_per_step(32, monkeypatch)    # 8 layers of 32 x 32
-    large = host_ms_per_step(1024, monkeypatch)  # the same tensors, 1024x the elements
+    import molf.kernels.routed_adamw as ra
+    for name in ("_moments_score_kernel", "_finish_kernel", "_masked_update_kernel"):
+        monkeypatch.setattr(ra, name, NoOpKernel())
+    small = host_ms_per_step(32, "triton")    # 8 layers of 32 x 32
+    large = host_ms_per_step(1024, "triton")  # the same tensors, 1024x the elements
     assert large < 2.0 * small, f"host time per step {small:.2f} ms -> {large:.2f} ms for 1024x the elements"
 
 
-def eager_cpu_host_ms_per_step(width: int, monkeypatch, steps: int = 12) -> float:
+def test_eager_cpu_step_host_time_does_not_grow_with_elements(monkeypatch):
     """The same for the eager backend on the CPU, its C calls replaced by no-ops."""
     from molf import _cpu
     if not _cpu.available():
-        import pytest
         pytest.skip("the CPU loops (molf/_cpu.c) cannot be built here: no working C compiler")
     monkeypatch.setattr(_cpu, "moments_score_", lambda *a: None)
     monkeypatch.setattr(_cpu, "adamw_update_", lambda *a: None)
     monkeypatch.setattr(_cpu, "routed_step_", lambda tab, hp, b1, b2, pfn, inv_n, no_grad, lrs, top_k: (
         torch.zeros_like(no_grad), torch.zeros(inv_n.shape), 0))
-    torch.manual_seed(0)
-    names = [f"l{i}" for i in range(8)]
-    net = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
-    molf.wrap(net, ranks=(4,), alphas=(8,), target_modules=names, backend="eager")
-    opt = molf.MoLFAdamW(net, lr=1e-3, backend="eager")
-    params = [p for p in net.parameters() if p.requires_grad]
-    pools = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    times = []
-    for step in range(steps):
-        for p, g in zip(params, pools[step % 2]):
-            p.grad = g
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    assert opt._impl._tables, "the C loops' tables were not used"
-    return statistics.median(times[2:]) * 1e3
-
-
-def test_eager_cpu_step_host_time_does_not_grow_with_elements(monkeypatch):
-    small = eager_cpu_host_ms_per_step(32, monkeypatch)
-    large = eager_cpu_host_ms_per_step(1024, monkeypatch)
+    small = host_ms_per_step(32, "eager")
+    large = host_ms_per_step(1024, "eager")
     assert large < 2.0 * small, f"host time per step {small:.2f} ms -> {large:.2f} ms for 1024x the elements"
