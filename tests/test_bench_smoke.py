@@ -49,3 +49,12 @@ def test_profile_fixed_costs_script_runs():
                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count("\n== ") == 6, out.stdout[-2000:]
+
+
+def test_interleaved_script_runs():
+    """bench/interleaved.py (molf eager and the reference stepped in turn) with one timed step per setting."""
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, "bench/interleaved.py", "--steps", "1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("reference / eager") == 3, out.stdout[-2000:]
