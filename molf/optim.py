@@ -331,7 +331,8 @@ class MoLFAdamW(torch.optim.Optimizer):
 
 class EagerRoutedAdamW:
     """The routed step in torch ops (foreach moments, per-expert sums, the winners' AdamW update); on the CPU,
-    two calls of C loops over every tensor instead (molf/_cpu.py), torch ops for what they do not take."""
+    C loops over every tensor instead (molf/_cpu.py): one call for the whole step (`routed_step`), or two
+    around torch's routing (a collective between, stochastic rounding, tensors the loops do not take)."""
     name = "eager"
 
     def __init__(self, opt: MoLFAdamW):
