@@ -5,7 +5,6 @@ own; this gives the ratio the rows estimate. CPU or GPU, the shapes of test_benc
     .venv/bin/python bench/interleaved.py [--steps 40]
 """
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -17,20 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import conftest  # noqa: E402,F401  (the harness's allocator set-up)
 import test_bench_train as T  # noqa: E402
 
-import molf  # noqa: E402
-
-KW = dict(lr=5e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
-
 
 def runner(setting: str, impl: str):
-    model, cfg = T.qwen2(setting, "eager")
-    if impl == "reference":
-        for m in model.modules():
-            if isinstance(m, molf.MoLFLinear):
-                m.forward = functools.partial(T.reference_forward, m)
-        opt = molf.reference.MoLFAdamWReference(model, **KW)
-    else:
-        opt = molf.MoLFAdamW(model, backend="eager", **KW)
+    model, cfg, opt = T.model_and_optimizer(setting, impl)
     ids = torch.randint(0, cfg.vocab_size, (T.BATCH, T.SEQ), device=T.DEVICE)
 
     def step():

@@ -43,21 +43,26 @@ def reference_forward(layer, x):
                                                 list(layer.lora_B), layer.scalings, mask, p)
 
 
+def model_and_optimizer(setting, impl):
+    """The model of `setting` and its optimizer for impl "molf" (fused), "eager" or "reference" (peft-style
+    layers and the authors'-structure optimizer, end to end)."""
+    backend = "triton" if impl == "molf" else "eager"
+    model, cfg = qwen2(setting, backend)
+    kw = dict(lr=5e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
+    if impl == "reference":
+        for m in model.modules():
+            if isinstance(m, molf.MoLFLinear):
+                m.forward = functools.partial(reference_forward, m)
+        return model, cfg, molf.reference.MoLFAdamWReference(model, **kw)
+    return model, cfg, molf.MoLFAdamW(model, backend=backend, **kw)
+
+
 @pytest.mark.parametrize("impl", ["molf", "eager", "reference"])
 @pytest.mark.parametrize("setting", list(SETS))
 def test_train_step(measure, setting, impl):
     if impl == "molf" and not KERNELS:
         pytest.skip(GPU_ONLY)
-    backend = "triton" if impl == "molf" else "eager"
-    model, cfg = qwen2(setting, backend)
-    kw = dict(lr=5e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
-    if impl == "reference":  # the reference end to end: peft-style layers and the authors'-structure optimizer
-        for m in model.modules():
-            if isinstance(m, molf.MoLFLinear):
-                m.forward = functools.partial(reference_forward, m)
-        opt = molf.reference.MoLFAdamWReference(model, **kw)
-    else:
-        opt = molf.MoLFAdamW(model, backend=backend, **kw)
+    model, cfg, opt = model_and_optimizer(setting, impl)
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), device=DEVICE)
 
     def step():
