@@ -335,15 +335,14 @@ int64_t molf_routed_step(int64_t n, const int64_t *g, const int64_t *p, const in
             r1++;
         }
         moments_rows(&R, r, r1, &S, b1, b2, score, sums, threads);
-        for (; routed <= layer; routed++)
-            route_layer(sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, E, score, top_k,
-                        scores + routed * E, win + routed * E);
+        molf_route(layer + 1 - routed, E, sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, score,
+                   top_k, scores + routed * E, win + routed * E);
+        routed = layer + 1;
         update_rows(&R, r, r1, &S, win, hp, b1, b2, threads);
         r = r1;
     }
-    for (; routed < n_layers; routed++)
-        route_layer(sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, E, score, top_k,
-                    scores + routed * E, win + routed * E);
+    molf_route(n_layers - routed, E, sums + routed * E, inv_n + routed * E, no_grad + routed * E, lr, score, top_k,
+               scores + routed * E, win + routed * E);
     if (r < n) {  /* parameters outside MoLF layers: moments and the update, no score */
         moments_rows(&R, r, n, &S, b1, b2, score, sums, threads);
         update_rows(&R, r, n, &S, win, hp, b1, b2, threads);

@@ -384,6 +384,12 @@ class EagerRoutedAdamW:
         tab.set_grads(grads)
         return tab
 
+    def _group_hyperparameters(self) -> torch.Tensor:
+        """float64 [groups, 3]: each param group's (lr, weight decay, eps) as the C loops read them (read every
+        step: a scheduler changes lr)."""
+        return torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in self.opt.param_groups],
+                            dtype=torch.float64)
+
     def _columns(self, plan: StepPlan):
         opt = self.opt
         sts = [opt.state[p] for p in plan.params]
@@ -402,7 +408,7 @@ class EagerRoutedAdamW:
         tab = self._native_table(plan, *self._columns(plan))
         if tab is None or len(tab.rows) != len(plan.params) or not tab.ordered:
             return None
-        hp = torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in opt.param_groups], dtype=torch.float64)
+        hp = self._group_hyperparameters()
         beta1, beta2 = opt.defaults["betas"]
         return _cpu.routed_step_(tab, hp, beta1, beta2, opt.score == "pfn", plan.inv_n, plan.no_grad, expert_lrs,
                                  opt.top_k)
@@ -450,7 +456,7 @@ class EagerRoutedAdamW:
         tab, self._tab = self._tab, None
         done = set()
         if tab is not None and gen is None:  # one native call; losers skipped where the routing lies
-            hp = torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in opt.param_groups], dtype=torch.float64)
+            hp = self._group_hyperparameters()
             _cpu.adamw_update_(tab, winners.reshape(-1).contiguous(), hp, beta1, beta2)
             done = set(tab.rows)
         if len(done) == len(plan.params):
