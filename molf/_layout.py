@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layer import expert_names as layer_expert_names
 from .layer import molf_layers
 
 # Param-group kinds: the full expert's weight and bias, the LoRA experts, everything else.
@@ -31,23 +32,26 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     layers = molf_layers(model)
     if not layers:
         raise ValueError("the model has no MoLF layers: call molf.wrap(model, ...) before creating MoLFAdamW")
-    expert_names = layers[0][1].expert_names
+    # One expert layout for the whole model: "full" where any layer's base trains, then the LoRA experts. An
+    # expert left without trainable parameters in a layer (frozen by hand: a layer frozen whole, its base or
+    # one LoRA pair) has no gradient there, scores -inf and never wins, as a layer unused in a step.
+    ranks = layers[0][1].ranks
     for n, m in layers:
-        if m.expert_names != expert_names:
-            raise ValueError(f"all MoLF layers must share one expert layout; {layers[0][0]} has {expert_names} "
-                             f"but {n} has {m.expert_names}")
+        if m.ranks != ranks:
+            raise ValueError(f"all MoLF layers must share one expert layout; {layers[0][0]} has LoRA ranks "
+                             f"{list(ranks)} but {n} has {list(m.ranks)}: wrap the model with one `ranks`")
+    has_full = any(p.requires_grad for _, m in layers for p in m.base.parameters())
+    expert_names = layer_expert_names(ranks, has_full)
     lora_lr = lr if lora_lr is None else lora_lr
     kinds = {FULL: [], FULL_BIAS: [], LORA: [], DECAY: [], NO_DECAY: []}
     experts, inside, names = [], set(), {}
     for lname, m in layers:
         own = {id(p): n for n, p in m.named_parameters()}
         per = []
-        if m.base.weight.requires_grad:
-            full = [m.base.weight]
-            kinds[FULL].append(m.base.weight)
-            if m.base.bias is not None and m.base.bias.requires_grad:
-                full.append(m.base.bias)
-                kinds[FULL_BIAS].append(m.base.bias)
+        if has_full:
+            full = [p for p in (m.base.weight, m.base.bias) if p is not None and p.requires_grad]
+            kinds[FULL].extend(p for p in full if p is m.base.weight)
+            kinds[FULL_BIAS].extend(p for p in full if p is not m.base.weight)
             per.append(full)
         for a, b in zip(m.lora_A, m.lora_B):
             ps = [p for p in (a, b) if p.requires_grad]
@@ -55,7 +59,7 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
             per.append(ps)
         experts.append(per)
         inside.update(id(p) for p in m.parameters())
-        for ename, ps in zip(m.expert_names, per):
+        for ename, ps in zip(expert_names, per):
             names.update((id(p), f"{lname}.{own[id(p)]} (expert {ename})") for p in ps)
     others, seen = [], set(inside)
     for n, p in model.named_parameters():

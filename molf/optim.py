@@ -29,6 +29,21 @@ class StepPlan:
     no_grad: torch.Tensor   # [L, E] experts none of whose parameters has a gradient
 
 
+def _warn_fp16_moments(layout, state_dtype, eps) -> None:
+    """float16 moments with an eps that rounds to 0 in float16 (the default 1e-8 does): v = (1 - b2) g^2
+    underflows to 0 for |g| < 7.7e-3 and such an element steps by lr m / eps or m / 0. torch.optim.AdamW too,
+    silently; molf says it once, at construction."""
+    if torch.tensor(eps, dtype=torch.float16).item() != 0:
+        return
+    params = [p for per in layout.experts for ps in per for p in ps] + layout.others
+    if any((state_dtype or p.dtype) == torch.float16 for p in params):
+        warnings.warn(f"Adam moments in float16 ({'state_dtype' if state_dtype else 'the parameters dtype'}) with "
+                      f"eps={eps:g}, which rounds to 0 in float16: v = (1 - beta2) g^2 underflows to 0 for "
+                      "|g| < 7.7e-3 and such elements take steps of lr m / eps or m / 0 (inf or NaN weights after a "
+                      "step or two, as torch.optim.AdamW gives); pass state_dtype=torch.float32, or keep float32 weights under "
+                      "torch.autocast", RuntimeWarning, stacklevel=3)
+
+
 class MoLFAdamW(torch.optim.Optimizer):
     """AdamW with MoLF routing.
 
@@ -41,7 +56,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         score: "epd" (lr_e / N_e * sum m^2/(sqrt(v)+1e-8)) or "pfn" (||m/(sqrt(v)+1e-8)|| / sqrt(N_e)).
         top_k: experts updated per layer and step.
         backend: "auto", "eager" or "triton".
-        state_dtype: dtype of the moments (default: the parameter's dtype, as torch.optim.AdamW).
+        state_dtype: dtype of the moments (default: the parameter's dtype, as torch.optim.AdamW; float16
+            moments with eps < 3e-8 warn: they underflow, see the README's "Behaviour on bad input").
         stochastic_rounding: round bf16 parameters stochastically after the update (unbiased: an update
             smaller than half a bf16 ulp still moves the weight in expectation); other dtypes unaffected.
         history_size: how many recent steps of routing and scores are kept on the device for
@@ -65,6 +81,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
         stochastic_rounding = _checks.flag("stochastic_rounding", stochastic_rounding)
         history_size = _checks.integer("history_size", history_size, low=0)
+        _warn_fp16_moments(layout, state_dtype, eps)
         devices = {p.device for per in layout.experts for ps in per for p in ps}
         if len(devices) > 1:
             raise ValueError(f"MoLF layers must live on one device, found {sorted(map(str, devices))}")
@@ -74,9 +91,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
         self.device = devices.pop() if devices else torch.device("cpu")
-        # The full expert's lr is its weight's group; a LoRA expert's is the lora group.
+        # The full expert's lr is its weight's group (its bias's where every weight is frozen); a LoRA expert's
+        # is the lora group. An expert with no trainable parameter anywhere has no group: it never scores.
         kinds = [g["kind"] for g in self.param_groups]
-        self._expert_group = [kinds.index("full" if name == "full" else "lora") for name in self.expert_names]
+        wanted = {"full": ("full", "full_bias")}
+        self._expert_group = [next((kinds.index(k) for k in wanted.get(name, ("lora",)) if k in kinds), None)
+                              for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
         n_exp = len(self.expert_names)
@@ -184,7 +204,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
         impl = self._backend_impl()
-        lrs = [self.param_groups[g]["lr"] for g in self._expert_group]
+        lrs = [0.0 if g is None else self.param_groups[g]["lr"] for g in self._expert_group]
         # The CPU's C loops take the whole step in one call where no collective sits between sums and routing.
         done = impl.routed_step(plan, lrs) if impl.name == "eager" and self._reduce_group is None else None
         if done is None:

@@ -396,6 +396,23 @@ def test_optimizer_accepts_numpy_scalars_and_a_betas_generator():
     assert opt.routing.all()
 
 
+def test_float16_moments_with_an_eps_that_vanishes_warn_once_at_construction(recwarn):
+    """What the warning says happens does happen (inf/NaN weights within two steps), and its advice works."""
+    ids = batch()
+    for kw, warns in ((dict(), True), (dict(state_dtype=torch.float32), False), (dict(eps=1e-4), False)):
+        model = wrapped(*MOLF[:3], dtype=torch.float16)
+        recwarn.clear()
+        opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager", **kw)
+        said = [w for w in recwarn if "float16" in str(w.message)]
+        assert len(said) == warns and all(w.category is RuntimeWarning and w.filename.endswith("optim_utils.py") for w in said)  # the caller
+        for _ in range(2):
+            train_step(model, opt, ids)
+        finite = all(p.isfinite().all() for p in model.parameters())
+        assert finite != warns, kw
+    with pytest.warns(RuntimeWarning, match=r"float16 \(state_dtype\) with eps=1e-08"):
+        make_opt(molf.MoLFAdamW, wrapped(*MOLF[:3]), 1e-3, 1e-3, state_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(alphas=(math.inf,)), ValueError, r"alphas\[0\] must be a finite number"),
     (dict(alphas=(math.nan,)), ValueError, r"alphas\[0\]"),

@@ -25,7 +25,7 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_trainer(out, max_steps, **kw):
+def make_trainer(out, max_steps, molf_kw=None, **kw):
     model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.1,
@@ -33,7 +33,19 @@ def make_trainer(out, max_steps, **kw):
                              save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
                              data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw)
     return MoLFTrainer(model=model, args=args, train_dataset=Rows(), lora_lr=3e-3, lora_weight_decay=0.01,
-                       backend="eager")
+                       backend="eager", **(molf_kw or {}))
+
+
+def test_optimizer_options_reach_molf_adamw_and_another_optim_warns(tmp_path, recwarn):
+    t = make_trainer(tmp_path / "a", 1, molf_kw=dict(state_dtype=torch.float64, stochastic_rounding=True, top_k=2))
+    opt = t.create_optimizer()
+    assert (opt.state_dtype, opt.stochastic_rounding, opt.top_k) == (torch.float64, True, 2)
+    assert not [w for w in recwarn if "MoLFAdamW" in str(w.message)]  # the default optim is AdamW's
+    for kw, said in ((dict(optim="adafactor"), "optim='adafactor' is not used"),
+                     (dict(optim_args="foo=1"), "optim_args='foo=1'")):
+        with pytest.warns(UserWarning, match=said):
+            t = make_trainer(tmp_path / "b", 1, **kw)
+        assert isinstance(t.create_optimizer(), molf.MoLFAdamW)
 
 
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):

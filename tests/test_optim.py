@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import molf
-from helpers import assert_close, batch, rel_err, tiny_qwen2
+from helpers import assert_close, batch, device_for, model_device, rel_err, tiny_qwen2
 from molf._math import expert_score_terms
 from molf.optim import route
 from molf.reference import MoLFAdamWReference
@@ -132,6 +132,58 @@ def test_expert_without_grads_is_never_picked(top_k):
     assert layer0.base.weight not in opt.state
 
 
+def _freeze(model, what):
+    """Parameters frozen by hand before the optimizer is built, as users freeze the lower layers."""
+    layers = model.model.layers
+    if what == "decoder-layer-0":
+        layers[0].requires_grad_(False)
+    elif what == "one-base":
+        layers[1].self_attn.q_proj.base.requires_grad_(False)
+    elif what == "every-base":
+        for _, m in molf.layer.molf_layers(model):
+            m.base.requires_grad_(False)
+    elif what == "every-lora":
+        for _, m in molf.layer.molf_layers(model):
+            m.lora_A.requires_grad_(False)
+            m.lora_B.requires_grad_(False)
+    elif what == "one-lora-pair":
+        layers[1].mlp.up_proj.lora_A[1].requires_grad_(False)
+        layers[1].mlp.up_proj.lora_B[1].requires_grad_(False)
+
+
+FROZEN_CASES = [(MOLF, "decoder-layer-0", "eager"), (MOLF, "one-base", "eager"), (MOLF, "every-base", "eager"),
+                (MOLF, "every-lora", "eager"), (MOLF_E, "decoder-layer-0", "eager"), (MOLF_E, "one-lora-pair", "eager"),
+                (MOLF, "decoder-layer-0", "triton"), (MOLF, "every-lora", "triton"), (MOLF_E, "one-lora-pair", "triton")]
+
+
+@pytest.mark.parametrize("cfg, what, backend", FROZEN_CASES,
+                         ids=[f"{'molf' if c is MOLF else 'molfe'}-{w}-{b}" for c, w, b in FROZEN_CASES])
+def test_parameters_frozen_by_hand_are_not_trained_and_never_win(cfg, what, backend):
+    """Whatever is frozen before MoLFAdamW is built stays bitwise; an expert left without a trainable parameter
+    in a layer scores -inf there and never wins; everything else routes and trains as the reference does."""
+    train_base, ranks, alphas, lr, lora_lr = cfg
+    model = wrapped(train_base, ranks, alphas, device=device_for(backend))  # the optimizer's backend under test
+    _freeze(model, what)
+    ref_model = copy.deepcopy(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
+    ref = make_opt(MoLFAdamWReference, ref_model, lr, lora_lr)
+    assert opt.expert_names == ref.expert_names == molf.layer.expert_names(ranks, what != "every-base" and train_base)
+    empty = torch.tensor([[not ps for ps in per] for per in opt.layout.experts])
+    assert empty.any() or what == "every-base"
+    ids = batch().to(model_device(model))
+    for _ in range(4):
+        train_step(model, opt, ids)
+        train_step(ref_model, ref, ids)
+        assert torch.equal(opt.routing.cpu(), ref.routing)
+        assert opt.scores.cpu()[empty].eq(-math.inf).all() and not opt.routing.cpu()[empty].any()
+    assert (opt.routing.cpu() | empty).any(1).all()  # a layer with a trainable expert moves one
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and p not in opt.state, n
+    assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-5
+
+
 def test_scheduler_changes_step_and_epd_score():
     train_base, ranks, alphas, lr, lora_lr = MOLF
     model = wrapped(train_base, ranks, alphas)
@@ -202,6 +254,10 @@ def test_optimizer_needs_molf_layers():
         molf.MoLFAdamW(tiny_qwen2(), lr=1e-3)
     with pytest.raises(TypeError, match="nn.Module"):
         molf.MoLFAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    two = torch.nn.Sequential(molf.MoLFLinear(torch.nn.Linear(4, 4), ranks=(2,), alphas=(4,)),
+                              molf.MoLFLinear(torch.nn.Linear(4, 4), ranks=(4,), alphas=(4,)))
+    with pytest.raises(ValueError, match=r"0 has LoRA ranks \[2\] but 1 has \[4\]"):
+        molf.MoLFAdamW(two, lr=1e-3)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 
 from transformers import Trainer, TrainerCallback
 
@@ -19,6 +20,8 @@ from .. import checkpoint
 from ..optim import MoLFAdamW
 
 ROUTING_FILE = "molf_routing.jsonl"
+# The Trainer's AdamW choices, which MoLFAdamW stands in for silently (its hyperparameters are read).
+ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
 
 
 def unwrap_optimizer(opt):
@@ -103,17 +106,25 @@ class MoLFTrainer(Trainer):
 
     From TrainingArguments: learning_rate (full expert and non-MoLF parameters), weight_decay,
     adam_beta1/adam_beta2, adam_epsilon. Keyword arguments of this class: lora_lr (default learning_rate),
-    lora_weight_decay (default weight_decay), score ("epd"/"pfn"), top_k, backend, routing_file.
+    lora_weight_decay (default weight_decay), score ("epd"/"pfn"), top_k, backend, state_dtype,
+    stochastic_rounding (as MoLFAdamW's), routing_file. TrainingArguments.optim / optim_args name another
+    optimizer: one warning says they are not used.
     """
 
     def __init__(self, *args, lora_lr: float | None = None, lora_weight_decay: float | None = None,
-                 score: str = "epd", top_k: int = 1, backend: str = "auto", routing_file: str = ROUTING_FILE,
-                 **kwargs):
+                 score: str = "epd", top_k: int = 1, backend: str = "auto", state_dtype=None,
+                 stochastic_rounding: bool = False, routing_file: str = ROUTING_FILE, **kwargs):
         self.molf_kwargs = dict(lora_lr=lora_lr, lora_weight_decay=lora_weight_decay, score=score, top_k=top_k,
-                                backend=backend)
+                                backend=backend, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         model = kwargs.get("model", args[0] if args else None)
         with _trainable_adapters_attached(model):
             super().__init__(*args, **kwargs)
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if kwargs.get("optimizers", (None,))[0] is None and (optim not in ADAMW_NAMES or self.args.optim_args):
+            warnings.warn(f"MoLFTrainer steps with molf.MoLFAdamW: TrainingArguments optim={optim!r}"
+                          + (f", optim_args={self.args.optim_args!r}" if self.args.optim_args else "")
+                          + " is not used (MoLFTrainer's state_dtype=torch.bfloat16 keeps smaller moments)",
+                          UserWarning, stacklevel=2)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5 renames the option
             if getattr(self.args, name, False) and not getattr(self.args, f"{name}_kwargs", None):
                 # Non-reentrant checkpointing gives every parameter its gradient even with frozen embeddings.
