@@ -157,3 +157,9 @@ def test_export_peft_refuses_a_trained_base(tmp_path):
     with pytest.raises(ValueError, match="frozen base"):
         molf.export_peft(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"molf {molf.__version__}"

@@ -10,7 +10,7 @@ from helpers import tiny_qwen2
 pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
-from molf.integrations.hf import MoLFTrainer  # noqa: E402
+from molf.integrations.hf import MoLFTrainer, unwrap_optimizer  # noqa: E402
 
 
 class Rows(torch.utils.data.Dataset):
@@ -115,3 +115,41 @@ def test_resume_in_the_same_folder_logs_every_step_once(tmp_path):
     with pytest.warns(UserWarning, match="the last record of each step is used"):
         got, _, _, _ = read_routing(log)
     assert got == [1, 2, 3, 4, 5, 6]
+
+
+def test_accelerate_prepare_with_accumulation_and_clipping_matches_a_plain_loop():
+    """accelerate's AcceleratedOptimizer around MoLFAdamW (what accelerate-launched scripts get): with
+    `accumulate` over two micro-batches and `clip_grad_norm_`, the same weights and routing as a plain loop."""
+    accelerate = pytest.importorskip("accelerate")
+    ids = Rows().ids
+    results = []
+    for use_accelerate in (True, False):
+        torch.manual_seed(0)
+        model = molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager").train()
+        opt = molf.MoLFAdamW(model, lr=1e-3, weight_decay=0.1, backend="eager")
+        routes = []
+        if use_accelerate:
+            acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+            model, opt = acc.prepare(model, opt)
+            for i in range(8):
+                with acc.accumulate(model):
+                    acc.backward(model(ids[2 * i:2 * i + 2], labels=ids[2 * i:2 * i + 2]).loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+                if acc.sync_gradients:
+                    routes.append(unwrap_optimizer(opt).routing.clone())
+            assert unwrap_optimizer(opt).molf_step == 4
+        else:
+            for i in range(8):
+                (model(ids[2 * i:2 * i + 2], labels=ids[2 * i:2 * i + 2]).loss / 2).backward()
+                if i % 2 == 1:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+                    routes.append(opt.routing.clone())
+        results.append((torch.stack(routes), [p.detach().clone() for p in model.parameters()]))
+    (ra, pa), (rb, pb) = results
+    assert torch.equal(ra, rb) and ra[:, :, 0].any() and ra[:, :, 1].any()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(pa, pb))
