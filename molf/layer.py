@@ -251,6 +251,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 # Default targets per architecture (model.config.model_type) where the projections are named otherwise.
 ARCH_TARGETS = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "glm4": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     "phimoe": ("qkv_proj", "o_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }

@@ -9,7 +9,7 @@ from torch import nn
 import molf
 from helpers import assert_close, batch, tiny_qwen2
 
-ARCHS = ["qwen2", "llama", "mistral", "gemma3", "phi3"]
+ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4"]
 
 
 def tiny(arch):
@@ -23,9 +23,16 @@ def tiny(arch):
         "mistral": lambda: tf.MistralConfig(**common),
         "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=16),
         "phi3": lambda: tf.Phi3Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+        "phi": lambda: tf.PhiConfig(**common),
+        "starcoder2": lambda: tf.Starcoder2Config(**common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
+        "glm4": lambda: tf.Glm4Config(**common),
     }[arch]()
     cls = {"qwen2": tf.Qwen2ForCausalLM, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
-           "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM}[arch]
+           "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
+           "phi": tf.PhiForCausalLM, "starcoder2": tf.Starcoder2ForCausalLM, "gpt_neox": tf.GPTNeoXForCausalLM,
+           "glm4": tf.Glm4ForCausalLM}[arch]
     torch.manual_seed(0)
     return cls(cfg).eval()
 
@@ -54,6 +61,19 @@ def test_phi3_with_llama_names_is_an_error_not_a_partial_wrap():
                                          r"module.*gate_up_proj.*qkv_proj"):
         molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=molf.DEFAULT_TARGETS)
     assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+
+
+def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_what_is():
+    import transformers as tf
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = tf.MixtralForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"\['gate_proj', 'up_proj', 'down_proj'\] match no module.*"
+                                         r"named \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        molf.wrap(model, ranks=(4,), alphas=(8,))
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert len(molf.layer.molf_layers(model)) == 8
 
 
 def test_target_forms_suffix_regex_and_unmatched_names():
@@ -154,3 +174,24 @@ def test_copy_of_a_wrapped_model_is_independent():
     model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,))
     clone = copy.deepcopy(model)
     assert clone.model.layers[0].self_attn.q_proj.weight is not model.model.layers[0].self_attn.q_proj.weight
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = molf.wrap(tiny(arch), ranks=(4,), alphas=(8,), backend="eager").train()
+    opt = molf.MoLFAdamW(model, lr=1e-2, backend="eager")
+    ids = batch()
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    molf.save_pretrained(model, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    back = molf.from_pretrained(tmp_path, backend="eager").eval()
+    with torch.no_grad():
+        assert_close(plain(ids).logits, trained, 1e-5, "merged checkpoint under plain transformers")
+        assert torch.equal(back(ids).logits, trained)
