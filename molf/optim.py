@@ -39,9 +39,9 @@ def _warn_fp16_moments(layout, state_dtype, eps) -> None:
     if any((state_dtype or p.dtype) == torch.float16 for p in params):
         warnings.warn(f"Adam moments in float16 ({'state_dtype' if state_dtype else 'the parameters dtype'}) with "
                       f"eps={eps:g}, which rounds to 0 in float16: v = (1 - beta2) g^2 underflows to 0 for "
-                      "|g| < 7.7e-3 and such elements take steps of lr m / eps or m / 0 (inf or NaN weights after a "
-                      "step or two, as torch.optim.AdamW gives); pass state_dtype=torch.float32, or keep float32 weights under "
-                      "torch.autocast", RuntimeWarning, stacklevel=3)
+                      "|g| < 7.7e-3 and such elements take steps of lr m / eps or m / 0 (inf or NaN weights after "
+                      "a step or two, as torch.optim.AdamW gives); pass state_dtype=torch.float32, or keep float32 "
+                      "weights under torch.autocast", RuntimeWarning, stacklevel=3)
 
 
 class MoLFAdamW(torch.optim.Optimizer):
