@@ -254,6 +254,9 @@ def test_optimizer_needs_molf_layers():
         molf.MoLFAdamW(tiny_qwen2(), lr=1e-3)
     with pytest.raises(TypeError, match="nn.Module"):
         molf.MoLFAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    frozen = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,)).requires_grad_(False)
+    with pytest.raises(ValueError, match="every expert of the model's 14 MoLF layers is frozen"):
+        molf.MoLFAdamW(frozen, lr=1e-3)
     two = torch.nn.Sequential(molf.MoLFLinear(torch.nn.Linear(4, 4), ranks=(2,), alphas=(4,)),
                               molf.MoLFLinear(torch.nn.Linear(4, 4), ranks=(4,), alphas=(4,)))
     with pytest.raises(ValueError, match=r"0 has LoRA ranks \[2\] but 1 has \[4\]"):
