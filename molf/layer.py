@@ -299,6 +299,12 @@ def _unsupported(name: str, m: nn.Module) -> str | None:
     return None
 
 
+def _language_model_prefix(model: nn.Module) -> str | None:
+    """"<name>." of a multimodal model's language model (Gemma-3 4B+, Llava, Qwen2-VL: a submodule named
+    `language_model`), None for a plain language model."""
+    return next((n + "." for n, _ in model.named_modules() if n.rpartition(".")[2] == "language_model"), None)
+
+
 def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
     head), a regular expression (a str, full match of the module name) or a list of names, each matching
@@ -336,7 +342,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     """Replace, in place, the linear layers `target_modules` names with MoLFLinear layers.
 
     target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, Phi-3's fused
-    qkv_proj and gate_up_proj), "all-linear" (every linear but the output head), a regular expression
+    qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every linear but the output head), a regular expression
     (full match of module names) or a list of names matched as suffixes. The output head is never wrapped.
     Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
     forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
@@ -352,7 +358,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if wrapped:
         raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "
                          "model, or molf.merge(model) first")
-    if target_modules is None:
+    defaults = target_modules is None
+    if defaults:
         target_modules = default_targets(model)
     if not isinstance(target_modules, (str, Iterable)):
         raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "
@@ -366,6 +373,9 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     freeze_others = _checks.flag("freeze_others", freeze_others)
     _backend.check_backend(backend)
     chosen = _match_targets(model, target_modules)
+    lm = _language_model_prefix(model) if defaults else None
+    if lm is not None:  # a multimodal model: the defaults are its language model's (the vision tower's q/k/v_proj too
+        chosen = [(n, m) for n, m in chosen if n.startswith(lm)]  # would be a partial wrap of it)
     problems = [msg for n, m in chosen if (msg := _unsupported(n, m))]
     quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
     if quantized and train_base:

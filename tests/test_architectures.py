@@ -63,6 +63,35 @@ def test_phi3_with_llama_names_is_an_error_not_a_partial_wrap():
     assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
 
 
+def test_multimodal_defaults_wrap_the_language_model_only(tmp_path):
+    """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: the defaults are its language model's projections
+    (its SigLIP tower also has q/k/v_proj, but out_proj/fc1/fc2: matching there would wrap half of it)."""
+    import transformers as tf
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                          boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    ids = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    lm = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".language_model." in n}
+    vision_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "vision" in n}
+    everything = copy.deepcopy(model)
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    assert {n for n, _ in molf.layer.molf_layers(model)} == lm and len(lm) == 14
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
+    molf.wrap(everything, ranks=(4,), alphas=(8,), target_modules="all-linear", backend="eager")
+    assert vision_linears <= {n for n, _ in molf.layer.molf_layers(everything)}
+    molf.save_pretrained(model, tmp_path)
+    back = molf.from_pretrained(tmp_path, backend="eager").eval()
+    assert {n for n, _ in molf.layer.molf_layers(back)} == lm
+
+
 def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_what_is():
     import transformers as tf
     cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
