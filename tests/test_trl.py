@@ -43,3 +43,13 @@ def test_sft_trainer_trains_logs_and_resumes_bitwise(tmp_path):
     from transformers import AutoModelForCausalLM
     assert not any(isinstance(m, molf.MoLFLinear)
                    for m in AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint-6").modules())
+
+
+def test_peft_config_is_a_clear_error_before_anything_is_built(tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer = make(tmp_path / "a", 1)
+    model = trainer.model
+    with pytest.raises(ValueError, match="peft_config: molf's LoRA experts are set by molf.wrap"):
+        type(trainer)(model=model, args=trainer.args, train_dataset=trainer.train_dataset,
+                      processing_class=trainer.processing_class, peft_config=peft.LoraConfig(r=4))
+    assert not any(type(m).__module__.startswith("peft.") for m in model.modules())

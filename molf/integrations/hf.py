@@ -116,6 +116,10 @@ class MoLFTrainer(Trainer):
                  stochastic_rounding: bool = False, routing_file: str = ROUTING_FILE, **kwargs):
         self.molf_kwargs = dict(lora_lr=lora_lr, lora_weight_decay=lora_weight_decay, score=score, top_k=top_k,
                                 backend=backend, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+        if kwargs.get("peft_config") is not None:  # trl's SFTTrainer would put peft's LoRA around the MoLF layers
+            raise ValueError("peft_config: molf's LoRA experts are set by molf.wrap(ranks=..., alphas=...), and peft "
+                             "cannot wrap MoLF layers; drop peft_config (to start from a peft adapter, "
+                             "merge_and_unload() it before molf.wrap)")
         model = kwargs.get("model", args[0] if args else None)
         with _trainable_adapters_attached(model):
             super().__init__(*args, **kwargs)
