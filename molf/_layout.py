@@ -64,7 +64,8 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     if not any(ps for per in experts for ps in per):
         raise ValueError(f"every expert of the model's {len(layers)} MoLF layers is frozen (requires_grad=False): "
                          "nothing would be routed or trained. Was the model frozen after molf.wrap (e.g. "
-                         "model.requires_grad_(False), peft's prepare_model_for_kbit_training)? Freeze first, then wrap")
+                         "model.requires_grad_(False), peft's prepare_model_for_kbit_training)? Freeze first, "
+                         "then wrap")
     others, seen = [], set(inside)
     for n, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:

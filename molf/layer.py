@@ -342,8 +342,9 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     """Replace, in place, the linear layers `target_modules` names with MoLFLinear layers.
 
     target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, Phi-3's fused
-    qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every linear but the output head), a regular expression
-    (full match of module names) or a list of names matched as suffixes. The output head is never wrapped.
+    qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
+    linear but the output head), a regular expression (full match of module names) or a list of names
+    matched as suffixes. The output head is never wrapped.
     Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
     forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
     the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option).

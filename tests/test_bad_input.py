@@ -404,7 +404,8 @@ def test_float16_moments_with_an_eps_that_vanishes_warn_once_at_construction(rec
         recwarn.clear()
         opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager", **kw)
         said = [w for w in recwarn if "float16" in str(w.message)]
-        assert len(said) == warns and all(w.category is RuntimeWarning and w.filename.endswith("optim_utils.py") for w in said)  # the caller
+        assert len(said) == warns
+        assert all(w.category is RuntimeWarning and w.filename.endswith("optim_utils.py") for w in said)  # the caller
         for _ in range(2):
             train_step(model, opt, ids)
         finite = all(p.isfinite().all() for p in model.parameters())

@@ -152,8 +152,9 @@ def _freeze(model, what):
 
 
 FROZEN_CASES = [(MOLF, "decoder-layer-0", "eager"), (MOLF, "one-base", "eager"), (MOLF, "every-base", "eager"),
-                (MOLF, "every-lora", "eager"), (MOLF_E, "decoder-layer-0", "eager"), (MOLF_E, "one-lora-pair", "eager"),
-                (MOLF, "decoder-layer-0", "triton"), (MOLF, "every-lora", "triton"), (MOLF_E, "one-lora-pair", "triton")]
+                (MOLF, "every-lora", "eager"), (MOLF_E, "decoder-layer-0", "eager"),
+                (MOLF_E, "one-lora-pair", "eager"), (MOLF, "decoder-layer-0", "triton"), (MOLF, "every-lora", "triton"),
+                (MOLF_E, "one-lora-pair", "triton")]
 
 
 @pytest.mark.parametrize("cfg, what, backend", FROZEN_CASES,

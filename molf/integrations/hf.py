@@ -127,7 +127,7 @@ class MoLFTrainer(Trainer):
         if kwargs.get("optimizers", (None,))[0] is None and (optim not in ADAMW_NAMES or self.args.optim_args):
             warnings.warn(f"MoLFTrainer steps with molf.MoLFAdamW: TrainingArguments optim={optim!r}"
                           + (f", optim_args={self.args.optim_args!r}" if self.args.optim_args else "")
-                          + " is not used (for a smaller optimizer state: MoLFTrainer(..., state_dtype=torch.bfloat16))",
+                          + " is not used (a smaller optimizer state: MoLFTrainer(..., state_dtype=torch.bfloat16))",
                           UserWarning, stacklevel=2)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5 renames the option
             if getattr(self.args, name, False) and not getattr(self.args, f"{name}_kwargs", None):
