@@ -123,6 +123,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             with_grad = [(p, o) for (p, o), has in zip(flat, key) if has]
+            sparse = next((p for p, _ in with_grad if p.grad.layout != torch.strided), None)
+            if sparse is not None:  # as torch.optim.AdamW (checked when a new pattern of gradients is planned)
+                raise RuntimeError(f"MoLFAdamW does not support sparse gradients: {self.param_name(sparse)} has a "
+                                   f"{sparse.grad.layout} gradient (nn.Embedding(sparse=True)?)")
             n_layers, n_experts = len(lay.layer_names), len(self.expert_names)
             counts = [0] * (n_layers * n_experts)
             for p, o in with_grad:

@@ -396,6 +396,19 @@ def test_optimizer_accepts_numpy_scalars_and_a_betas_generator():
     assert opt.routing.all()
 
 
+def test_sparse_gradients_are_a_clear_error_as_in_torch():
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager")
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    emb = model.model.embed_tokens.weight
+    emb.grad = emb.grad.to_sparse()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"sparse gradients: model.embed_tokens.weight has a torch.sparse_coo"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and not opt.state
+
+
 def test_float16_moments_with_an_eps_that_vanishes_warn_once_at_construction(recwarn):
     """What the warning says happens does happen (inf/NaN weights within two steps), and its advice works."""
     ids = batch()
