@@ -201,7 +201,20 @@ def route(sums: torch.Tensor, inv_n: torch.Tensor, no_grad: torch.Tensor, expert
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """The (rows, cols) bool keep-mask u(seed, m, k) >= p of molf._math.dropout_keep (seed: one int64 on the
-    CPU); p rounded to fp32 (ctypes' c_float), as the torch ops compare."""
+    CPU); p rounded to fp32 (ctypes' c_float), as the torch ops compare. Under torch.compile, the same as a
+    custom op (the C call reads the seed, which a trace cannot: it would break the graph at every layer)."""
+    return (_keep_mask_op if torch.compiler.is_compiling() else _keep_mask)(seed, rows, cols, p)
+
+
+def _keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     out = torch.empty((rows, cols), dtype=torch.bool)
     _state["lib"].molf_keep_mask(int(seed.reshape(-1)[0]), rows, cols, p, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+_keep_mask_op = torch.library.custom_op("molf::cpu_keep_mask", _keep_mask, mutates_args=())
+
+
+@_keep_mask_op.register_fake
+def _(seed, rows, cols, p):
+    return seed.new_empty((rows, cols), dtype=torch.bool)

@@ -90,6 +90,26 @@ def test_dropout_only_on_lora_path_and_reproducible():
                                        layer.scalings), 1e-12, "eval has no dropout")
 
 
+def test_dropout_under_torch_compile_has_no_graph_break_and_equals_eager():
+    """The CPU keep-mask (a C call that reads the seed) is a custom op under torch.compile: fullgraph works,
+    and with inductor drawing random numbers as eager does, the compiled layer equals the eager one."""
+    import torch._inductor.config as inductor
+    layer = molf.MoLFLinear(nn.Linear(16, 8), ranks=(4,), alphas=(8,), dropout=0.3, backend="eager").train()
+    with torch.no_grad():
+        layer.lora_B[0].normal_()
+    x = torch.randn(6, 16, requires_grad=True)
+    torch.manual_seed(3)
+    want = layer(x)
+    (gx_want,) = torch.autograd.grad(want.square().sum(), x)
+    with inductor.patch(fallback_random=True):
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.manual_seed(3)
+        got = compiled(x)
+    (gx_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert_close(got, want, 1e-6, "compiled dropout forward")
+    assert_close(gx_got, gx_want, 1e-6, "compiled dropout backward")
+
+
 def test_merge_equals_forward():
     layer = make_layer(9, 7, (2, 3), True, train_base=True)
     x = torch.randn(4, 9, dtype=torch.float64)
