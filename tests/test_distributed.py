@@ -66,3 +66,27 @@ def test_nccl_routing_identical_on_ranks(tmp_path, mode):
     assert torch.equal(r0["routes"], r1["routes"])
     assert torch.equal(r0["params"], r1["params"])
     assert torch.equal(r0["resumed_routes"], r0["routes"][5:])
+
+
+def test_molf_trainer_under_torchrun_ddp(tmp_path):
+    """MoLFTrainer in a script launched by torchrun (2 ranks, gloo): the Trainer wraps the model in DDP after the
+    optimizer's layout is read; both ranks route and train alike, rank 0 alone writes the routing log (every step
+    once) and the checkpoints, which load as plain models."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+    worker = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          str(WORLD), worker, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0["world"] == WORLD and r0["step"] == r1["step"] == 4
+    assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
