@@ -54,3 +54,17 @@ def randomize_lora_B(model, std=0.05):
     for _, m in molf.layer.molf_layers(model):
         for b in m.lora_B:
             b.normal_(std=std)
+
+
+class Rows(torch.utils.data.Dataset):
+    """n fixed token rows as a Trainer dataset (input_ids and labels)."""
+
+    def __init__(self, n=16, t=8, vocab=64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, t), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

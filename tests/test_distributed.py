@@ -74,15 +74,22 @@ def test_molf_trainer_under_torchrun_ddp(tmp_path):
     once) and the checkpoints, which load as plain models."""
     import json
     import os
+    import signal
     import subprocess
     import sys
 
     from transformers import AutoModelForCausalLM
     worker = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          str(WORLD), worker, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            str(WORLD), worker, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:  # a hung rendezvous: the ranks too, not only torchrun
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, log[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert r0["world"] == WORLD and r0["step"] == r1["step"] == 4
     assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])

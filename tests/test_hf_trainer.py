@@ -5,24 +5,12 @@ import pytest
 import torch
 
 import molf
-from helpers import tiny_qwen2
+from helpers import Rows, tiny_qwen2
 
 pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
 from molf.integrations.hf import MoLFTrainer, unwrap_optimizer  # noqa: E402
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n=16, t=8, vocab=64):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, t), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def make_trainer(out, max_steps, molf_kw=None, **kw):

@@ -9,19 +9,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from transformers import TrainingArguments  # noqa: E402
 
 import molf  # noqa: E402
-from helpers import tiny_qwen2  # noqa: E402
+from helpers import Rows, tiny_qwen2  # noqa: E402
 from molf.integrations.hf import MoLFTrainer  # noqa: E402
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n=16, t=8, vocab=64):
-        self.ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 if __name__ == "__main__":
