@@ -57,17 +57,13 @@ def _run_options(p, default_output):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .compare import MODES as COMPARE_MODES
     from .train import MODES
 
     p = _Parser(prog="molf", description="MoLF fine-tuning: train, compare, plot routing.")
-    p.add_argument("--version", action="version", version=f"molf {_version()}")
+    p.add_argument("--version", action="version", version=f"molf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="fine-tune a causal LM (default: a small model on synthetic facts, no network)")
     t.add_argument("--mode", default="molf", choices=MODES, help="molf | molf-e | fft | lora (default molf)")

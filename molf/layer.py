@@ -375,8 +375,10 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     _backend.check_backend(backend)
     chosen = _match_targets(model, target_modules)
     lm = _language_model_prefix(model) if defaults else None
-    if lm is not None:  # a multimodal model: the defaults are its language model's (the vision tower's q/k/v_proj too
-        chosen = [(n, m) for n, m in chosen if n.startswith(lm)]  # would be a partial wrap of it)
+    if lm is not None:
+        # A multimodal model: the defaults are its language model's (matching the vision tower's q/k/v_proj too
+        # would wrap half of it).
+        chosen = [(n, m) for n, m in chosen if n.startswith(lm)]
     problems = [msg for n, m in chosen if (msg := _unsupported(n, m))]
     quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
     if quantized and train_base:

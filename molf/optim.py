@@ -35,8 +35,7 @@ def _warn_fp16_moments(layout, state_dtype, eps) -> None:
     silently; molf says it once, at construction."""
     if torch.tensor(eps, dtype=torch.float16).item() != 0:
         return
-    params = [p for per in layout.experts for ps in per for p in ps] + layout.others
-    if any((state_dtype or p.dtype) == torch.float16 for p in params):
+    if any((state_dtype or p.dtype) == torch.float16 for g in layout.groups for p in g["params"]):
         warnings.warn(f"Adam moments in float16 ({'state_dtype' if state_dtype else 'the parameters dtype'}) with "
                       f"eps={eps:g}, which rounds to 0 in float16: v = (1 - beta2) g^2 underflows to 0 for "
                       "|g| < 7.7e-3 and such elements take steps of lr m / eps or m / 0 (inf or NaN weights after "
@@ -94,8 +93,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         # The full expert's lr is its weight's group (its bias's where every weight is frozen); a LoRA expert's
         # is the lora group. An expert with no trainable parameter anywhere has no group: it never scores.
         kinds = [g["kind"] for g in self.param_groups]
-        wanted = {"full": ("full", "full_bias")}
-        self._expert_group = [next((kinds.index(k) for k in wanted.get(name, ("lora",)) if k in kinds), None)
+        def first_group(*wanted):
+            return next((kinds.index(k) for k in wanted if k in kinds), None)
+        self._expert_group = [first_group("full", "full_bias") if name == "full" else first_group("lora")
                               for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}

@@ -25,7 +25,6 @@ if __name__ == "__main__":
     torch.save({"world": int(os.environ["WORLD_SIZE"]), "step": opt.molf_step, "routing": opt.routing,
                 "params": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])},
                os.path.join(out, f"rank{os.environ['RANK']}.pt"))
-    torch.distributed.destroy_process_group()
     # torch 2.13's gloo can abort a rank at interpreter exit, after everything is written: a gloo worker thread
     # drops the last reference to a finished all_gather's tensors, needs the GIL while Python finalizes, and
     # std::terminate follows ("terminate called without an active exception", exit -6; seen in 1 run of 15-30,
