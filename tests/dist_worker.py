@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import molf
-from helpers import batch, tiny_qwen2
+from helpers import batch, exit_rank_without_finalizing, tiny_qwen2
 
 @contextlib.contextmanager
 def cpu_ranks():
@@ -115,7 +115,7 @@ def run(rank, world, initfile, mode, backend, outdir, nccl=False):
         result["error"] = traceback.format_exc()
     result = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    exit_rank_without_finalizing()
 
 
 def plan_worker(rank, world, init_dir, out_dir):
@@ -135,7 +135,7 @@ def plan_worker(rank, world, init_dir, out_dir):
         layer(torch.randn(300, 12))  # another probe of the same shape: decided already
         result["rows"] = molf.layer_plan()
         result["measurements"] = _plan.PLANNER.measurements
-        dist.destroy_process_group()
     except Exception:
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"plan{rank}.pt"))
+    exit_rank_without_finalizing()
