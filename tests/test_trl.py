@@ -1,4 +1,4 @@
-"""molf under trl's SFTTrainer: training, routing log, exact resume."""
+"""molf under trl's SFTTrainer and DPOTrainer: training, routing log, exact resume."""
 import json
 
 import pytest
@@ -11,12 +11,15 @@ trl = pytest.importorskip("trl", reason="trl is a dev extra (not on the GPU imag
 datasets = pytest.importorskip("datasets")
 
 
+WORDS = [f"w{i}" for i in range(40)]
+TEXTS = [" ".join(WORDS[(3 * i + k) % 40] for k in range(6)) for i in range(16)]
+
+
 def make(out, max_steps):
     from molf.integrations.trl import MoLFSFTTrainer
     from molf.train import builtin_tokenizer
 
-    words = [f"w{i}" for i in range(40)]
-    texts = [" ".join(words[(3 * i + k) % 40] for k in range(6)) for i in range(16)]
+    texts = TEXTS
     tok = builtin_tokenizer(texts)
     model = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = trl.SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=3e-3,
@@ -53,3 +56,67 @@ def test_peft_config_is_a_clear_error_before_anything_is_built(tmp_path):
         type(trainer)(model=model, args=trainer.args, train_dataset=trainer.train_dataset,
                       processing_class=trainer.processing_class, peft_config=peft.LoraConfig(r=4))
     assert not any(type(m).__module__.startswith("peft.") for m in model.modules())
+
+
+def make_dpo(out, base, max_steps):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from molf.integrations.trl import MoLFDPOTrainer
+
+    model = molf.wrap(AutoModelForCausalLM.from_pretrained(base), ranks=(2, 8), alphas=(8, 16), train_base=True,
+                      backend="eager")
+    args = trl.DPOConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+                         learning_rate=3e-3, logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0,
+                         data_seed=0, disable_tqdm=True, max_length=32, dataloader_num_workers=0)
+    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    return MoLFDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(base),
+                          lora_lr=3e-3, backend="eager")
+
+
+def test_dpo_trainer_against_the_plain_reference_trains_and_resumes_bitwise(tmp_path):
+    from molf.train import builtin_tokenizer
+
+    tok = builtin_tokenizer(TEXTS)
+    tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    full = make_dpo(tmp_path / "full", tmp_path / "base", 4)
+    # trl's reference is the plain model loaded from the policy's path: equal to the policy before step 1 (under
+    # the bf16 autocast DPOConfig turns on by default, which accelerate wraps the reference's forward in)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in full.ref_model.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad(), full.accelerator.autocast():
+        assert torch.equal(full.ref_model(ids).logits, full.model(ids).logits)
+    full.train()
+    assert full.molf_optimizer.molf_step == 4
+    losses = [h["loss"] for h in full.state.log_history if "loss" in h]
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0] - 0.05, losses  # log 2 while policy == ref
+    steps = [json.loads(x)["step"] for x in (tmp_path / "full" / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    part = make_dpo(tmp_path / "part", tmp_path / "base", 4)
+    part.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert torch.equal(part.molf_optimizer.routing, full.molf_optimizer.routing)
+    for (n, p), q in zip(full.model.named_parameters(), part.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("remedy", [None, "deepcopy", "precompute"])
+def test_dpo_policy_built_in_memory_needs_a_reference(tmp_path, remedy):
+    import copy
+
+    from molf.integrations.trl import MoLFDPOTrainer
+    from molf.train import builtin_tokenizer
+
+    tok = builtin_tokenizer(TEXTS)
+    model = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), backend="eager")
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, max_length=32, save_strategy="no", disable_tqdm=True,
+                         precompute_ref_log_probs=remedy == "precompute")
+    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    ref = copy.deepcopy(model) if remedy == "deepcopy" else None
+    if remedy is None:
+        with pytest.raises(ValueError, match=r"ref_model: the policy was built in memory .*copy.deepcopy"):
+            MoLFDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok)
+        return
+    trainer = MoLFDPOTrainer(model, ref, args, train_dataset=pairs, processing_class=tok, backend="eager")
+    trainer.train()
+    assert trainer.molf_optimizer.molf_step == 2
