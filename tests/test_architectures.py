@@ -224,3 +224,22 @@ def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, t
     with torch.no_grad():
         assert_close(plain(ids).logits, trained, 1e-5, "merged checkpoint under plain transformers")
         assert torch.equal(back(ids).logits, trained)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_generate_with_the_kv_cache_equals_the_merged_model(backend):
+    """generate() mid-training (an eval callback, a sample print): decoding steps of one token per row go
+    through the MoLF layers; greedy tokens equal the merged model's, with and without the cache."""
+    from helpers import randomize_lora_B
+    model = molf.wrap(tiny("llama"), ranks=(2, 8), alphas=(8, 16), train_base=True, dropout=0.1, backend=backend)
+    randomize_lora_B(model, std=0.3)
+    merged = molf.merge(copy.deepcopy(model)).eval()
+    model.eval()
+    ids = batch(n=2, t=5)
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, use_cache=True, **greedy)
+    assert out.shape == (2, 13)
+    assert torch.equal(out, merged.generate(ids, use_cache=True, **greedy))
+    assert torch.equal(out, model.generate(ids, use_cache=False, **greedy))
+    with torch.no_grad():
+        assert_close(model(out).logits, merged(out).logits, 1e-5, "logits of the generated rows")
