@@ -13,15 +13,15 @@ from transformers import TrainingArguments  # noqa: E402
 from molf.integrations.hf import MoLFTrainer, unwrap_optimizer  # noqa: E402
 
 
-def make_trainer(out, max_steps, molf_kw=None, **kw):
+def make_trainer(out, max_steps, molf_kw=None, eval_dataset=None, **kw):
     model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.1,
                              lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=1.0, logging_steps=1,
                              save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
                              data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw)
-    return MoLFTrainer(model=model, args=args, train_dataset=Rows(), lora_lr=3e-3, lora_weight_decay=0.01,
-                       backend="eager", **(molf_kw or {}))
+    return MoLFTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=eval_dataset, lora_lr=3e-3,
+                       lora_weight_decay=0.01, backend="eager", **(molf_kw or {}))
 
 
 def test_optimizer_options_reach_molf_adamw_and_another_optim_warns(tmp_path, recwarn):
@@ -87,6 +87,24 @@ def test_checkpoints_load_exactly_as_plain_models_and_with_the_molf_loader(tmp_p
             assert torch.equal(got_molf, want)  # the molf loader: bitwise
             for (n, p), q in zip(t.model.named_parameters(), wrapped.parameters()):
                 assert torch.equal(p, q) and p.requires_grad == q.requires_grad, n
+
+
+def test_evaluation_and_load_best_model_at_end_restore_the_best_checkpoint(tmp_path):
+    """eval_strategy with load_best_model_at_end: the Trainer evaluates at each checkpoint and reloads the best
+    one at the end, through molf's loader (the wrapped model, bitwise). greater_is_better=True on the eval loss
+    makes the first checkpoint the best, so the reload is seen."""
+    t = make_trainer(tmp_path / "run", 6, eval_dataset=Rows(n=8, t=8), eval_strategy="steps", eval_steps=3,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    t.train()
+    evals = [h["eval_loss"] for h in t.state.log_history if "eval_loss" in h]
+    assert len(evals) >= 2 and evals[0] > evals[1]  # training lowered the eval loss
+    assert t.state.best_model_checkpoint == str(tmp_path / "run" / "checkpoint-3")
+    best = molf.from_pretrained(tmp_path / "run" / "checkpoint-3", backend="eager")
+    last = molf.from_pretrained(tmp_path / "run" / "checkpoint-6", backend="eager")
+    for (n, p), q, r in zip(t.model.named_parameters(), best.parameters(), last.parameters()):
+        assert torch.equal(p, q), n
+    assert not all(torch.equal(p, r) for p, r in zip(t.model.parameters(), last.parameters()))
+    assert t.molf_optimizer.molf_step == 6
 
 
 def test_resume_in_the_same_folder_logs_every_step_once(tmp_path):
