@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import molf
@@ -145,6 +147,56 @@ def test_forward_backward_match_f64_and_eager(nan_empty, backward_plan, shape, d
         assert_close(gr[k], gr_64[k], tol, f"d{k} vs f64")
         assert_close(gr[k], gr_e[k], tol, f"d{k} vs eager")
     assert (fused.base.weight.grad is None) == (not train_base)
+
+
+@st.composite
+def layer_cases(draw):
+    return dict(
+        M=draw(st.integers(0, 80)), K=draw(st.integers(1, 80)), N=draw(st.integers(1, 80)),
+        ranks=tuple(draw(st.integers(1, 20)) for _ in range(draw(st.integers(1, 3)))),
+        dtype=draw(st.sampled_from(DTYPES if CUDA else DTYPES[:2])), bias=draw(st.booleans()),
+        train_base=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        form=draw(st.sampled_from(["2d", "3d", "transposed"])),
+        plan=draw(st.sampled_from(["one_pass", "two_pass", "split_k"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(layer_cases())
+@pytest.mark.filterwarnings("ignore:rank .* exceeds min")
+def test_fused_layer_properties(nan_empty, monkeypatch, c):
+    """Random shapes, ranks, dtypes, bias, frozen or trained base, dropout, input layouts and backward plans:
+    output and every gradient equal the float64 formula (without dropout) and the eager backend (same seed)."""
+    torch.manual_seed(c["seed"])
+    M, K, N, dtype = c["M"], c["K"], c["N"], c["dtype"]
+    fused, eager = pair(K, N, c["ranks"], dtype, c["bias"], c["train_base"], dropout=c["dropout"])
+    fused.train(), eager.train()
+    lead = {"2d": (M,), "3d": (1, M) if M % 2 else (2, M // 2), "transposed": (M,)}[c["form"]]
+    if c["form"] == "transposed":
+        x = torch.randn(K, M, device=DEVICE, dtype=dtype).T.requires_grad_(True)
+    else:
+        x = torch.randn(*lead, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    g = torch.randn(*lead, N, device=DEVICE, dtype=dtype)
+    with monkeypatch.context() as mp:
+        mp.setattr(L, "one_pass_pays", lambda *args: c["plan"] == "one_pass")
+        mp.setattr(L, "_split_k", lambda M, N, K, device: 3 if c["plan"] == "split_k" else 1)
+        torch.manual_seed(7)
+        y, gr = grads(fused, x, g)
+    torch.manual_seed(7)
+    y_e, gr_e = grads(eager, x, g)
+    tol = TOL[dtype]
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert set(gr) == set(gr_e)
+    if M == 0:
+        return
+    assert_close(y, y_e, tol, "y vs eager")
+    for k in gr:
+        assert gr[k].dtype == dtype and gr[k].shape == gr_e[k].shape
+        assert_close(gr[k], gr_e[k], tol, f"d{k} vs eager")
+    if c["dropout"] == 0.0:
+        y_64, gr_64 = f64(fused, x, g)
+        assert_close(y, y_64, tol, "y vs f64")
+        for k in gr:
+            assert_close(gr[k], gr_64[k], tol, f"d{k} vs f64")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
