@@ -120,3 +120,49 @@ def test_dpo_policy_built_in_memory_needs_a_reference(tmp_path, remedy):
     trainer = MoLFDPOTrainer(model, ref, args, train_dataset=pairs, processing_class=tok, backend="eager")
     trainer.train()
     assert trainer.molf_optimizer.molf_step == 2
+
+
+def make_grpo(out, model, **kw):
+    from molf.integrations.trl import MoLFGRPOTrainer
+    from molf.train import builtin_tokenizer
+
+    args = trl.GRPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=6, learning_rate=1e-2, report_to=[], use_cpu=True, save_steps=3,
+                          logging_steps=1, disable_tqdm=True, seed=0, **kw)
+    prompts = datasets.Dataset.from_dict({"prompt": TEXTS[:8]})
+    return MoLFGRPOTrainer(model, lambda completions, **_: [float(len(c)) for c in completions], args,
+                           train_dataset=prompts, processing_class=builtin_tokenizer(TEXTS), lora_lr=1e-2,
+                           backend="eager")
+
+
+def test_grpo_trainer_generates_with_the_wrapped_policy_and_steps_with_molf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from molf.train import builtin_tokenizer
+
+    tok = builtin_tokenizer(TEXTS)
+    tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    model = molf.wrap(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), ranks=(2, 8), alphas=(8, 16),
+                      backend="eager")
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_grpo(tmp_path / "run", model, beta=0.04)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in trainer.ref_model.modules())  # the plain model
+    trainer.train()
+    assert trainer.molf_optimizer.molf_step == 3
+    assert any(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert [h["reward"] for h in trainer.state.log_history if "reward" in h]  # rewards of generated completions
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-3")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
+
+
+def test_grpo_refuses_what_would_not_see_the_wrapped_policy(tmp_path):
+    from molf.train import builtin_tokenizer
+
+    model = molf.wrap(tiny_qwen2(vocab=len(builtin_tokenizer(TEXTS))), ranks=(2,), alphas=(8,), backend="eager")
+    with pytest.raises(ValueError, match=r"beta=0.04: trl loads GRPO's reference model .* built in memory"):
+        make_grpo(tmp_path, model, beta=0.04)
+    with pytest.raises(ValueError, match=r"use_vllm=True: trl syncs the policy into vLLM by parameter name"):
+        make_grpo(tmp_path, model, use_vllm=True)
+    make_grpo(tmp_path, model).train()  # beta=0 (trl's default) needs no reference: a model built in memory trains

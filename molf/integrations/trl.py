@@ -1,5 +1,5 @@
-"""TRL integration: `MoLFSFTTrainer` and `MoLFDPOTrainer`, everything `MoLFTrainer` adds on trl's SFTTrainer
-and DPOTrainer.
+"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer` and `MoLFGRPOTrainer`, everything `MoLFTrainer` adds on
+trl's SFTTrainer, DPOTrainer and GRPOTrainer.
 
     molf.wrap(model, ranks=(128,), alphas=(32,))
     from molf.integrations.trl import MoLFSFTTrainer
@@ -11,9 +11,14 @@ gets the routing log from `molf.integrations.hf.RoutingLogCallback()` added to i
 """
 from __future__ import annotations
 
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from .hf import MoLFTrainer
+
+
+def _built_in_memory(model) -> bool:
+    """True for a model object without a path to load its plain copy from (trl loads references from there)."""
+    return not isinstance(model, str) and not getattr(getattr(model, "config", None), "_name_or_path", "")
 
 
 class MoLFSFTTrainer(MoLFTrainer, SFTTrainer):
@@ -29,9 +34,29 @@ class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
 
     def __init__(self, model, ref_model=None, *args, **kwargs):
         config = kwargs.get("args", args[0] if args else None)
-        in_memory = not isinstance(model, str) and not getattr(getattr(model, "config", None), "_name_or_path", "")
-        if ref_model is None and in_memory and not getattr(config, "precompute_ref_log_probs", False):
+        if ref_model is None and _built_in_memory(model) and not getattr(config, "precompute_ref_log_probs", False):
             raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so trl "
                              "cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) before "
                              "training, or DPOConfig(precompute_ref_log_probs=True)")
         super().__init__(model, ref_model, *args, **kwargs)
+
+
+class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
+    """trl.GRPOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's).
+
+    Completions are generated with the wrapped policy (transformers' generate through the MoLF layers). vLLM is
+    refused: trl syncs a non-peft policy into vLLM parameter by parameter, by name, and a wrapped model's names
+    (q_proj.base.weight, q_proj.lora_A.0, ...) and its low-rank terms are not the plain model's. With `beta > 0`, trl loads the KL
+    reference from the policy's `config.name_or_path`, as MoLFDPOTrainer's."""
+
+    def __init__(self, model, reward_funcs=None, *args, **kwargs):
+        config = kwargs.get("args", args[0] if args else None)
+        if getattr(config, "use_vllm", False):
+            raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
+                             "model's parameters (base weights and LoRA experts) are not the plain model's; set "
+                             "GRPOConfig(use_vllm=False) (generation through transformers)")
+        if getattr(config, "beta", 0.0) and _built_in_memory(model):
+            raise ValueError(f"beta={config.beta}: trl loads GRPO's reference model from the policy's "
+                             "config.name_or_path, which a model built in memory has not; save_pretrained the model "
+                             "and load it back before molf.wrap, or set beta=0.0 (trl's default)")
+        super().__init__(model, reward_funcs, *args, **kwargs)
