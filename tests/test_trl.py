@@ -69,8 +69,8 @@ def make_dpo(out, base, max_steps):
                          learning_rate=3e-3, logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0,
                          data_seed=0, disable_tqdm=True, max_length=32, dataloader_num_workers=0)
     pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
-    return MoLFDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(base),
-                          lora_lr=3e-3, backend="eager")
+    return MoLFDPOTrainer(model=model, args=args, train_dataset=pairs,
+                          processing_class=AutoTokenizer.from_pretrained(base), lora_lr=3e-3, backend="eager")
 
 
 def test_dpo_trainer_against_the_plain_reference_trains_and_resumes_bitwise(tmp_path):

@@ -46,8 +46,8 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
 
     Completions are generated with the wrapped policy (transformers' generate through the MoLF layers). vLLM is
     refused: trl syncs a non-peft policy into vLLM parameter by parameter, by name, and a wrapped model's names
-    (q_proj.base.weight, q_proj.lora_A.0, ...) and its low-rank terms are not the plain model's. With `beta > 0`, trl loads the KL
-    reference from the policy's `config.name_or_path`, as MoLFDPOTrainer's."""
+    (q_proj.base.weight, q_proj.lora_A.0, ...) and its low-rank terms are not the plain model's. With
+    `beta > 0`, trl loads the KL reference from the policy's `config.name_or_path`, as MoLFDPOTrainer's."""
 
     def __init__(self, model, reward_funcs=None, *args, **kwargs):
         config = kwargs.get("args", args[0] if args else None)
