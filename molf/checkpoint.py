@@ -176,8 +176,10 @@ def _load_quantized(model: nn.Module, path) -> nn.Module:
 def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) -> nn.Module:
     """The wrapped model saved by `molf.save_pretrained` (or MoLFTrainer), bitwise as it was saved.
 
-    kwargs go to `AutoModelForCausalLM.from_pretrained` (e.g. dtype, device_map)."""
-    from transformers import AutoModelForCausalLM
+    The model class is the one the checkpoint's config.json names in `architectures` (a causal LM, a sequence
+    classifier, ...), AutoModelForCausalLM where it names none that transformers has (remote code); kwargs go to
+    its `from_pretrained` (e.g. dtype, device_map)."""
+    import transformers
 
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS}); a plain model "
@@ -187,6 +189,11 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
         raise ValueError(f"{path} was saved from a quantized base and holds no base weights (a peft adapter and "
                          "molf's state): load the base with its quantization_config, molf.wrap it as "
                          "molf_config.json says, then molf.load(model, path); or load the adapter with peft")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with open(os.path.join(path, "config.json")) as f:
+        architectures = json.load(f).get("architectures") or [""]
+    model_class = getattr(transformers, architectures[0], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        model_class = transformers.AutoModelForCausalLM
+    model = model_class.from_pretrained(path, **kwargs)
     rewrap(model, config, backend)
     return load(model, path)

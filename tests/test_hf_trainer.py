@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import molf
-from helpers import Rows, tiny_qwen2
+from helpers import Rows, assert_close, tiny_qwen2
 
 pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
@@ -159,3 +159,33 @@ def test_accelerate_prepare_with_accumulation_and_clipping_matches_a_plain_loop(
     (ra, pa), (rb, pb) = results
     assert torch.equal(ra, rb) and ra[:, :, 0].any() and ra[:, :, 1].any()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(pa, pb))
+
+
+def test_sequence_classifier_trains_and_its_checkpoint_loads_as_its_own_class(tmp_path):
+    """A classification head on a wrapped model (the head is new, so it trains as a plain parameter): the
+    checkpoint loads with AutoModelForSequenceClassification (merged) and with molf.from_pretrained as the same
+    class (bitwise), not as a causal LM."""
+    from transformers import AutoModelForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = molf.wrap(Qwen2ForSequenceClassification(cfg), ranks=(2, 8), alphas=(8, 16), backend="eager")
+    assert model.score.weight.requires_grad and not isinstance(model.score, molf.MoLFLinear)
+    rows = Rows(n=16, t=8)
+    data = [{"input_ids": r["input_ids"].clamp_min(1), "labels": r["input_ids"][0] % 3} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2,
+                             save_steps=6, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = MoLFTrainer(model=model, args=args, train_dataset=data, backend="eager")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    ids = torch.stack([d["input_ids"] for d in data[:4]])
+    model.eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "checkpoint-6").eval()
+    wrapped = molf.from_pretrained(tmp_path / "checkpoint-6", backend="eager").eval()
+    assert type(wrapped) is Qwen2ForSequenceClassification
+    with torch.no_grad():
+        want = model(ids).logits
+        assert_close(plain(ids).logits, want, 1e-5, "merged classifier")
+        assert torch.equal(wrapped(ids).logits, want)
