@@ -305,14 +305,26 @@ def _language_model_prefix(model: nn.Module) -> str | None:
     return next((n + "." for n, _ in model.named_modules() if n.rpartition(".")[2] == "language_model"), None)
 
 
+TASK_HEADS = ("score", "classifier", "qa_outputs")
+
+
+def _task_heads(model: nn.Module) -> list[str]:
+    """The new, randomly initialised head of a classification or QA model (transformers' `model.score`,
+    `.classifier`, `.qa_outputs`): "all-linear" leaves it alone and freeze_others keeps it trainable, as peft's
+    modules_to_save does for those tasks."""
+    return [n for n, _ in model.named_children() if n in TASK_HEADS]
+
+
 def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
-    head), a regular expression (a str, full match of the module name) or a list of names, each matching
-    a module whose name is it or ends in "." + it. A listed name that matches nothing is an error."""
+    head and a task head), a regular expression (a str, full match of the module name) or a list of names, each
+    matching a module whose name is it or ends in "." + it. A listed name that matches nothing is an error."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
     if target_modules == "all-linear":
-        return [(n, m) for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        tasks = tuple(_task_heads(model))
+        return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m))
+                and n.partition(".")[0] not in tasks]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -343,11 +355,12 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
 
     target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, Phi-3's fused
     qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
-    linear but the output head), a regular expression (full match of module names) or a list of names
-    matched as suffixes. The output head is never wrapped.
+    linear but the output head and a classifier's or QA model's new head), a regular expression (full match of
+    module names) or a list of names matched as suffixes. The output head is never wrapped.
     Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
     forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
-    the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option).
+    the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option); a
+    classifier's or QA model's new head (`score`, `classifier`, `qa_outputs`) stays trainable.
     Returns `model`.
     """
     if not isinstance(model, nn.Module):
@@ -399,6 +412,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         _set_child(model, name, MoLFLinear(lin, ranks, alphas, train_base, rslora, dropout, backend))
     if freeze_others:
         inside = {id(p) for m in model.modules() if isinstance(m, MoLFLinear) for p in m.parameters()}
+        inside |= {id(p) for n in _task_heads(model) for p in getattr(model, n).parameters()}
         for p in model.parameters():
             if id(p) not in inside:
                 p.requires_grad_(False)
