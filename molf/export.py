@@ -10,6 +10,11 @@ from torch import nn
 from .layer import MoLFLinear, molf_layers
 
 
+# peft's task type for a transformers head class (PeftModel.from_pretrained wraps the base by it)
+PEFT_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+              ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
 @torch.no_grad()
 def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
     """Write a peft LoRA adapter holding every MoLF layer's experts as one LoRA of rank R = sum r_i.
@@ -59,7 +64,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     targets = [n for n, _ in layers]  # full names: exactly the wrapped layers, also after a partial wrap
     cfg = getattr(model, "config", None)
     base_name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "use_rslora": False,
+    task = next((t for suffix, t in PEFT_TASKS if type(model).__name__.endswith(suffix)), "CAUSAL_LM")
+    config = {"peft_type": "LORA", "task_type": task, "r": rank, "lora_alpha": rank, "use_rslora": False,
               "lora_dropout": 0.0, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
               "init_lora_weights": True, "base_model_name_or_path": base_name, "inference_mode": True,
               "modules_to_save": saved_modules or None,

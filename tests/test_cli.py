@@ -152,6 +152,37 @@ def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
         assert_close(merged(ids).logits, want, 1e-5, "merged peft logits")
 
 
+@pytest.mark.parametrize("task,peft_task", [("SequenceClassification", "SEQ_CLS"),
+                                             ("TokenClassification", "TOKEN_CLS"),
+                                             ("QuestionAnswering", "QUESTION_ANS")])
+def test_export_peft_of_a_task_model_loads_as_its_peft_task(tmp_path, task, peft_task):
+    """A classifier's or QA model's adapter (its trained head in modules_to_save) loads with
+    PeftModel.from_pretrained and computes what the molf model does (CAUSAL_LM failed to load there)."""
+    peft = pytest.importorskip("peft")
+    import transformers as tf
+    cfg = tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    base = getattr(tf, f"Qwen2For{task}")(cfg).eval()
+    model = molf.wrap(copy.deepcopy(base), ranks=(2, 6), alphas=(8, 16), train_base=False, freeze_others=True,
+                      backend="eager")
+    opt = molf.MoLFAdamW(model, lr=3e-2, backend="eager", top_k=2)
+    ids = batch()
+    out = "start_logits" if task == "QuestionAnswering" else "logits"
+    for _ in range(3):
+        model(ids)[out].square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    molf.export_peft(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] == peft_task
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    model.eval()
+    with torch.no_grad():
+        want, got, before = model(ids), loaded(input_ids=ids), base(ids)
+    assert not torch.equal(want[out], before[out])  # training moved it: the comparison below means something
+    for key in ("start_logits", "end_logits") if task == "QuestionAnswering" else ("logits",):
+        assert_close(got[key], want[key], 1e-5, f"peft {key}")
+
+
 def test_export_peft_refuses_a_trained_base(tmp_path):
     model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=True)
     with pytest.raises(ValueError, match="frozen base"):
