@@ -36,6 +36,17 @@ def test_optimizer_options_reach_molf_adamw_and_another_optim_warns(tmp_path, re
         assert isinstance(t.create_optimizer(), molf.MoLFAdamW)
 
 
+def test_a_model_without_molf_layers_is_refused_when_the_trainer_is_built(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"model \(Qwen2ForCausalLM\) has no MoLF layers: call molf.wrap"):
+        MoLFTrainer(model=tiny_qwen2(), args=args, train_dataset=Rows())
+    with pytest.raises(ValueError, match=r"model='Qwen/Qwen2.5-0.5B': MoLFTrainer needs a molf-wrapped model"):
+        MoLFTrainer(model="Qwen/Qwen2.5-0.5B", args=args, train_dataset=Rows())
+    plain = tiny_qwen2()  # an optimizer of the user's own: their choice, as with the Trainer
+    MoLFTrainer(model=plain, args=args, train_dataset=Rows(),
+                optimizers=(torch.optim.AdamW(plain.parameters(), lr=1e-3), None)).train()
+
+
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     full = make_trainer(tmp_path / "full", 6)
     full.train()

@@ -121,6 +121,14 @@ class MoLFTrainer(Trainer):
                              "cannot wrap MoLF layers; drop peft_config (to start from a peft adapter, "
                              "merge_and_unload() it before molf.wrap)")
         model = kwargs.get("model", args[0] if args else None)
+        if kwargs.get("optimizers", (None,))[0] is None and model is not None:
+            # before the Trainer (and trl's dataset preparation) runs, not at the first step
+            if isinstance(model, str):
+                raise ValueError(f"model={model!r}: MoLFTrainer needs a molf-wrapped model; load it and call "
+                                 "molf.wrap(model, ...) first")
+            if not checkpoint.molf_layers(model):
+                raise ValueError(f"model ({type(model).__name__}) has no MoLF layers: call molf.wrap(model, ...) "
+                                 "before MoLFTrainer, which steps it with MoLFAdamW")
         with _trainable_adapters_attached(model):
             super().__init__(*args, **kwargs)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
