@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import molf
-from helpers import tiny_qwen2
+from helpers import rel_err, tiny_qwen2
+from molf.train import builtin_tokenizer
 
 trl = pytest.importorskip("trl", reason="trl is a dev extra (not on the GPU image)")
 datasets = pytest.importorskip("datasets")
@@ -166,3 +167,37 @@ def test_grpo_refuses_what_would_not_see_the_wrapped_policy(tmp_path):
     with pytest.raises(ValueError, match=r"use_vllm=True: trl syncs the policy into vLLM by parameter name"):
         make_grpo(tmp_path, model, use_vllm=True)
     make_grpo(tmp_path, model).train()  # beta=0 (trl's default) needs no reference: a model built in memory trains
+
+
+def test_a_policy_trained_since_loading_warns_that_the_reference_is_the_older_model(tmp_path, recwarn):
+    """SFT then DPO in one script: the wrapped policy trained in memory, and trl would load the reference from
+    the plain model it was loaded from. It warns; the remedies (ref_model, or a molf checkpoint to build from)
+    give a reference equal to the policy and no warning."""
+    import copy
+
+    from helpers import randomize_lora_B
+    from molf.integrations.trl import MoLFDPOTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    sft = make_dpo(tmp_path / "a", tmp_path / "base", 1).model  # wrapped from the plain model at "base"
+    randomize_lora_B(sft)  # as an SFT run in the same script leaves it
+    args = trl.DPOConfig(output_dir=str(tmp_path / "b"), max_steps=1, report_to=[], use_cpu=True, max_length=32,
+                         disable_tqdm=True)
+    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    with pytest.warns(UserWarning, match=r"MoLFDPOTrainer without ref_model: trl loads the reference model from .*"
+                                         r"this policy has trained since it was loaded"):
+        MoLFDPOTrainer(sft, None, args, train_dataset=pairs, processing_class=tok, backend="eager")
+    with pytest.warns(UserWarning, match=r"MoLFGRPOTrainer with beta=0.04: .* has trained since"):
+        make_grpo(tmp_path / "c", sft, beta=0.04)
+    recwarn.clear()
+    MoLFDPOTrainer(sft, copy.deepcopy(sft), args, train_dataset=pairs, processing_class=tok, backend="eager")
+    molf.save_pretrained(sft, tmp_path / "sft")
+    again = molf.from_pretrained(tmp_path / "sft", backend="eager")
+    trainer = MoLFDPOTrainer(again, None, args, train_dataset=pairs, processing_class=tok, backend="eager")
+    assert not [w for w in recwarn if "has trained since" in str(w.message)]
+    merged, ref = molf.merge(copy.deepcopy(again)).state_dict(), trainer.ref_model.state_dict()
+    assert set(merged) == set(ref)
+    for k in merged:  # the reference is the policy as it is (merged)
+        assert rel_err(ref[k], merged[k]) <= 1e-6, k

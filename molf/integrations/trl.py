@@ -11,14 +11,34 @@ gets the routing log from `molf.integrations.hf.RoutingLogCallback()` added to i
 """
 from __future__ import annotations
 
+import warnings
+
+import torch
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
+from .. import checkpoint
 from .hf import MoLFTrainer
 
 
 def _built_in_memory(model) -> bool:
     """True for a model object without a path to load its plain copy from (trl loads references from there)."""
     return not isinstance(model, str) and not getattr(getattr(model, "config", None), "_name_or_path", "")
+
+
+def _warn_if_trained_since_loaded(model, what: str, remedy: str) -> None:
+    """trl's reference is the model at config.name_or_path. A plain model there, while the wrapped policy's
+    LoRA experts are no longer zero, means the policy trained in memory after loading (SFT, then DPO in one
+    script): the reference is the model before that training."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if isinstance(model, str) or not path or checkpoint.is_molf_checkpoint(path):
+        return
+    with torch.no_grad():
+        trained = any(bool(b.any()) for _, m in checkpoint.molf_layers(model) for b in m.lora_B)
+    if trained:
+        warnings.warn(f"{what}: trl loads the reference model from {path!r}, but this policy has trained since it "
+                      "was loaded from there (its LoRA experts are not zero), so the reference is the model before "
+                      f"that training; for a reference equal to the policy as it is, {remedy}molf.save_pretrained "
+                      "the policy and build the trainer on molf.from_pretrained of it", UserWarning, stacklevel=3)
 
 
 class MoLFSFTTrainer(MoLFTrainer, SFTTrainer):
@@ -38,6 +58,9 @@ class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
             raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so trl "
                              "cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) before "
                              "training, or DPOConfig(precompute_ref_log_probs=True)")
+        if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):
+            _warn_if_trained_since_loaded(model, "MoLFDPOTrainer without ref_model",
+                                          "pass ref_model=copy.deepcopy(model), or ")
         super().__init__(model, ref_model, *args, **kwargs)
 
 
@@ -59,4 +82,6 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
             raise ValueError(f"beta={config.beta}: trl loads GRPO's reference model from the policy's "
                              "config.name_or_path, which a model built in memory has not; save_pretrained the model "
                              "and load it back before molf.wrap, or set beta=0.0 (trl's default)")
+        if getattr(config, "beta", 0.0):
+            _warn_if_trained_since_loaded(model, f"MoLFGRPOTrainer with beta={config.beta}", "")
         super().__init__(model, reward_funcs, *args, **kwargs)
