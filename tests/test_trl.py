@@ -201,3 +201,26 @@ def test_a_policy_trained_since_loading_warns_that_the_reference_is_the_older_mo
     assert set(merged) == set(ref)
     for k in merged:  # the reference is the policy as it is (merged)
         assert rel_err(ref[k], merged[k]) <= 1e-6, k
+
+
+def test_reward_trainer_trains_a_wrapped_classifier_and_its_head(tmp_path):
+    import transformers as tf
+
+    from molf.integrations.trl import MoLFRewardTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = molf.wrap(tf.Qwen2ForSequenceClassification(cfg), ranks=(2, 8), alphas=(8, 16), train_base=False,
+                      freeze_others=True, backend="eager")
+    head = model.score.weight.detach().clone()
+    args = trl.RewardConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                            report_to=[], use_cpu=True, logging_steps=1, save_steps=4, disable_tqdm=True, seed=0)
+    pairs = datasets.Dataset.from_dict({"chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    trainer = MoLFRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, backend="eager")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.molf_optimizer.molf_step == 4 and losses[-1] < losses[0]
+    assert not torch.equal(model.score.weight, head)
+    assert type(molf.from_pretrained(tmp_path / "checkpoint-4", backend="eager")) is tf.Qwen2ForSequenceClassification

@@ -1,5 +1,5 @@
-"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer` and `MoLFGRPOTrainer`, everything `MoLFTrainer` adds on
-trl's SFTTrainer, DPOTrainer and GRPOTrainer.
+"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer`, `MoLFGRPOTrainer` and `MoLFRewardTrainer`, everything
+`MoLFTrainer` adds on trl's SFTTrainer, DPOTrainer, GRPOTrainer and RewardTrainer.
 
     molf.wrap(model, ranks=(128,), alphas=(32,))
     from molf.integrations.trl import MoLFSFTTrainer
@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
 
 from .. import checkpoint
 from .hf import MoLFTrainer
@@ -43,6 +43,11 @@ def _warn_if_trained_since_loaded(model, what: str, remedy: str) -> None:
 
 class MoLFSFTTrainer(MoLFTrainer, SFTTrainer):
     """trl.SFTTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's)."""
+
+
+class MoLFRewardTrainer(MoLFTrainer, RewardTrainer):
+    """trl.RewardTrainer stepping a molf-wrapped sequence classifier (num_labels=1) with MoLFAdamW; its new
+    `score` head trains as a plain parameter, also under freeze_others (see molf.wrap)."""
 
 
 class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
