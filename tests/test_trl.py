@@ -223,4 +223,6 @@ def test_reward_trainer_trains_a_wrapped_classifier_and_its_head(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert trainer.molf_optimizer.molf_step == 4 and losses[-1] < losses[0]
     assert not torch.equal(model.score.weight, head)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
     assert type(molf.from_pretrained(tmp_path / "checkpoint-4", backend="eager")) is tf.Qwen2ForSequenceClassification
