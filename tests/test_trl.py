@@ -1,4 +1,4 @@
-"""molf under trl's SFTTrainer and DPOTrainer: training, routing log, exact resume."""
+"""molf under trl's SFT, DPO, GRPO and Reward trainers: training, routing log, references, exact resume."""
 import json
 
 import pytest
@@ -18,15 +18,13 @@ TEXTS = [" ".join(WORDS[(3 * i + k) % 40] for k in range(6)) for i in range(16)]
 
 def make(out, max_steps):
     from molf.integrations.trl import MoLFSFTTrainer
-    from molf.train import builtin_tokenizer
 
-    texts = TEXTS
-    tok = builtin_tokenizer(texts)
+    tok = builtin_tokenizer(TEXTS)
     model = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = trl.SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=3e-3,
                          logging_steps=1, save_steps=3, report_to=[], use_cpu=True, seed=0, data_seed=0,
                          disable_tqdm=True, max_length=16, dataloader_num_workers=0)
-    ds = datasets.Dataset.from_dict({"text": texts})
+    ds = datasets.Dataset.from_dict({"text": TEXTS})
     return MoLFSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, lora_lr=3e-3, backend="eager")
 
 
@@ -75,8 +73,6 @@ def make_dpo(out, base, max_steps):
 
 
 def test_dpo_trainer_against_the_plain_reference_trains_and_resumes_bitwise(tmp_path):
-    from molf.train import builtin_tokenizer
-
     tok = builtin_tokenizer(TEXTS)
     tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
@@ -105,7 +101,6 @@ def test_dpo_policy_built_in_memory_needs_a_reference(tmp_path, remedy):
     import copy
 
     from molf.integrations.trl import MoLFDPOTrainer
-    from molf.train import builtin_tokenizer
 
     tok = builtin_tokenizer(TEXTS)
     model = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), backend="eager")
@@ -125,7 +120,6 @@ def test_dpo_policy_built_in_memory_needs_a_reference(tmp_path, remedy):
 
 def make_grpo(out, model, **kw):
     from molf.integrations.trl import MoLFGRPOTrainer
-    from molf.train import builtin_tokenizer
 
     args = trl.GRPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=6, learning_rate=1e-2, report_to=[], use_cpu=True, save_steps=3,
@@ -138,8 +132,6 @@ def make_grpo(out, model, **kw):
 
 def test_grpo_trainer_generates_with_the_wrapped_policy_and_steps_with_molf(tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from molf.train import builtin_tokenizer
 
     tok = builtin_tokenizer(TEXTS)
     tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
@@ -159,8 +151,6 @@ def test_grpo_trainer_generates_with_the_wrapped_policy_and_steps_with_molf(tmp_
 
 
 def test_grpo_refuses_what_would_not_see_the_wrapped_policy(tmp_path):
-    from molf.train import builtin_tokenizer
-
     model = molf.wrap(tiny_qwen2(vocab=len(builtin_tokenizer(TEXTS))), ranks=(2,), alphas=(8,), backend="eager")
     with pytest.raises(ValueError, match=r"beta=0.04: trl loads GRPO's reference model .* built in memory"):
         make_grpo(tmp_path, model, beta=0.04)
