@@ -183,6 +183,38 @@ def test_export_peft_of_a_task_model_loads_as_its_peft_task(tmp_path, task, peft
         assert_close(got[key], want[key], 1e-5, f"peft {key}")
 
 
+def test_a_module_unfrozen_by_hand_trains_saves_and_exports_like_peft_modules_to_save(tmp_path):
+    """New tokens (resize_token_embeddings) with MoLF-E and freeze_others=True: the user unfreezes the
+    embedding by hand, as peft's modules_to_save. It trains (plain AdamW), molf.from_pretrained restores it
+    trainable and bitwise, export_peft carries it (peft's logits equal molf's)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_qwen2()
+    base.resize_token_embeddings(70, mean_resizing=False)
+    base.save_pretrained(tmp_path / "base")
+    model = molf.wrap(copy.deepcopy(base), ranks=(2, 8), alphas=(8, 16), train_base=False, freeze_others=True,
+                      backend="eager")
+    model.get_input_embeddings().requires_grad_(True)
+    opt = molf.MoLFAdamW(model, lr=1e-2, backend="eager")
+    ids = torch.cat([batch(), torch.full((2, 2), 68)], 1)  # a new token
+    for _ in range(3):
+        train_step(model, opt, ids)
+    assert not torch.equal(model.get_input_embeddings().weight[68], base.get_input_embeddings().weight[68])
+    molf.save_pretrained(model, tmp_path / "ckpt")
+    again = molf.from_pretrained(tmp_path / "ckpt", backend="eager").eval()
+    assert [n for n, p in again.named_parameters() if p.requires_grad and "lora_" not in n] == \
+        ["model.embed_tokens.weight"]
+    molf.export_peft(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(again(ids).logits, want)
+        assert_close(loaded(ids).logits, want, 1e-5, "peft logits")
+
+
 def test_export_peft_refuses_a_trained_base(tmp_path):
     model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=True)
     with pytest.raises(ValueError, match="frozen base"):
