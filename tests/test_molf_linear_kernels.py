@@ -140,13 +140,14 @@ def test_forward_backward_match_f64_and_eager(nan_empty, backward_plan, shape, d
     if M == 0:
         assert all(v.abs().sum() == 0 for k, v in gr.items() if k != "x")
         return
-    assert_close(y, y_64, tol, "y vs f64")
-    assert_close(y, y_e, tol, "y vs eager")
+    y_abs, gr_abs = rounding_scale(fused, x, g)  # M = 1 at rank 3: u = x A^T may cancel (see rounding_scale)
+    close_to_rounding(y, y_64, y_abs, tol, "y vs f64")
+    close_to_rounding(y, y_e, y_abs, tol, "y vs eager")
     assert set(gr) == set(gr_64)
     for k in gr:
         assert gr[k].dtype == dtype
-        assert_close(gr[k], gr_64[k], tol, f"d{k} vs f64")
-        assert_close(gr[k], gr_e[k], tol, f"d{k} vs eager")
+        close_to_rounding(gr[k], gr_64[k], gr_abs[k], tol, f"d{k} vs f64")
+        close_to_rounding(gr[k], gr_e[k], gr_abs[k], tol, f"d{k} vs eager")
     assert (fused.base.weight.grad is None) == (not train_base)
 
 
