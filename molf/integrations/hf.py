@@ -121,7 +121,8 @@ class MoLFTrainer(Trainer):
                              "cannot wrap MoLF layers; drop peft_config (to start from a peft adapter, "
                              "merge_and_unload() it before molf.wrap)")
         model = kwargs.get("model", args[0] if args else None)
-        if kwargs.get("optimizers", (None,))[0] is None and model is not None:
+        own_optimizer = kwargs.get("optimizers", (None,))[0] is not None
+        if not own_optimizer and model is not None:
             # before the Trainer (and trl's dataset preparation) runs, not at the first step
             if isinstance(model, str):
                 raise ValueError(f"model={model!r}: MoLFTrainer needs a molf-wrapped model; load it and call "
@@ -132,7 +133,7 @@ class MoLFTrainer(Trainer):
         with _trainable_adapters_attached(model):
             super().__init__(*args, **kwargs)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
-        if kwargs.get("optimizers", (None,))[0] is None and (optim not in ADAMW_NAMES or self.args.optim_args):
+        if not own_optimizer and (optim not in ADAMW_NAMES or self.args.optim_args):
             warnings.warn(f"MoLFTrainer steps with molf.MoLFAdamW: TrainingArguments optim={optim!r}"
                           + (f", optim_args={self.args.optim_args!r}" if self.args.optim_args else "")
                           + " is not used (a smaller optimizer state: MoLFTrainer(..., state_dtype=torch.bfloat16))",

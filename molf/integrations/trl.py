@@ -20,17 +20,18 @@ from .. import checkpoint
 from .hf import MoLFTrainer
 
 
-def _built_in_memory(model) -> bool:
-    """True for a model object without a path to load its plain copy from (trl loads references from there)."""
-    return not isinstance(model, str) and not getattr(getattr(model, "config", None), "_name_or_path", "")
+def _reference_path(model) -> str | None:
+    """Where trl loads a reference model from: the policy's config.name_or_path ("" for a model built in memory;
+    None for a model name, which MoLFTrainer refuses)."""
+    return None if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
 
 
 def _warn_if_trained_since_loaded(model, what: str, remedy: str) -> None:
     """trl's reference is the model at config.name_or_path. A plain model there, while the wrapped policy's
     LoRA experts are no longer zero, means the policy trained in memory after loading (SFT, then DPO in one
     script): the reference is the model before that training."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", "")
-    if isinstance(model, str) or not path or checkpoint.is_molf_checkpoint(path):
+    path = _reference_path(model)
+    if not path or checkpoint.is_molf_checkpoint(path):
         return
     with torch.no_grad():
         trained = any(bool(b.any()) for _, m in checkpoint.molf_layers(model) for b in m.lora_B)
@@ -59,11 +60,11 @@ class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
 
     def __init__(self, model, ref_model=None, *args, **kwargs):
         config = kwargs.get("args", args[0] if args else None)
-        if ref_model is None and _built_in_memory(model) and not getattr(config, "precompute_ref_log_probs", False):
-            raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so trl "
-                             "cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) before "
-                             "training, or DPOConfig(precompute_ref_log_probs=True)")
-        if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):
+        if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):  # trl loads one
+            if _reference_path(model) == "":
+                raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so "
+                                 "trl cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) "
+                                 "before training, or DPOConfig(precompute_ref_log_probs=True)")
             _warn_if_trained_since_loaded(model, "MoLFDPOTrainer without ref_model",
                                           "pass ref_model=copy.deepcopy(model), or ")
         super().__init__(model, ref_model, *args, **kwargs)
@@ -83,10 +84,11 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
             raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
                              "model's parameters (base weights and LoRA experts) are not the plain model's; set "
                              "GRPOConfig(use_vllm=False) (generation through transformers)")
-        if getattr(config, "beta", 0.0) and _built_in_memory(model):
-            raise ValueError(f"beta={config.beta}: trl loads GRPO's reference model from the policy's "
-                             "config.name_or_path, which a model built in memory has not; save_pretrained the model "
-                             "and load it back before molf.wrap, or set beta=0.0 (trl's default)")
-        if getattr(config, "beta", 0.0):
-            _warn_if_trained_since_loaded(model, f"MoLFGRPOTrainer with beta={config.beta}", "")
+        beta = getattr(config, "beta", 0.0)
+        if beta:  # trl loads a KL reference
+            if _reference_path(model) == "":
+                raise ValueError(f"beta={beta}: trl loads GRPO's reference model from the policy's "
+                                 "config.name_or_path, which a model built in memory has not; save_pretrained the "
+                                 "model and load it back before molf.wrap, or set beta=0.0 (trl's default)")
+            _warn_if_trained_since_loaded(model, f"MoLFGRPOTrainer with beta={beta}", "")
         super().__init__(model, reward_funcs, *args, **kwargs)
