@@ -21,14 +21,16 @@ def assert_close(a, b, tol, what=""):
                              f"{a[idx].item()} vs {b[idx].item()}")
 
 
-def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab=64):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab=64, task="CausalLM", **config):
+    """Qwen2For<task> (CausalLM, SequenceClassification, TokenClassification, QuestionAnswering), tiny; config:
+    more Qwen2Config fields (num_labels, pad_token_id, ...)."""
+    import transformers
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, use_cache=False)
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=True, use_cache=False, **config)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).to(dtype)
+    model = getattr(transformers, f"Qwen2For{task}")(cfg).to(dtype)
     return model.eval()
 
 

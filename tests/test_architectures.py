@@ -249,10 +249,7 @@ def test_generate_with_the_kv_cache_equals_the_merged_model(backend):
 def test_task_heads_are_not_wrapped_by_all_linear_and_stay_trainable_under_freeze_others(task):
     """A classifier's or QA model's head is new (random): wrapping it with a frozen base (MoLF-E) or freezing it
     with freeze_others would train nothing useful there, silently. peft keeps such heads in modules_to_save."""
-    import transformers as tf
-    cfg = tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
-    model = getattr(tf, f"Qwen2For{task}")(cfg)
+    model = tiny_qwen2(layers=1, task=task, num_labels=3, pad_token_id=0)
     head = "qa_outputs" if task == "QuestionAnswering" else "score"
     molf.wrap(model, ranks=(4,), alphas=(8,), train_base=False, target_modules="all-linear", freeze_others=True)
     wrapped = {n for n, _ in molf.layer.molf_layers(model)}
@@ -261,5 +258,6 @@ def test_task_heads_are_not_wrapped_by_all_linear_and_stay_trainable_under_freez
     outside = {n for n in trainable if ".lora_" not in n}
     assert outside == {n for n, _ in getattr(model, head).named_parameters(prefix=head)}
     molf.MoLFAdamW(model, lr=1e-3)  # the head trains as a plain AdamW parameter
-    explicit = molf.wrap(getattr(tf, f"Qwen2For{task}")(cfg), ranks=(4,), alphas=(8,), target_modules=[head])
+    explicit = molf.wrap(tiny_qwen2(layers=1, task=task, num_labels=3, pad_token_id=0), ranks=(4,), alphas=(8,),
+                         target_modules=[head])
     assert isinstance(getattr(explicit, head), molf.MoLFLinear)  # named explicitly: wrapped as asked

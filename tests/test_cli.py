@@ -159,10 +159,7 @@ def test_export_peft_of_a_task_model_loads_as_its_peft_task(tmp_path, task, peft
     """A classifier's or QA model's adapter (its trained head in modules_to_save) loads with
     PeftModel.from_pretrained and computes what the molf model does (CAUSAL_LM failed to load there)."""
     peft = pytest.importorskip("peft")
-    import transformers as tf
-    cfg = tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
-    base = getattr(tf, f"Qwen2For{task}")(cfg).eval()
+    base = tiny_qwen2(task=task, num_labels=3, pad_token_id=0)
     model = molf.wrap(copy.deepcopy(base), ranks=(2, 6), alphas=(8, 16), train_base=False, freeze_others=True,
                       backend="eager")
     opt = molf.MoLFAdamW(model, lr=3e-2, backend="eager", top_k=2)

@@ -176,12 +176,10 @@ def test_sequence_classifier_trains_and_its_checkpoint_loads_as_its_own_class(tm
     """A classification head on a wrapped model (the head is new, so it trains as a plain parameter, also under
     freeze_others): the checkpoint loads with AutoModelForSequenceClassification (merged) and with
     molf.from_pretrained as the same class (bitwise, the same parameters trainable), not as a causal LM."""
-    from transformers import AutoModelForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, Qwen2ForSequenceClassification
 
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, num_labels=3, pad_token_id=0)
-    torch.manual_seed(0)
-    model = molf.wrap(Qwen2ForSequenceClassification(cfg), ranks=(2, 8), alphas=(8, 16), train_base=False,
+    classifier = tiny_qwen2(task="SequenceClassification", num_labels=3, pad_token_id=0)
+    model = molf.wrap(classifier, ranks=(2, 8), alphas=(8, 16), train_base=False,
                       freeze_others=True, backend="eager")  # MoLF-E: the LoRA experts and the new head train
     assert model.score.weight.requires_grad and not isinstance(model.score, molf.MoLFLinear)
     rows = Rows(n=16, t=8)

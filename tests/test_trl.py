@@ -16,6 +16,12 @@ WORDS = [f"w{i}" for i in range(40)]
 TEXTS = [" ".join(WORDS[(3 * i + k) % 40] for k in range(6)) for i in range(16)]
 
 
+def preference_pairs(*columns):
+    """8 rows of TEXTS as trl's preference datasets take them (DPO: prompt, chosen, rejected; reward: the last two)."""
+    rows = {"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]}
+    return datasets.Dataset.from_dict({c: rows[c] for c in columns or rows})
+
+
 def make(out, max_steps):
     from molf.integrations.trl import MoLFSFTTrainer
 
@@ -67,7 +73,7 @@ def make_dpo(out, base, max_steps):
     args = trl.DPOConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                          learning_rate=3e-3, logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0,
                          data_seed=0, disable_tqdm=True, max_length=32, dataloader_num_workers=0)
-    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    pairs = preference_pairs()
     return MoLFDPOTrainer(model=model, args=args, train_dataset=pairs,
                           processing_class=AutoTokenizer.from_pretrained(base), lora_lr=3e-3, backend="eager")
 
@@ -107,7 +113,7 @@ def test_dpo_policy_built_in_memory_needs_a_reference(tmp_path, remedy):
     args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                          use_cpu=True, max_length=32, save_strategy="no", disable_tqdm=True,
                          precompute_ref_log_probs=remedy == "precompute")
-    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    pairs = preference_pairs()
     ref = copy.deepcopy(model) if remedy == "deepcopy" else None
     if remedy is None:
         with pytest.raises(ValueError, match=r"ref_model: the policy was built in memory .*copy.deepcopy"):
@@ -175,7 +181,7 @@ def test_a_policy_trained_since_loading_warns_that_the_reference_is_the_older_mo
     randomize_lora_B(sft)  # as an SFT run in the same script leaves it
     args = trl.DPOConfig(output_dir=str(tmp_path / "b"), max_steps=1, report_to=[], use_cpu=True, max_length=32,
                          disable_tqdm=True)
-    pairs = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    pairs = preference_pairs()
     with pytest.warns(UserWarning, match=r"MoLFDPOTrainer without ref_model: trl loads the reference model from .*"
                                          r"this policy has trained since it was loaded"):
         MoLFDPOTrainer(sft, None, args, train_dataset=pairs, processing_class=tok, backend="eager")
@@ -199,15 +205,13 @@ def test_reward_trainer_trains_a_wrapped_classifier_and_its_head(tmp_path):
     from molf.integrations.trl import MoLFRewardTrainer
 
     tok = builtin_tokenizer(TEXTS)
-    cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = molf.wrap(tf.Qwen2ForSequenceClassification(cfg), ranks=(2, 8), alphas=(8, 16), train_base=False,
+    classifier = tiny_qwen2(vocab=len(tok), task="SequenceClassification", num_labels=1, pad_token_id=tok.pad_token_id)
+    model = molf.wrap(classifier, ranks=(2, 8), alphas=(8, 16), train_base=False,
                       freeze_others=True, backend="eager")
     head = model.score.weight.detach().clone()
     args = trl.RewardConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
                             report_to=[], use_cpu=True, logging_steps=1, save_steps=4, disable_tqdm=True, seed=0)
-    pairs = datasets.Dataset.from_dict({"chosen": TEXTS[8:], "rejected": TEXTS[7::-1]})
+    pairs = preference_pairs("chosen", "rejected")
     trainer = MoLFRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok, backend="eager")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
