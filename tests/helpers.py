@@ -10,15 +10,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def assert_close(a, b, tol, what=""):
+def assert_close(a, b, tol, what="", scale=None):
+    """||a - b|| <= tol ||b||; with `scale`, tol ||scale|| (a bound of the rounding when b may cancel)."""
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     assert torch.isfinite(a).all(), f"{what}: non-finite values (an unwritten output?)"
-    err = rel_err(a, b)
+    err = rel_err(a, b) if scale is None else \
+        ((a.detach().double() - b.detach().double()).norm() / scale.detach().double().norm().clamp_min(1e-30)).item()
     if not err <= tol:
         diff = (a.double() - b.double()).abs()
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        raise AssertionError(f"{what}: relative error {err:.3g} > {tol:.1g}; worst at {idx}: "
-                             f"{a[idx].item()} vs {b[idx].item()}")
+        raise AssertionError(f"{what}: {'relative error' if scale is None else 'error against the scale'} "
+                             f"{err:.3g} > {tol:.1g}; worst at {idx}: {a[idx].item()} vs {b[idx].item()}")
 
 
 def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab=64, task="CausalLM", **config):
