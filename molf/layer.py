@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -108,6 +109,7 @@ class MoLFLinear(nn.Module):
         self.ranks, self.alphas, self.rslora = ranks, alphas, rslora
         self.dropout = float(dropout)
         self.train_base = train_base
+        self.experts_enabled = True  # False inside molf.disable_experts: y = base(x)
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
         self._s_cols: dict = {}  # column_scales per (device, dtype): built once, not per forward
         for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
@@ -155,6 +157,8 @@ class MoLFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not self.experts_enabled:
+            return self.base(x)
         impl = "chain"
         if _backend.resolve(self.backend, x.device) == "triton":
             impl = "fused" if self.backend == "triton" else _plan.PLANNER.choose(self, x, self._forward_by)
@@ -240,6 +244,25 @@ class MoLFLinear(nn.Module):
                 f"alphas={self.alphas}, train_base={self.base.weight.requires_grad}, rslora={self.rslora}, "
                 f"dropout={self.dropout}, backend={self.backend!r}"
                 + (f", base={quant.describe(self.base)}" if self.quantized else ""))
+
+
+@contextlib.contextmanager
+def disable_experts(model: nn.Module):
+    """Inside the block, every MoLF layer of `model` computes its base alone, y = x W^T + b: while the base has
+    not trained, the model it was wrapped from (as peft's `model.disable_adapter()`). Restored on exit; nests."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, MoLFLinear)]
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no MoLF layers to disable: molf.wrap it first")
+    before = [m.experts_enabled for m in layers]
+    for m in layers:
+        m.experts_enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.experts_enabled = enabled
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:

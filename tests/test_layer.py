@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, tiny_qwen2
+from helpers import assert_close, batch, device_for, randomize_lora_B, tiny_qwen2
 
 
 def f64_formula(x, w, b, As, Bs, scalings):
@@ -127,6 +127,46 @@ def test_fresh_wrap_gives_same_logits():
     wrapped = [n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear)]
     assert len(wrapped) == 2 * 7 and not any("lm_head" in n for n in wrapped)
     assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_disable_experts_computes_the_plain_model_and_restores(backend):
+    """Inside molf.disable_experts the wrapped model is the one it was wrapped from (its experts are not zero);
+    on exit, also through an exception, and nested, each layer is as before."""
+    dev = device_for(backend)
+    plain = tiny_qwen2().to(dev)
+    ids = batch().to(dev)
+    want = plain(ids).logits
+    model = molf.wrap(copy.deepcopy(plain), ranks=(2, 4), alphas=(8, 8), train_base=False, backend=backend)
+    randomize_lora_B(model, std=0.5)
+    wrapped = model(ids).logits
+    assert (wrapped - want).abs().max() > 1e-2
+    layers = [m for m in model.modules() if isinstance(m, molf.MoLFLinear)]
+    layers[0].experts_enabled = False  # one layer off by hand: the context manager restores it so
+    with molf.disable_experts(model) as same:
+        assert same is model
+        assert torch.equal(model(ids).logits, want)
+        with molf.disable_experts(model.model.layers[0]):
+            assert torch.equal(model(ids).logits, want)
+        assert not any(m.experts_enabled for m in layers)
+        model(ids).logits.sum().backward()
+    assert all(p.grad is None for m in layers for p in m.parameters())  # the experts took no part
+    assert [m.experts_enabled for m in layers] == [False] + [True] * (len(layers) - 1)
+    layers[0].experts_enabled = True
+    with pytest.raises(RuntimeError, match="inside"):
+        with molf.disable_experts(model):
+            raise RuntimeError("inside")
+    assert all(m.experts_enabled for m in layers)
+    assert torch.equal(model(ids).logits, wrapped)
+
+
+def test_disable_experts_needs_molf_layers():
+    with pytest.raises(ValueError, match=r"model \(Qwen2ForCausalLM\) has no MoLF layers to disable"):
+        with molf.disable_experts(tiny_qwen2()):
+            pass
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        with molf.disable_experts("Qwen/Qwen2.5-1.5B"):
+            pass
 
 
 def test_wrap_freeze_others():

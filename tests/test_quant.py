@@ -99,6 +99,8 @@ def test_forward_and_lora_gradients_match_float64(kind, bias, backend):
         assert_close(layer.lora_A[i].grad, da64[i], tol, f"dA{i}")
         assert_close(layer.lora_B[i].grad, db64[i], tol, f"dB{i}")
     assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
+    with molf.disable_experts(layer), torch.no_grad():  # the quantized base alone, through bitsandbytes
+        assert torch.equal(layer(x), layer.base(x))
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

@@ -165,6 +165,90 @@ def test_grpo_refuses_what_would_not_see_the_wrapped_policy(tmp_path):
     make_grpo(tmp_path, model).train()  # beta=0 (trl's default) needs no reference: a model built in memory trains
 
 
+def molf_e(model, seed=0):
+    """MoLF-E with freeze_others=True (only the LoRA experts train), its A drawn from `seed`."""
+    torch.manual_seed(seed)
+    return molf.wrap(model, ranks=(2, 8), alphas=(8, 16), train_base=False, freeze_others=True, backend="eager")
+
+
+def test_molf_e_dpo_reference_is_the_policy_with_its_experts_off(tmp_path):
+    """Only fresh experts train, so DPO's reference is the policy with its experts off: no second model, and
+    training equals training against a deep copy, bitwise, also resumed from a checkpoint. Anything else that
+    trains, or experts that already moved, and trl needs a reference of its own as before (here: a model built in
+    memory has none)."""
+    import copy
+
+    from molf.integrations.trl import ExpertsOffReference, MoLFDPOTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    plain = tiny_qwen2(vocab=len(tok))
+
+    def dpo(out, policy, ref=None):
+        args = trl.DPOConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3,
+                             logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+                             max_length=32, save_steps=2)
+        return MoLFDPOTrainer(policy, ref, args, train_dataset=preference_pairs(), processing_class=tok, lora_lr=3e-3,
+                              backend="eager")
+
+    off = dpo(tmp_path / "off", molf_e(copy.deepcopy(plain)))
+    assert isinstance(off.ref_model, ExpertsOffReference) and not list(off.ref_model.parameters())
+    off.train()
+    losses = [h["loss"] for h in off.state.log_history if "loss" in h]
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0] - 0.02, losses
+    policy = molf_e(copy.deepcopy(plain))
+    copied = dpo(tmp_path / "copy", policy, copy.deepcopy(policy))
+    copied.train()
+    resumed = dpo(tmp_path / "resumed", molf_e(copy.deepcopy(plain), seed=1))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "off" / "checkpoint-2"))
+    for other in (copied, resumed):
+        for (n, p), q in zip(off.model.named_parameters(), other.model.parameters()):
+            assert torch.equal(p, q), n
+    # the reference is the plain model in eval mode (as trl's runs) while the policy has moved and trains with
+    # attention dropout; the policy's modes are as they were after it
+    policy = off.model.train()
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    policy.model.layers[0].eval()
+    modes = [m.training for m in policy.modules()]
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad(), off.accelerator.autocast():
+        assert torch.equal(off.ref_model(ids).logits, plain(ids).logits)
+        assert not torch.equal(policy(ids).logits, plain(ids).logits)
+    assert [m.training for m in policy.modules()] == modes
+    norms_train = molf.wrap(copy.deepcopy(plain), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
+    for policy in (norms_train, off.model):  # the trained policy's experts are no longer zero
+        with pytest.raises(ValueError, match="ref_model: the policy was built in memory"):
+            dpo(tmp_path / "no", policy)
+
+
+def test_molf_e_grpo_kl_reference_is_the_policy_with_its_experts_off(tmp_path, monkeypatch):
+    """GRPO (beta > 0) on a policy whose only trainable parameters are fresh experts: the KL reference is the
+    policy with its experts off, also for a model built in memory, and training equals training against trl's
+    plain reference loaded from the path, bitwise."""
+    from transformers import AutoModelForCausalLM
+
+    import molf.integrations.trl as molf_trl
+
+    tok = builtin_tokenizer(TEXTS)
+    in_memory = make_grpo(tmp_path / "mem", molf_e(tiny_qwen2(vocab=len(tok))), beta=0.04)
+    assert isinstance(in_memory.ref_model, molf_trl.ExpertsOffReference)
+    tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    runs = []
+    for experts_off in (True, False):
+        if not experts_off:
+            monkeypatch.setattr(molf_trl, "_only_fresh_experts_train", lambda model: False)
+        policy = molf_e(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+        trainer = make_grpo(tmp_path / str(experts_off), policy, beta=0.04, save_strategy="no")
+        assert isinstance(trainer.ref_model, molf_trl.ExpertsOffReference) == experts_off
+        torch.manual_seed(0)  # generation samples
+        trainer.train()
+        runs.append((trainer.model, [h["kl"] for h in trainer.state.log_history if "kl" in h]))
+    (off, kl), (loaded, kl_loaded) = runs
+    assert kl == kl_loaded and kl[0] == 0.0 < kl[-1], (kl, kl_loaded)
+    for (n, p), q in zip(off.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_a_policy_trained_since_loading_warns_that_the_reference_is_the_older_model(tmp_path, recwarn):
     """SFT then DPO in one script: the wrapped policy trained in memory, and trl would load the reference from
     the plain model it was loaded from. It warns; the remedies (ref_model, or a molf checkpoint to build from)

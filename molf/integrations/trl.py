@@ -11,12 +11,17 @@ gets the routing log from `molf.integrations.hf.RoutingLogCallback()` added to i
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import torch
+from torch import nn
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
+from trl.trainer import grpo_trainer
 
 from .. import checkpoint
+from ..layer import disable_experts
 from .hf import MoLFTrainer
 
 
@@ -42,6 +47,82 @@ def _warn_if_trained_since_loaded(model, what: str, remedy: str) -> None:
                       "the policy and build the trainer on molf.from_pretrained of it", UserWarning, stacklevel=3)
 
 
+def _only_fresh_experts_train(model) -> bool:
+    """Every trainable parameter is a LoRA expert's and every B is zero: the policy equals its base with the
+    experts off, now and, since nothing else moves, as a reference for the whole run."""
+    layers = checkpoint.molf_layers(model)
+    experts = {id(p) for _, m in layers for p in [*m.lora_A, *m.lora_B]}
+    if not layers or any(p.requires_grad and id(p) not in experts for p in model.parameters()):
+        return False
+    with torch.no_grad():
+        return not any(bool(b.any()) for _, m in layers for b in m.lora_B)
+
+
+def _sharded_by_accelerate(config) -> bool:
+    """FSDP or DeepSpeed from the TrainingArguments or `accelerate launch`: trl prepares its reference for them."""
+    env = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
+    return bool(env or getattr(config, "fsdp", None) or getattr(config, "deepspeed", None))
+
+
+class ExpertsOffReference(nn.Module):
+    """A reference model without a second copy of the weights: calls run the policy with its LoRA experts off
+    (molf.disable_experts), in eval mode and without gradients, as trl's own reference runs. Exact while only
+    the experts train and they started at B = 0 (MoLF-E with freeze_others=True): the policy's base is then the
+    model it was wrapped from for the whole run. The policy is not a submodule, so what trl does to its
+    reference (eval(), to(), dropout off, accelerate's prepare) leaves the policy alone; the attributes trl's
+    fused LM head reads (config, the backbone, get_output_embeddings) are the policy's."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.__dict__["policy"] = policy
+        self.config = policy.config
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["policy"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.policy(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        modes = [(m, m.training) for m in self.policy.modules()]
+        self.policy.eval()
+        try:
+            with torch.no_grad(), disable_experts(self.policy):
+                return super().__call__(*args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+
+def _experts_off_reference_applies(model, config) -> bool:
+    """Whether the trainer's reference can be ExpertsOffReference(model): none of the user's own (precomputed,
+    synced, sharded by trl) and only fresh experts train."""
+    return (not getattr(config, "precompute_ref_log_probs", False) and not getattr(config, "sync_ref_model", False)
+            and not _sharded_by_accelerate(config) and not isinstance(model, str) and _only_fresh_experts_train(model))
+
+
+@contextlib.contextmanager
+def _loads_experts_off_reference(trainer_module, model):
+    """A trainer that takes no ref_model (GRPO) builds its reference with create_model_from_path(the policy's
+    path): while it is built, that call returns ExpertsOffReference(model) instead of loading a second copy."""
+    load = getattr(trainer_module, "create_model_from_path", None)
+    if load is None:  # another trl: it loads its reference as before
+        yield
+        return
+
+    def reference(path, *args, **kwargs):
+        return ExpertsOffReference(model) if path == _reference_path(model) else load(path, *args, **kwargs)
+
+    trainer_module.create_model_from_path = reference
+    try:
+        yield
+    finally:
+        trainer_module.create_model_from_path = load
+
+
 class MoLFSFTTrainer(MoLFTrainer, SFTTrainer):
     """trl.SFTTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's)."""
 
@@ -54,17 +135,23 @@ class MoLFRewardTrainer(MoLFTrainer, RewardTrainer):
 class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
     """trl.DPOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's).
 
-    Without `ref_model`, trl loads the reference from the policy's `config.name_or_path`: the plain model the
-    policy was wrapped from (a molf checkpoint loads there as its merged weights), which equals the wrapped
-    policy before its first step (the LoRA experts start with B = 0)."""
+    Without `ref_model`: when only fresh LoRA experts train (MoLF-E with freeze_others=True, B = 0), the
+    reference is the policy with its experts off (`ExpertsOffReference`, no second copy, as peft's disabled
+    adapter); otherwise trl loads it from the policy's `config.name_or_path`: the plain model the policy was
+    wrapped from (a molf checkpoint loads there as its merged weights), which equals the wrapped policy before
+    its first step (the LoRA experts start with B = 0)."""
 
     def __init__(self, model, ref_model=None, *args, **kwargs):
         config = kwargs.get("args", args[0] if args else None)
+        if ref_model is None and _experts_off_reference_applies(model, config):
+            ref_model = ExpertsOffReference(model)
         if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):  # trl loads one
             if _reference_path(model) == "":
                 raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so "
                                  "trl cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) "
-                                 "before training, or DPOConfig(precompute_ref_log_probs=True)")
+                                 "before training, or DPOConfig(precompute_ref_log_probs=True) (a policy whose only "
+                                 "trainable parameters are fresh LoRA experts, molf.wrap(..., train_base=False, "
+                                 "freeze_others=True), needs neither: its reference is itself with the experts off)")
             _warn_if_trained_since_loaded(model, "MoLFDPOTrainer without ref_model",
                                           "pass ref_model=copy.deepcopy(model), or ")
         super().__init__(model, ref_model, *args, **kwargs)
@@ -76,7 +163,8 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
     Completions are generated with the wrapped policy (transformers' generate through the MoLF layers). vLLM is
     refused: trl syncs a non-peft policy into vLLM parameter by parameter, by name, and a wrapped model's names
     (q_proj.base.weight, q_proj.lora_A.0, ...) and its low-rank terms are not the plain model's. With
-    `beta > 0`, trl loads the KL reference from the policy's `config.name_or_path`, as MoLFDPOTrainer's."""
+    `beta > 0`, the KL reference is MoLFDPOTrainer's: the policy with its experts off when only fresh experts
+    train, else trl loads it from the policy's `config.name_or_path`."""
 
     def __init__(self, model, reward_funcs=None, *args, **kwargs):
         config = kwargs.get("args", args[0] if args else None)
@@ -85,10 +173,14 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
                              "model's parameters (base weights and LoRA experts) are not the plain model's; set "
                              "GRPOConfig(use_vllm=False) (generation through transformers)")
         beta = getattr(config, "beta", 0.0)
-        if beta:  # trl loads a KL reference
+        experts_off = bool(beta) and _experts_off_reference_applies(model, config)
+        if beta and not experts_off:  # trl loads a KL reference
             if _reference_path(model) == "":
                 raise ValueError(f"beta={beta}: trl loads GRPO's reference model from the policy's "
                                  "config.name_or_path, which a model built in memory has not; save_pretrained the "
-                                 "model and load it back before molf.wrap, or set beta=0.0 (trl's default)")
+                                 "model and load it back before molf.wrap, or set beta=0.0 (trl's default) (a policy "
+                                 "whose only trainable parameters are fresh LoRA experts needs no path: its reference "
+                                 "is itself with the experts off)")
             _warn_if_trained_since_loaded(model, f"MoLFGRPOTrainer with beta={beta}", "")
-        super().__init__(model, reward_funcs, *args, **kwargs)
+        with _loads_experts_off_reference(grpo_trainer, model) if experts_off else contextlib.nullcontext():
+            super().__init__(model, reward_funcs, *args, **kwargs)
