@@ -47,6 +47,22 @@ def test_a_model_without_molf_layers_is_refused_when_the_trainer_is_built(tmp_pa
                 optimizers=(torch.optim.AdamW(plain.parameters(), lr=1e-3), None)).train()
 
 
+def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """DeepSpeed hands the optimizer flattened partitions instead of the experts' tensors: refused up front, from
+    the TrainingArguments or from `accelerate launch` (its environment flag), before anything is built."""
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), backend="eager")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    args.deepspeed = "ds_config.json"  # set after construction: TrainingArguments imports deepspeed for it
+    with pytest.raises(ValueError, match=r"DeepSpeed: its ZeRO and bf16 optimizers flatten the parameters .* FSDP2"):
+        MoLFTrainer(model=model, args=args, train_dataset=Rows())
+    args.deepspeed = None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed: "):
+        MoLFTrainer(model, args, train_dataset=Rows())
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    MoLFTrainer(model, args, train_dataset=Rows()).train()
+
+
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     full = make_trainer(tmp_path / "full", 6)
     full.train()

@@ -74,6 +74,11 @@ class RoutingLogCallback(TrainerCallback):
         self._flush(args, state, optimizer)
 
 
+def _env_flag(name: str) -> bool:
+    """An ACCELERATE_USE_* flag as accelerate reads it (`accelerate launch` sets them in the processes)."""
+    return os.environ.get(name, "false").lower() == "true"
+
+
 def _record_step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
@@ -120,6 +125,12 @@ class MoLFTrainer(Trainer):
             raise ValueError("peft_config: molf's LoRA experts are set by molf.wrap(ranks=..., alphas=...), and peft "
                              "cannot wrap MoLF layers; drop peft_config (to start from a peft adapter, "
                              "merge_and_unload() it before molf.wrap)")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError("DeepSpeed: its ZeRO and bf16 optimizers flatten the parameters into partitions and "
+                             "hand those to the optimizer, but MoLFAdamW scores and updates each layer's experts "
+                             "as the model's own tensors; use DDP or FSDP2 (accelerate launch --use_fsdp "
+                             "--fsdp_version 2), which molf supports")
         model = kwargs.get("model", args[0] if args else None)
         own_optimizer = kwargs.get("optimizers", (None,))[0] is not None
         if not own_optimizer and model is not None:

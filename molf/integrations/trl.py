@@ -12,7 +12,6 @@ gets the routing log from `molf.integrations.hf.RoutingLogCallback()` added to i
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
@@ -22,7 +21,7 @@ from trl.trainer import grpo_trainer
 
 from .. import checkpoint
 from ..layer import disable_experts
-from .hf import MoLFTrainer
+from .hf import MoLFTrainer, _env_flag
 
 
 def _reference_path(model) -> str | None:
@@ -59,9 +58,9 @@ def _only_fresh_experts_train(model) -> bool:
 
 
 def _sharded_by_accelerate(config) -> bool:
-    """FSDP or DeepSpeed from the TrainingArguments or `accelerate launch`: trl prepares its reference for them."""
-    env = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
-    return bool(env or getattr(config, "fsdp", None) or getattr(config, "deepspeed", None))
+    """FSDP from the TrainingArguments or `accelerate launch`: trl prepares its reference for it (DeepSpeed is
+    refused by MoLFTrainer)."""
+    return bool(_env_flag("ACCELERATE_USE_FSDP") or getattr(config, "fsdp", None))
 
 
 class ExpertsOffReference(nn.Module):
