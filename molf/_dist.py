@@ -1,4 +1,5 @@
-"""torch.distributed helpers: local shards of FSDP2's DTensors, and the group a score sum is reduced over."""
+"""torch.distributed helpers: local shards of FSDP2's DTensors, the group a score sum is reduced over, FSDP1
+found and refused."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +34,15 @@ def shard_group(params):
         raise NotImplementedError("MoLFAdamW needs every sharded parameter on one device mesh dimension")
     _, dim, mesh = groups.pop()
     return mesh.get_group(mesh_dim=dim)
+
+
+def fsdp1_name(model: torch.nn.Module) -> str | None:
+    """Where FSDP1 (FullyShardedDataParallel) holds part of `model`: the name of a wrapping unit, or of a
+    parameter it has flattened (the model passed as the inner module of a unit); None when it holds none."""
+    for name, m in model.named_modules():
+        if type(m).__name__ == "FullyShardedDataParallel" and type(m).__module__.startswith("torch.distributed.fsdp"):
+            return name or "the model itself"
+    for name, p in model.named_parameters():
+        if getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False):
+            return name
+    return None

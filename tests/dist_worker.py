@@ -139,3 +139,25 @@ def plan_worker(rank, world, init_dir, out_dir):
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"plan{rank}.pt"))
     exit_rank_without_finalizing()
+
+
+def fsdp1_worker(rank, world, init_dir, out_dir):
+    """FSDP1 (FullyShardedDataParallel) around a wrapped model, with and without use_orig_params, and its inner
+    module passed instead: MoLFAdamW refuses each when built (before: routing differed per rank, or a KeyError)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
+        for orig in (True, False):
+            model = FullyShardedDataParallel(molf.wrap(tiny_qwen2(seed=0), backend="eager", **CFG),
+                                             device_id=torch.device("cpu"), use_orig_params=orig)
+            for name, target in (("wrapper", model), ("inner", model.module)):
+                try:
+                    molf.MoLFAdamW(target, **OPT)
+                    result[f"{orig}-{name}"] = None
+                except ValueError as e:
+                    result[f"{orig}-{name}"] = str(e)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"fsdp1-{rank}.pt"))
+    exit_rank_without_finalizing()

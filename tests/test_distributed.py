@@ -1,4 +1,4 @@
-"""DDP and FSDP2 (2 processes, gloo, CPU): identical routing on every rank, equal to one process."""
+"""DDP and FSDP2 (2 processes, gloo, CPU): identical routing on every rank, equal to one process; FSDP1 refused."""
 import contextlib
 
 import pytest
@@ -97,3 +97,18 @@ def test_molf_trainer_under_torchrun_ddp(tmp_path):
     assert steps == [1, 2, 3, 4]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4")
     assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
+
+
+def test_fsdp1_is_refused_when_the_optimizer_is_built(tmp_path):
+    """FSDP1 flattens each unit's parameters into per-rank pieces (use_orig_params=True leaves every rank a
+    different piece of each expert, False one flat tensor): MoLFAdamW would score and route on a rank's own piece.
+    Refused on every rank, for the wrapper and for its inner module alike."""
+    import dist_worker
+    mp.spawn(dist_worker.fsdp1_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"fsdp1-{rank}.pt", weights_only=False)
+        assert "error" not in result, result["error"]
+        assert len(result) == 4
+        for case, message in result.items():
+            assert message is not None and message.startswith("model is sharded with FSDP1"), (case, message)
+            assert "fsdp_version 2" in message
