@@ -381,18 +381,25 @@ def _publish(work: str, output: str, log) -> str:
     raise TrainError(f"{output} is taken and no free name was found next to it; the finished run is in {work}")
 
 
+_CAUGHT: list[int] = []  # signals _signals_raise turned into SystemExit, see raise_if_signalled
+
+
 @contextmanager
 def _signals_raise():
     """SIGTERM and SIGHUP (what `timeout`, Slurm and a closed terminal send) raise SystemExit(128 + signal)
-    like Ctrl-C raises KeyboardInterrupt, so that the work folder is cleaned up on the way out."""
+    like Ctrl-C raises KeyboardInterrupt, so that the work folder is cleaned up on the way out. A signal the
+    process ignores stays ignored (`nohup molf train ...` keeps running when the terminal closes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        _CAUGHT.append(signum)
         raise SystemExit(128 + signum)
 
-    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+            if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+    _CAUGHT.clear()
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield
@@ -401,14 +408,22 @@ def _signals_raise():
             signal.signal(s, h)
 
 
+def raise_if_signalled() -> None:
+    """SystemExit again for a signal caught earlier: Python prints and drops an exception a signal handler raises
+    while a __del__ or a weakref callback runs, and training would go on (checked after every step)."""
+    if _CAUGHT:
+        raise SystemExit(128 + _CAUGHT[0])
+
+
 def published(output: str, build, log, on_abort=None):
     """(build(work), final folder): build writes into a hidden folder beside `output`, which becomes
     `output` (or `output-N`, see _publish) only when build returns; if build raises (Ctrl-C, SIGTERM and
     SIGHUP included) the folder is removed and on_abort() runs."""
-    work = _new_work_dir(output)
-    with _signals_raise():
+    with _signals_raise():  # before the folder exists: a signal between the two would leave it behind
+        work = _new_work_dir(output)
         try:
             result = build(work)
+            raise_if_signalled()
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             if on_abort is not None:
@@ -538,6 +553,7 @@ def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_d
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            raise_if_signalled()
             if cfg.interrupt_at_step is not None and state.global_step == cfg.interrupt_at_step:
                 raise KeyboardInterrupt
 

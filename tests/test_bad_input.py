@@ -287,30 +287,83 @@ def test_train_unwritable_output_is_one_line_before_the_model_is_built(tmp_path,
     assert code == 2 and len(err) == 1 and "cannot write the output" in err[0], err
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
-def test_train_cleans_up_on_sigterm_and_sighup(tmp_path, sig):
+def _train_in_a_child(tmp_path, sighup=signal.SIG_DFL):
+    """`molf train` for 100000 steps in a child process, once its work folder exists, with SIGHUP's disposition
+    `sighup` (SIG_IGN: as under nohup; SIG_DFL whatever the test runner's own is)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "molf", "train", "--output", str(out), "--steps", "100000",
-                             "--facts", "20", "--no-progress", "--backend", "eager"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def dispositions():
+        signal.signal(signal.SIGHUP, sighup)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, "-m", "molf", "train", "--output", str(tmp_path / "run"), "--steps",
+                             "100000", "--facts", "20", "--no-progress", "--backend", "eager"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=dispositions)
+    deadline = time.time() + 120
+    while not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"molf train ended or took over 120 s before its work folder: {proc.communicate()}")
+        time.sleep(0.2)
+    time.sleep(3)  # inside training (or model building): either way the handler runs
+    return proc
+
+
+def _exits_cleaned_up(tmp_path, proc, sig):
     try:
-        deadline = time.time() + 120
-        while not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.2)
-        time.sleep(3)  # inside training (or model building): either way the handler runs
-        proc.send_signal(getattr(signal, sig))
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # seen once in a full suite, not reproduced in 14 runs: say where it hung
-            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
-            pytest.fail(f"molf train did not exit within 60 s of {sig}; its stacks:\n{proc.communicate()[1][-6000:]}")
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        pytest.fail(f"molf train did not exit within 60 s of {sig}; its stacks:\n{proc.communicate()[1][-6000:]}")
     finally:
         proc.kill()
-    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr.read()
-    assert not out.exists()
+    assert proc.returncode == 128 + sig, proc.stderr.read()
+    assert not (tmp_path / "run").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")], "the work folder is removed"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_train_cleans_up_on_sigterm_and_sighup(tmp_path, sig):
+    proc = _train_in_a_child(tmp_path)
+    proc.send_signal(getattr(signal, sig))
+    _exits_cleaned_up(tmp_path, proc, getattr(signal, sig))
+
+
+def test_train_under_nohup_keeps_running_on_sighup(tmp_path):
+    """nohup ignores SIGHUP so that a run outlives its terminal: molf train keeps it ignored (it used to install
+    its handler over it and stop, removing the run); SIGTERM still stops it cleanly."""
+    proc = _train_in_a_child(tmp_path, sighup=signal.SIG_IGN)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(3)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _exits_cleaned_up(tmp_path, proc, signal.SIGTERM)
+
+
+def test_a_signal_whose_exit_was_swallowed_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """Python prints and drops an exception a signal handler raises while a __del__ or a weakref callback runs:
+    the SIGTERM's SystemExit then never reaches molf, and training went on. Caught again after the step."""
+    import molf.train as mt
+    real_batch, calls = mt._batch, []
+
+    def batch_that_swallows_a_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs on the next bytecode, in here
+                time.sleep(0.5)
+            except SystemExit:
+                pass  # as Python does for an exception raised in __del__
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "_batch", batch_that_swallows_a_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--output", str(tmp_path / "run"), "--steps", "200", "--facts", "20", "--no-progress"])
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) < 6, len(calls)
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")], "the work folder is removed"
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
 def test_train_truncates_to_max_length_and_says_so(tmp_path, capsys):
