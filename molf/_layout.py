@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .layer import expert_names as layer_expert_names
-from .layer import molf_layers
+from .layer import molf_layers, unwrap_model
 
 # Param-group kinds: the full expert's weight and bias, the LoRA experts, everything else.
 FULL, FULL_BIAS, LORA, DECAY, NO_DECAY = "full", "full_bias", "lora", "decay", "no_decay"
@@ -29,6 +29,7 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (molf wraps the model, not a parameter list), "
                         f"got {type(model).__name__}")
+    model = unwrap_model(model)  # names as the model's own, not torch.compile's or DDP's wrapper's
     layers = molf_layers(model)
     if not layers:
         raise ValueError("the model has no MoLF layers: call molf.wrap(model, ...) before creating MoLFAdamW")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .layer import MoLFLinear, molf_layers
+from .layer import MoLFLinear, molf_layers, unwrap_model
 
 MOLF_CONFIG = "molf_config.json"
 MOLF_WEIGHTS = "molf_model.safetensors"
@@ -93,6 +93,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> str:
     `save_pretrained` (e.g. max_shard_size)."""
     from safetensors.torch import save_model
 
+    model = unwrap_model(model)
     layers = molf_layers(model)
     if not layers:
         raise ValueError("save_pretrained: the model has no MoLF layers (use the model's own save_pretrained)")
@@ -140,9 +141,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
+    inner = unwrap_model(model)
     if _config(path).get("quantized_base"):
-        return _load_quantized(model, path)
-    missing, unexpected = load_model(model, os.path.join(path, MOLF_WEIGHTS), strict=False)
+        _load_quantized(inner, path)
+        return model
+    missing, unexpected = load_model(inner, os.path.join(path, MOLF_WEIGHTS), strict=False)
     if missing or unexpected:
         raise ValueError(f"the molf checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from .layer import MoLFLinear, molf_layers
+from .layer import MoLFLinear, molf_layers, unwrap_model
 
 
 # peft's task type for a transformers head class (PeftModel.from_pretrained wraps the base by it)
@@ -26,6 +26,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
     not a LoRA adapter.
     """
+    model = unwrap_model(model)
     layers = molf_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoLF layers")

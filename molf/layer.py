@@ -290,6 +290,18 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule and DDP / DataParallel, whose parameter names (prefixed
+    `_orig_mod.`, `module.`) are not the model's: checkpoints, adapters and routing logs use the model's own."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def molf_layers(model: nn.Module) -> list[tuple[str, "MoLFLinear"]]:
     """(name, layer) of every MoLFLinear in the model, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLFLinear)]

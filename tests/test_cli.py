@@ -152,6 +152,33 @@ def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
         assert_close(merged(ids).logits, want, 1e-5, "merged peft logits")
 
 
+@pytest.mark.parametrize("outer", ["torch.compile", "DataParallel"])
+def test_checkpoints_exports_and_routing_names_see_through_compile_and_data_parallel(tmp_path, outer):
+    """A model passed inside torch.compile's wrapper or (D)DP's: its names gained `_orig_mod.` / `module.`, so
+    molf.from_pretrained refused the checkpoint ("wraps _orig_mod.model.layers.0...") and the routing log and the
+    adapter were named otherwise than the model's. They see through to the model now."""
+    from safetensors import safe_open
+
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 4), alphas=(8, 8), train_base=False, backend="eager")
+    wrapped = torch.compile(model, backend="eager") if outer == "torch.compile" else torch.nn.DataParallel(model)
+    opt = molf.MoLFAdamW(wrapped, lr=1e-2)
+    assert opt.layer_names[0] == "model.layers.0.self_attn.q_proj"
+    ids = batch()
+    wrapped(ids, labels=ids).loss.backward()
+    opt.step()
+    molf.save_pretrained(wrapped, tmp_path / "ckpt")
+    again = molf.from_pretrained(tmp_path / "ckpt", backend="eager")
+    assert again.state_dict().keys() == model.state_dict().keys()
+    for (n, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert molf.load(wrapped, tmp_path / "ckpt") is wrapped
+    molf.export_peft(wrapped, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys, keys[:3]
+    assert not [k for k in keys if "_orig_mod." in k or "model.module." in k]
+
+
 @pytest.mark.parametrize("task,peft_task", [("SequenceClassification", "SEQ_CLS"),
                                              ("TokenClassification", "TOKEN_CLS"),
                                              ("QuestionAnswering", "QUESTION_ANS")])
