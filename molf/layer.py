@@ -82,6 +82,8 @@ class MoLFLinear(nn.Module):
             kernels, always).
     """
 
+    experts_enabled = True  # False inside molf.disable_experts: y = base(x)
+
     def __init__(self, base: nn.Linear, ranks: Sequence[int] = (128,), alphas: Sequence[float] = (32,),
                  train_base: bool = True, rslora: bool = True, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -109,7 +111,6 @@ class MoLFLinear(nn.Module):
         self.ranks, self.alphas, self.rslora = ranks, alphas, rslora
         self.dropout = float(dropout)
         self.train_base = train_base
-        self.experts_enabled = True  # False inside molf.disable_experts: y = base(x)
         self.scalings = tuple(a / math.sqrt(r) if rslora else a / r for a, r in zip(alphas, ranks))
         self._s_cols: dict = {}  # column_scales per (device, dtype): built once, not per forward
         for p in base.parameters():  # train_base=True trains W and b even if they were frozen before wrapping
