@@ -63,6 +63,25 @@ def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
     MoLFTrainer(model, args, train_dataset=Rows()).train()
 
 
+def test_fsdp1_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """FSDP1 (accelerate launch --use_fsdp without --fsdp_version 2, or fsdp_config version 1) is refused before
+    anything is built, naming FSDP2; FSDP2 is not."""
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), backend="eager")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(ValueError, match=r"FSDP1: .* --fsdp_version 2"):
+        MoLFTrainer(model, args, train_dataset=Rows())
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert not molf.integrations.hf._fsdp1_requested(args)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    args.fsdp, args.fsdp_config = "full_shard", {"version": 1}  # set after construction, as a launcher would
+    with pytest.raises(ValueError, match=r"FSDP1: .*fsdp_config=\{'version': 2\}"):
+        MoLFTrainer(model, args, train_dataset=Rows())
+    args.fsdp_config = {"version": 2}
+    assert not molf.integrations.hf._fsdp1_requested(args)
+
+
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     full = make_trainer(tmp_path / "full", 6)
     full.train()

@@ -79,6 +79,14 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
+def _fsdp1_requested(training_args) -> bool:
+    """FSDP version 1 from the TrainingArguments (fsdp_config["version"], transformers' default 2) or from
+    `accelerate launch --use_fsdp` (its FSDP_VERSION, accelerate's default 1)."""
+    if getattr(training_args, "fsdp", None):
+        return int((getattr(training_args, "fsdp_config", None) or {}).get("version", 2)) == 1
+    return _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "1"
+
+
 def _record_step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
@@ -131,6 +139,11 @@ class MoLFTrainer(Trainer):
                              "hand those to the optimizer, but MoLFAdamW scores and updates each layer's experts "
                              "as the model's own tensors; use DDP or FSDP2 (accelerate launch --use_fsdp "
                              "--fsdp_version 2), which molf supports")
+        if _fsdp1_requested(training_args):
+            raise ValueError("FSDP1: the Trainer would shard the model with FullyShardedDataParallel, which flattens "
+                             "the experts' parameters into per-rank pieces (MoLFAdamW refuses them); use FSDP2: "
+                             "TrainingArguments(fsdp=..., fsdp_config={'version': 2}) or accelerate launch "
+                             "--use_fsdp --fsdp_version 2")
         model = kwargs.get("model", args[0] if args else None)
         own_optimizer = kwargs.get("optimizers", (None,))[0] is not None
         if not own_optimizer and model is not None:
