@@ -219,6 +219,11 @@ def test_molf_e_dpo_reference_is_the_policy_with_its_experts_off(tmp_path):
     for policy in (norms_train, off.model):  # the trained policy's experts are no longer zero
         with pytest.raises(ValueError, match="ref_model: the policy was built in memory"):
             dpo(tmp_path / "no", policy)
+    # the README's next stage without a copy: merge the trained policy, wrap it again (fresh experts)
+    stage2 = molf_e(molf.merge(off.model.eval()))
+    with torch.no_grad():  # both under the bf16 autocast accelerate put on the trained policy's forward
+        merged = stage2(ids).logits
+        assert torch.equal(dpo(tmp_path / "stage2", stage2).ref_model(ids).logits, merged)
 
 
 def test_molf_e_grpo_kl_reference_is_the_policy_with_its_experts_off(tmp_path, monkeypatch):
