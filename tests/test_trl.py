@@ -254,6 +254,29 @@ def test_molf_e_grpo_kl_reference_is_the_policy_with_its_experts_off(tmp_path, m
         assert torch.equal(p, q), n
 
 
+def test_deepspeed_and_fsdp1_are_refused_with_trl_args_in_their_place(tmp_path):
+    """trl's trainers take their config third (DPO: model, ref_model, args; GRPO: model, reward_funcs, args): the
+    DeepSpeed and FSDP1 refusals find it there too, and come first."""
+    from molf.integrations.trl import MoLFDPOTrainer, MoLFGRPOTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    model = molf_e(tiny_qwen2(vocab=len(tok)))
+    dpo_args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    grpo_args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                               per_device_train_batch_size=4, num_generations=4)
+    for args in (dpo_args, grpo_args):
+        args.deepspeed = "ds_config.json"
+        with pytest.raises(ValueError, match="DeepSpeed: "):
+            if args is dpo_args:
+                MoLFDPOTrainer(model, None, args, train_dataset=preference_pairs(), processing_class=tok)
+            else:
+                MoLFGRPOTrainer(model, lambda completions, **_: [0.0] * len(completions), args,
+                                train_dataset=preference_pairs("prompt"), processing_class=tok)
+        args.deepspeed, args.fsdp, args.fsdp_config = None, "full_shard", {"version": 1}
+        with pytest.raises(ValueError, match="FSDP1: "):  # before the in-memory policy's missing reference
+            MoLFDPOTrainer(model, None, args, train_dataset=preference_pairs(), processing_class=tok)
+
+
 def test_a_policy_trained_since_loading_warns_that_the_reference_is_the_older_model(tmp_path, recwarn):
     """SFT then DPO in one script: the wrapped policy trained in memory, and trl would load the reference from
     the plain model it was loaded from. It warns; the remedies (ref_model, or a molf checkpoint to build from)

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .. import checkpoint
 from ..optim import MoLFAdamW
@@ -87,6 +87,22 @@ def _fsdp1_requested(training_args) -> bool:
     return _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") == "1"
 
 
+def check_sharding(*trainer_args) -> None:
+    """Refuse DeepSpeed and FSDP1, from the TrainingArguments among a trainer's arguments (wherever they are:
+    trl's trainers take them third) or from `accelerate launch`'s environment."""
+    training_args = next((a for a in trainer_args if isinstance(a, TrainingArguments)), None)
+    if getattr(training_args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError("DeepSpeed: its ZeRO and bf16 optimizers flatten the parameters into partitions and hand "
+                         "those to the optimizer, but MoLFAdamW scores and updates each layer's experts as the "
+                         "model's own tensors; use DDP or FSDP2 (accelerate launch --use_fsdp --fsdp_version 2), "
+                         "which molf supports")
+    if _fsdp1_requested(training_args):
+        raise ValueError("FSDP1: the Trainer would shard the model with FullyShardedDataParallel, which flattens the "
+                         "experts' parameters into per-rank pieces (MoLFAdamW refuses them); use FSDP2: "
+                         "TrainingArguments(fsdp=..., fsdp_config={'version': 2}) or accelerate launch --use_fsdp "
+                         "--fsdp_version 2")
+
+
 def _record_step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
@@ -133,17 +149,7 @@ class MoLFTrainer(Trainer):
             raise ValueError("peft_config: molf's LoRA experts are set by molf.wrap(ranks=..., alphas=...), and peft "
                              "cannot wrap MoLF layers; drop peft_config (to start from a peft adapter, "
                              "merge_and_unload() it before molf.wrap)")
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if getattr(training_args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
-            raise ValueError("DeepSpeed: its ZeRO and bf16 optimizers flatten the parameters into partitions and "
-                             "hand those to the optimizer, but MoLFAdamW scores and updates each layer's experts "
-                             "as the model's own tensors; use DDP or FSDP2 (accelerate launch --use_fsdp "
-                             "--fsdp_version 2), which molf supports")
-        if _fsdp1_requested(training_args):
-            raise ValueError("FSDP1: the Trainer would shard the model with FullyShardedDataParallel, which flattens "
-                             "the experts' parameters into per-rank pieces (MoLFAdamW refuses them); use FSDP2: "
-                             "TrainingArguments(fsdp=..., fsdp_config={'version': 2}) or accelerate launch "
-                             "--use_fsdp --fsdp_version 2")
+        check_sharding(*args, *kwargs.values())
         model = kwargs.get("model", args[0] if args else None)
         own_optimizer = kwargs.get("optimizers", (None,))[0] is not None
         if not own_optimizer and model is not None:

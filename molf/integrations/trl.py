@@ -21,7 +21,7 @@ from trl.trainer import grpo_trainer
 
 from .. import checkpoint
 from ..layer import disable_experts
-from .hf import MoLFTrainer, _env_flag
+from .hf import MoLFTrainer, _env_flag, check_sharding
 
 
 def _reference_path(model) -> str | None:
@@ -80,6 +80,8 @@ class ExpertsOffReference(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if "policy" not in self.__dict__:  # a copy being built
+                raise
             return getattr(self.__dict__["policy"], name)
 
     def forward(self, *args, **kwargs):
@@ -141,6 +143,7 @@ class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
     its first step (the LoRA experts start with B = 0)."""
 
     def __init__(self, model, ref_model=None, *args, **kwargs):
+        check_sharding(*args, *kwargs.values())  # before what the reference needs: it is refused whatever
         config = kwargs.get("args", args[0] if args else None)
         if ref_model is None and _experts_off_reference_applies(model, config):
             ref_model = ExpertsOffReference(model)
@@ -166,6 +169,7 @@ class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
     train, else trl loads it from the policy's `config.name_or_path`."""
 
     def __init__(self, model, reward_funcs=None, *args, **kwargs):
+        check_sharding(*args, *kwargs.values())
         config = kwargs.get("args", args[0] if args else None)
         if getattr(config, "use_vllm", False):
             raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
