@@ -68,6 +68,12 @@ def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, 
     return y2.view(*lead, y.shape[-1])
 
 
+META_EXPERTS = ("the LoRA experts are created on the meta device, so they hold no values: after model.to_empty(...) "
+                "and loading the base weights, call reset_lora_parameters() on every MoLF layer (for _, m in "
+                "molf.layer.molf_layers(model): m.reset_lora_parameters()), or load a molf checkpoint; otherwise B "
+                "is whatever memory to_empty gives")
+
+
 class MoLFLinear(nn.Module):
     """A MoLF layer: `base` (an nn.Linear, the "full" expert when it trains) plus LoRA experts.
 
@@ -120,6 +126,8 @@ class MoLFLinear(nn.Module):
         self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, k, device=w.device, dtype=dtype)) for r in ranks])
         self.lora_B = nn.ParameterList([nn.Parameter(torch.empty(n, r, device=w.device, dtype=dtype)) for r in ranks])
         self.reset_lora_parameters()
+        if w.is_meta:
+            warnings.warn(META_EXPERTS, UserWarning, stacklevel=2)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -444,8 +452,12 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         raise ValueError(problems[0] + more)
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} selects no linear layer of the model")
-    for name, lin in chosen:
-        _set_child(model, name, MoLFLinear(lin, ranks, alphas, train_base, rslora, dropout, backend))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(META_EXPERTS[:40]))  # said once below, not per layer
+        for name, lin in chosen:
+            _set_child(model, name, MoLFLinear(lin, ranks, alphas, train_base, rslora, dropout, backend))
+    if any(lin.weight.is_meta for _, lin in chosen):
+        warnings.warn(META_EXPERTS, UserWarning, stacklevel=2)
     if freeze_others:
         inside = {id(p) for m in model.modules() if isinstance(m, MoLFLinear) for p in m.parameters()}
         inside |= {id(p) for n in _task_heads(model) for p in getattr(model, n).parameters()}

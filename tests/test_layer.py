@@ -160,6 +160,29 @@ def test_disable_experts_computes_the_plain_model_and_restores(backend):
     assert torch.equal(model(ids).logits, wrapped)
 
 
+def test_wrapping_on_the_meta_device_warns_once_and_the_reset_gives_the_plain_model():
+    """Experts made on the meta device hold nothing: after to_empty, B is whatever memory comes (seen 2e13).
+    wrap says so once (not per layer) with the remedy, which gives the plain model back."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        molf.wrap(model, ranks=(2,), alphas=(8,), train_base=False, target_modules=["0", "2"], backend="eager")
+    said = [w for w in caught if "created on the meta device" in str(w.message)]
+    assert len(said) == 1 and "reset_lora_parameters()" in str(said[0].message)
+    with pytest.warns(UserWarning, match="created on the meta device"):
+        molf.MoLFLinear(nn.Linear(4, 4, device="meta"), ranks=(2,), alphas=(8,))
+    model.to_empty(device="cpu")
+    model.load_state_dict({k.replace(".", ".base.", 1): v for k, v in plain.state_dict().items()}, strict=False)
+    for _, m in molf.layer.molf_layers(model):
+        m.reset_lora_parameters()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+
+
 def test_disable_experts_needs_molf_layers():
     with pytest.raises(ValueError, match=r"model \(Qwen2ForCausalLM\) has no MoLF layers to disable"):
         with molf.disable_experts(tiny_qwen2()):
