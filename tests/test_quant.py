@@ -36,11 +36,11 @@ def quantized(lin: nn.Linear, kind: str, compute_dtype=torch.float32) -> nn.Modu
     return q.to(DEVICE)
 
 
-def quantized_qwen2(tmp_path, kind="nf4-double", layers=2):
+def quantized_qwen2(tmp_path, kind="nf4-double", layers=2, **config):
     """A tiny Qwen2 saved and loaded back with a BitsAndBytesConfig: what a user's from_pretrained gives
     (widths multiples of 64: bitsandbytes' CPU inference repacking fails below its block size)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    tiny_qwen2(layers=layers, hidden=64, inter=128).save_pretrained(tmp_path / "float")
+    tiny_qwen2(layers=layers, hidden=64, inter=128, **config).save_pretrained(tmp_path / "float")
     if kind == "int8":
         cfg = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -312,3 +312,35 @@ def test_dequantize_after_bitsandbytes_cpu_inference_repacking(tmp_path):
         molf.merge(model)
     assert_close(model(batch().to(DEVICE)).logits, want, 1e-2,
                  f"merged after inference ({len(repacked)} layers repacked)")
+
+
+def test_qlora_dpo_reference_is_the_quantized_base_with_the_experts_off(tmp_path):
+    """MoLF-E on a 4-bit base under DPO: the reference is the policy with its experts off (no second quantized
+    model). Its layers keep their mode: an eval forward without gradients would let bitsandbytes repack the
+    weights for its CPU inference kernels, after which training them fails (bitsandbytes 0.50.2)."""
+    trl = pytest.importorskip("trl", reason="trl is a dev extra")
+    from test_trl import TEXTS, preference_pairs
+
+    from molf.integrations.trl import ExpertsOffReference, MoLFDPOTrainer
+    from molf.train import builtin_tokenizer
+
+    tok = builtin_tokenizer(TEXTS)
+    model = quantized_qwen2(tmp_path, "nf4", vocab=len(tok))
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 16), train_base=False, freeze_others=True, backend="eager")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=3e-3, report_to=[], use_cpu=True, max_length=32, save_strategy="no",
+                         disable_tqdm=True, logging_steps=1, seed=0)
+    trainer = MoLFDPOTrainer(model, None, args, train_dataset=preference_pairs(), processing_class=tok,
+                             lora_lr=3e-3, backend="eager")
+    assert isinstance(trainer.ref_model, ExpertsOffReference)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and abs(losses[0] - 0.6931) < 1e-3, losses
+    layers = molf.layer.molf_layers(model)
+    assert not [n for n, m in layers if getattr(m.base.weight.quant_state, "packing_format_for_cpu", False)]
+    ids = batch(vocab=len(tok)).to(DEVICE)
+    with torch.no_grad(), molf.disable_experts(model):
+        base = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(trainer.ref_model(ids).logits, base)
+        assert not torch.equal(model(ids).logits, base)

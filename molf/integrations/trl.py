@@ -19,7 +19,7 @@ from torch import nn
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
 from trl.trainer import grpo_trainer
 
-from .. import checkpoint
+from .. import checkpoint, quant
 from ..layer import disable_experts
 from .hf import MoLFTrainer, _env_flag, check_sharding
 
@@ -90,6 +90,12 @@ class ExpertsOffReference(nn.Module):
     def __call__(self, *args, **kwargs):
         modes = [(m, m.training) for m in self.policy.modules()]
         self.policy.eval()
+        for m, training in modes:
+            # bitsandbytes' 4-bit layers compute alike in both modes, but on the CPU an eval forward without
+            # gradients repacks their weight in place for its inference kernels, after which training them fails
+            # (bitsandbytes 0.50.2): they keep their mode
+            if quant.quant_kind(m) is not None:
+                m.training = training
         try:
             with torch.no_grad(), disable_experts(self.policy):
                 return super().__call__(*args, **kwargs)
