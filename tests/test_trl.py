@@ -1,4 +1,4 @@
-"""molf under trl's SFT, DPO, GRPO and Reward trainers: training, routing log, references, exact resume."""
+"""molf under trl's SFT, DPO, KTO, GRPO, RLOO and Reward trainers: training, routing log, references, exact resume."""
 import json
 
 import pytest
@@ -252,6 +252,77 @@ def test_molf_e_grpo_kl_reference_is_the_policy_with_its_experts_off(tmp_path, m
     assert kl == kl_loaded and kl[0] == 0.0 < kl[-1], (kl, kl_loaded)
     for (n, p), q in zip(off.named_parameters(), loaded.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_kto_reference_as_dpo_s(tmp_path):
+    """KTO takes DPO's reference handling: the policy with its experts off when only fresh experts train (equal,
+    bitwise, to training against a deep copy), else trl's plain model loaded from the path."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from molf.integrations.trl import ExpertsOffReference, MoLFKTOTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    labelled = datasets.Dataset.from_dict({"prompt": TEXTS[:8], "completion": TEXTS[8:], "label": [True, False] * 4})
+
+    def kto(out, policy, ref=None):
+        args = trl.KTOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=3e-3,
+                             report_to=[], use_cpu=True, max_length=32, logging_steps=1, disable_tqdm=True, seed=0,
+                             save_strategy="no")
+        return MoLFKTOTrainer(policy, ref, args, train_dataset=labelled, processing_class=tok, lora_lr=3e-3,
+                              backend="eager")
+
+    plain = tiny_qwen2(vocab=len(tok))
+    off = kto(tmp_path / "off", molf_e(copy.deepcopy(plain)))
+    assert isinstance(off.ref_model, ExpertsOffReference)
+    off.train()
+    losses = [h["loss"] for h in off.state.log_history if "loss" in h]
+    assert abs(losses[0] - 0.5) < 1e-4 and losses[-1] < losses[0], losses  # KTO's 1 - sigmoid(0) while policy == ref
+    steps = [json.loads(x)["step"] for x in (tmp_path / "off" / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    policy = molf_e(copy.deepcopy(plain))
+    copied = kto(tmp_path / "copy", policy, copy.deepcopy(policy))
+    copied.train()
+    for (n, p), q in zip(off.model.named_parameters(), copied.model.parameters()):
+        assert torch.equal(p, q), n
+    plain.save_pretrained(tmp_path / "base")
+    full = molf.wrap(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), ranks=(2, 8), alphas=(8, 16),
+                     backend="eager")
+    trainer = kto(tmp_path / "molf", full)
+    assert not any(isinstance(m, molf.MoLFLinear) for m in trainer.ref_model.modules())  # the plain model
+    trainer.train()
+    assert trainer.molf_optimizer.molf_step == 3
+
+
+def test_rloo_kl_reference_and_generation_as_grpo_s(tmp_path):
+    """RLOO (beta 0.05 by default: a KL reference unless set to 0): the policy with its experts off when only
+    fresh experts train, also built in memory; otherwise a model built in memory is refused, as is vLLM."""
+    from molf.integrations.trl import ExpertsOffReference, MoLFRLOOTrainer
+
+    tok = builtin_tokenizer(TEXTS)
+    prompts = datasets.Dataset.from_dict({"prompt": TEXTS[:8]})
+
+    def rloo(policy, **kw):
+        args = trl.RLOOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                              max_completion_length=6, learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1,
+                              save_strategy="no", disable_tqdm=True, seed=0, **kw)
+        return MoLFRLOOTrainer(policy, lambda completions, **_: [float(len(c)) for c in completions], args,
+                               train_dataset=prompts, processing_class=tok, lora_lr=1e-2, backend="eager")
+
+    trainer = rloo(molf_e(tiny_qwen2(vocab=len(tok))))
+    assert isinstance(trainer.ref_model, ExpertsOffReference)
+    trainer.train()
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert trainer.molf_optimizer.molf_step == 3 and kl[0] == 0.0 and kl[-1] != 0.0, kl
+    steps = [json.loads(x)["step"] for x in (tmp_path / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    full = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2,), alphas=(8,), backend="eager")
+    with pytest.raises(ValueError, match=r"beta=0.05: trl loads RLOO's reference model .* built in memory"):
+        rloo(full)
+    with pytest.raises(ValueError, match=r"use_vllm=True: .* RLOOConfig\(use_vllm=False\)"):
+        rloo(full, use_vllm=True)
+    rloo(full, beta=0.0)  # no reference needed
 
 
 def test_deepspeed_and_fsdp1_are_refused_with_trl_args_in_their_place(tmp_path):

@@ -1,5 +1,5 @@
-"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer`, `MoLFGRPOTrainer` and `MoLFRewardTrainer`, everything
-`MoLFTrainer` adds on trl's SFTTrainer, DPOTrainer, GRPOTrainer and RewardTrainer.
+"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer`, `MoLFKTOTrainer`, `MoLFGRPOTrainer`, `MoLFRLOOTrainer` and
+`MoLFRewardTrainer`, everything `MoLFTrainer` adds on trl's trainers of those names.
 
     molf.wrap(model, ranks=(128,), alphas=(32,))
     from molf.integrations.trl import MoLFSFTTrainer
@@ -16,8 +16,8 @@ import warnings
 
 import torch
 from torch import nn
-from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
-from trl.trainer import grpo_trainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
+from trl.trainer import grpo_trainer, rloo_trainer
 
 from .. import checkpoint, quant
 from ..layer import disable_experts
@@ -139,6 +139,51 @@ class MoLFRewardTrainer(MoLFTrainer, RewardTrainer):
     `score` head trains as a plain parameter, also under freeze_others (see molf.wrap)."""
 
 
+def _preference_reference(model, ref_model, config, trainer: str, method: str):
+    """DPO's and KTO's reference: the user's, else ExpertsOffReference when only fresh experts train, else None
+    (trl loads it from the policy's path: refused for a model built in memory, warned for a policy trained since
+    it was loaded)."""
+    if ref_model is None and _experts_off_reference_applies(model, config):
+        return ExpertsOffReference(model)
+    if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):  # trl loads one
+        if _reference_path(model) == "":
+            raise ValueError(f"ref_model: the policy was built in memory (its config.name_or_path is empty), so trl "
+                             f"cannot load {method}'s reference model from it; pass ref_model=copy.deepcopy(model) "
+                             f"before training, or {method}Config(precompute_ref_log_probs=True) (a policy whose "
+                             "only trainable parameters are fresh LoRA experts, molf.wrap(..., train_base=False, "
+                             "freeze_others=True), needs neither: its reference is itself with the experts off)")
+        _warn_if_trained_since_loaded(model, f"{trainer} without ref_model", "pass ref_model=copy.deepcopy(model), or ")
+    return ref_model
+
+
+def _kl_reference(trainer_module, model, config, trainer: str, method: str):
+    """GRPO's and RLOO's KL reference (they take no ref_model; trl builds one when beta > 0): a context for
+    building the trainer, in which trl's load gives ExpertsOffReference when only fresh experts train. vLLM is
+    refused: trl syncs a non-peft policy into it parameter by parameter, by name, and a wrapped model's names
+    (q_proj.base.weight, q_proj.lora_A.0, ...) and low-rank terms are not the plain model's."""
+    if getattr(config, "use_vllm", False):
+        raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
+                         "model's parameters (base weights and LoRA experts) are not the plain model's; set "
+                         f"{method}Config(use_vllm=False) (generation through transformers)")
+    beta = getattr(config, "beta", 0.0)
+    if beta and _experts_off_reference_applies(model, config):
+        return _loads_experts_off_reference(trainer_module, model)
+    if beta:  # trl loads a KL reference
+        if _reference_path(model) == "":
+            raise ValueError(f"beta={beta}: trl loads {method}'s reference model from the policy's "
+                             "config.name_or_path, which a model built in memory has not; save_pretrained the model "
+                             "and load it back before molf.wrap, or set beta=0.0 (a policy whose only trainable "
+                             "parameters are fresh LoRA experts needs no path: its reference is itself with the "
+                             "experts off)")
+        _warn_if_trained_since_loaded(model, f"{trainer} with beta={beta}", "")
+    return contextlib.nullcontext()
+
+
+def _config(args, kwargs):
+    """A trl trainer's config: its third positional argument (args here), or args=."""
+    return kwargs.get("args", args[0] if args else None)
+
+
 class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
     """trl.DPOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's).
 
@@ -150,46 +195,38 @@ class MoLFDPOTrainer(MoLFTrainer, DPOTrainer):
 
     def __init__(self, model, ref_model=None, *args, **kwargs):
         check_sharding(*args, *kwargs.values())  # before what the reference needs: it is refused whatever
-        config = kwargs.get("args", args[0] if args else None)
-        if ref_model is None and _experts_off_reference_applies(model, config):
-            ref_model = ExpertsOffReference(model)
-        if ref_model is None and not getattr(config, "precompute_ref_log_probs", False):  # trl loads one
-            if _reference_path(model) == "":
-                raise ValueError("ref_model: the policy was built in memory (its config.name_or_path is empty), so "
-                                 "trl cannot load DPO's reference model from it; pass ref_model=copy.deepcopy(model) "
-                                 "before training, or DPOConfig(precompute_ref_log_probs=True) (a policy whose only "
-                                 "trainable parameters are fresh LoRA experts, molf.wrap(..., train_base=False, "
-                                 "freeze_others=True), needs neither: its reference is itself with the experts off)")
-            _warn_if_trained_since_loaded(model, "MoLFDPOTrainer without ref_model",
-                                          "pass ref_model=copy.deepcopy(model), or ")
+        ref_model = _preference_reference(model, ref_model, _config(args, kwargs), "MoLFDPOTrainer", "DPO")
+        super().__init__(model, ref_model, *args, **kwargs)
+
+
+class MoLFKTOTrainer(MoLFTrainer, KTOTrainer):
+    """trl.KTOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's); its
+    reference as MoLFDPOTrainer's."""
+
+    def __init__(self, model, ref_model=None, *args, **kwargs):
+        check_sharding(*args, *kwargs.values())
+        ref_model = _preference_reference(model, ref_model, _config(args, kwargs), "MoLFKTOTrainer", "KTO")
         super().__init__(model, ref_model, *args, **kwargs)
 
 
 class MoLFGRPOTrainer(MoLFTrainer, GRPOTrainer):
     """trl.GRPOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's).
 
-    Completions are generated with the wrapped policy (transformers' generate through the MoLF layers). vLLM is
-    refused: trl syncs a non-peft policy into vLLM parameter by parameter, by name, and a wrapped model's names
-    (q_proj.base.weight, q_proj.lora_A.0, ...) and its low-rank terms are not the plain model's. With
-    `beta > 0`, the KL reference is MoLFDPOTrainer's: the policy with its experts off when only fresh experts
-    train, else trl loads it from the policy's `config.name_or_path`."""
+    Completions are generated with the wrapped policy (transformers' generate through the MoLF layers); vLLM is
+    refused. With `beta > 0`, the KL reference is the policy with its experts off when only fresh experts train,
+    else trl loads it from the policy's `config.name_or_path`, as MoLFDPOTrainer's."""
 
     def __init__(self, model, reward_funcs=None, *args, **kwargs):
         check_sharding(*args, *kwargs.values())
-        config = kwargs.get("args", args[0] if args else None)
-        if getattr(config, "use_vllm", False):
-            raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
-                             "model's parameters (base weights and LoRA experts) are not the plain model's; set "
-                             "GRPOConfig(use_vllm=False) (generation through transformers)")
-        beta = getattr(config, "beta", 0.0)
-        experts_off = bool(beta) and _experts_off_reference_applies(model, config)
-        if beta and not experts_off:  # trl loads a KL reference
-            if _reference_path(model) == "":
-                raise ValueError(f"beta={beta}: trl loads GRPO's reference model from the policy's "
-                                 "config.name_or_path, which a model built in memory has not; save_pretrained the "
-                                 "model and load it back before molf.wrap, or set beta=0.0 (trl's default) (a policy "
-                                 "whose only trainable parameters are fresh LoRA experts needs no path: its reference "
-                                 "is itself with the experts off)")
-            _warn_if_trained_since_loaded(model, f"MoLFGRPOTrainer with beta={beta}", "")
-        with _loads_experts_off_reference(grpo_trainer, model) if experts_off else contextlib.nullcontext():
+        with _kl_reference(grpo_trainer, model, _config(args, kwargs), "MoLFGRPOTrainer", "GRPO"):
+            super().__init__(model, reward_funcs, *args, **kwargs)
+
+
+class MoLFRLOOTrainer(MoLFTrainer, RLOOTrainer):
+    """trl.RLOOTrainer stepping a molf-wrapped model with MoLFAdamW (keyword arguments as MoLFTrainer's); its
+    KL reference (RLOOConfig's beta is 0.05 by default) and generation as MoLFGRPOTrainer's."""
+
+    def __init__(self, model, reward_funcs=None, *args, **kwargs):
+        check_sharding(*args, *kwargs.values())
+        with _kl_reference(rloo_trainer, model, _config(args, kwargs), "MoLFRLOOTrainer", "RLOO"):
             super().__init__(model, reward_funcs, *args, **kwargs)
