@@ -113,7 +113,7 @@ def _experts_off_reference_applies(model, config) -> bool:
 
 @contextlib.contextmanager
 def _loads_experts_off_reference(trainer_module, model):
-    """A trainer that takes no ref_model (GRPO) builds its reference with create_model_from_path(the policy's
+    """A trainer that takes no ref_model (GRPO, RLOO) builds its reference with create_model_from_path(the policy's
     path): while it is built, that call returns ExpertsOffReference(model) instead of loading a second copy."""
     load = getattr(trainer_module, "create_model_from_path", None)
     if load is None:  # another trl: it loads its reference as before
