@@ -46,3 +46,18 @@ def fsdp1_name(model: torch.nn.Module) -> str | None:
         if getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False):
             return name
     return None
+
+
+def sharded_or_replicated(model: torch.nn.Module) -> str | None:
+    """What already shards or replicates `model` across processes (DDP, FSDP2's fully_shard, FSDP1), which would
+    not see parameters added to it afterwards; None when nothing does."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "DistributedDataParallel"
+    fsdp1 = fsdp1_name(model)
+    if fsdp1 is not None:
+        return f"FSDP1 (FullyShardedDataParallel, at {fsdp1})"
+    for name, m in model.named_modules():
+        if any(c.__name__ == "FSDPModule" and c.__module__.startswith("torch.distributed.fsdp")
+               for c in type(m).__mro__):
+            return f"FSDP2 (fully_shard, at {name or 'the model itself'})"
+    return None

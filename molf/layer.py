@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import _backend, _checks, _cpu, _plan, quant
+from . import _backend, _checks, _cpu, _dist, _plan, quant
 from ._math import dropout_keep, dropout_seed
 from .kernels._env import column_scales
 
@@ -412,6 +412,12 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") for m in model.modules()):
         raise ValueError("model is a peft model (it holds peft's LoRA layers, which molf would train unrouted): call "
                          "model.merge_and_unload() first and wrap the plain model it returns")
+    sharded = _dist.sharded_or_replicated(model)
+    if sharded is not None:
+        raise ValueError(f"model is already wrapped by {sharded}, which would not see the LoRA experts wrap adds "
+                         "(their gradients would not be averaged or sharded across processes): call molf.wrap on "
+                         "the plain model first, then DDP / fully_shard, then MoLFAdamW")
+    outer, model = model, unwrap_model(model)  # torch.compile's and DataParallel's wrapper: wrap the model inside
     wrapped = [n for n, _ in molf_layers(model)]
     if wrapped:
         raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "
@@ -464,7 +470,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         for p in model.parameters():
             if id(p) not in inside:
                 p.requires_grad_(False)
-    return model
+    return outer
 
 
 def merge(model: nn.Module) -> nn.Module:

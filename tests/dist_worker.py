@@ -141,23 +141,37 @@ def plan_worker(rank, world, init_dir, out_dir):
     exit_rank_without_finalizing()
 
 
-def fsdp1_worker(rank, world, init_dir, out_dir):
-    """FSDP1 (FullyShardedDataParallel) around a wrapped model, with and without use_orig_params, and its inner
-    module passed instead: MoLFAdamW refuses each when built (before: routing differed per rank, or a KeyError)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def refusals_worker(rank, world, init_dir, out_dir):
+    """What molf refuses under torch.distributed, as the message each raises (None: nothing raised).
+    MoLFAdamW on FSDP1 (FullyShardedDataParallel), with and without use_orig_params, and on its inner module
+    (before: routing differed per rank, or a KeyError); molf.wrap after DDP, fully_shard or FSDP1 (before: the
+    new experts were outside DDP's buckets and FSDP's shards, their gradients neither averaged nor sharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    def message(fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except ValueError as e:
+            return str(e)
+        return None
+
     result = {}
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
         for orig in (True, False):
             model = FullyShardedDataParallel(molf.wrap(tiny_qwen2(seed=0), backend="eager", **CFG),
                                              device_id=torch.device("cpu"), use_orig_params=orig)
-            for name, target in (("wrapper", model), ("inner", model.module)):
-                try:
-                    molf.MoLFAdamW(target, **OPT)
-                    result[f"{orig}-{name}"] = None
-                except ValueError as e:
-                    result[f"{orig}-{name}"] = str(e)
+            result[f"optimizer-fsdp1-{orig}"] = message(molf.MoLFAdamW, model, **OPT)
+            result[f"optimizer-fsdp1-{orig}-inner"] = message(molf.MoLFAdamW, model.module, **OPT)
+        result["wrap-ddp"] = message(molf.wrap, torch.nn.parallel.DistributedDataParallel(tiny_qwen2(seed=0)), **CFG)
+        plain = tiny_qwen2(seed=0)
+        for layer in plain.model.layers:
+            fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
+        result["wrap-fsdp2"] = message(molf.wrap, plain, **CFG)
+        result["wrap-fsdp1"] = message(molf.wrap, FullyShardedDataParallel(
+            tiny_qwen2(seed=0), device_id=torch.device("cpu")), **CFG)
     except Exception:
         result["error"] = traceback.format_exc()
-    torch.save(result, os.path.join(out_dir, f"fsdp1-{rank}.pt"))
+    torch.save(result, os.path.join(out_dir, f"refusals-{rank}.pt"))
     exit_rank_without_finalizing()

@@ -99,16 +99,22 @@ def test_molf_trainer_under_torchrun_ddp(tmp_path):
     assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
 
 
-def test_fsdp1_is_refused_when_the_optimizer_is_built(tmp_path):
+def test_fsdp1_and_wrapping_after_sharding_are_refused(tmp_path):
     """FSDP1 flattens each unit's parameters into per-rank pieces (use_orig_params=True leaves every rank a
     different piece of each expert, False one flat tensor): MoLFAdamW would score and route on a rank's own piece.
-    Refused on every rank, for the wrapper and for its inner module alike."""
+    molf.wrap after DDP or FSDP (1 or 2) adds experts they do not see. Each refused on every rank."""
     import dist_worker
-    mp.spawn(dist_worker.fsdp1_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    mp.spawn(dist_worker.refusals_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
-        result = torch.load(tmp_path / f"fsdp1-{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"refusals-{rank}.pt", weights_only=False)
         assert "error" not in result, result["error"]
-        assert len(result) == 4
-        for case, message in result.items():
-            assert message is not None and message.startswith("model is sharded with FSDP1"), (case, message)
-            assert "fsdp_version 2" in message
+        assert len(result) == 7, sorted(result)
+        for case, said in result.items():
+            assert said is not None, case
+            if case.startswith("optimizer"):
+                assert said.startswith("model is sharded with FSDP1") and "fsdp_version 2" in said, (case, said)
+            else:
+                wrapper = {"wrap-ddp": "DistributedDataParallel", "wrap-fsdp1": "FSDP1",
+                           "wrap-fsdp2": "FSDP2 (fully_shard, at model.layers.0)"}[case]
+                assert said.startswith(f"model is already wrapped by {wrapper}"), (case, said)
+                assert "call molf.wrap on the plain model first" in said

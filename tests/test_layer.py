@@ -192,6 +192,21 @@ def test_disable_experts_needs_molf_layers():
             pass
 
 
+def test_wrap_sees_through_torch_compile_and_data_parallel():
+    """wrap on torch.compile's or DataParallel's wrapper wraps the model inside and returns the wrapper; a
+    classifier's head is found there (before: under torch.compile it was wrapped and frozen like any linear)."""
+    classifier = tiny_qwen2(task="SequenceClassification", num_labels=2)
+    compiled = torch.compile(classifier, backend="eager")
+    assert molf.wrap(compiled, ranks=(2,), alphas=(8,), train_base=False, target_modules="all-linear",
+                     freeze_others=True, backend="eager") is compiled
+    assert isinstance(classifier.model.layers[0].self_attn.q_proj, molf.MoLFLinear)
+    assert type(classifier.score) is nn.Linear and classifier.score.weight.requires_grad
+    inner = tiny_qwen2()
+    parallel = nn.DataParallel(inner)
+    assert molf.wrap(parallel, ranks=(2,), alphas=(8,), backend="eager") is parallel
+    assert isinstance(inner.model.layers[0].mlp.down_proj, molf.MoLFLinear)
+
+
 def test_wrap_freeze_others():
     model = molf.wrap(tiny_qwen2(), ranks=(2, 4), alphas=(8, 8), train_base=False, freeze_others=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
