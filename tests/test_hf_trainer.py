@@ -104,6 +104,39 @@ def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     assert resumed == [4, 5, 6]
 
 
+def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
+    """The README's route for any other Trainer: optimizers=(MoLFAdamW, None) plus RoutingLogCallback. The
+    routing log has every step once, also after a resume (which continues bitwise); the checkpoints are
+    transformers' own, the wrapped layout."""
+    from safetensors import safe_open
+    from transformers import Trainer
+
+    from molf.integrations.hf import RoutingLogCallback
+
+    def trainer(out):
+        model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
+        opt = molf.MoLFAdamW(model, lr=3e-3, backend="eager")
+        args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                                 save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=Rows(), optimizers=(opt, None),
+                       callbacks=[RoutingLogCallback()])
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    log = tmp_path / "full" / "molf_routing.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    with safe_open(str(tmp_path / "full" / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.base.weight" in f.keys()
+    part = trainer(tmp_path / "part")
+    (tmp_path / "part").mkdir(exist_ok=True)
+    (tmp_path / "part" / "molf_routing.jsonl").write_text(log.read_text())  # as a crash after step 4 leaves it
+    part.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    for (n, p), q in zip(full.model.named_parameters(), part.model.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_trainer_with_gradient_checkpointing_and_bf16_autocast(tmp_path):
     t = make_trainer(tmp_path / "gc", 2, gradient_checkpointing=True, bf16=True)
     t.train()
