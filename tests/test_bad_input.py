@@ -289,7 +289,7 @@ def test_train_unwritable_output_is_one_line_before_the_model_is_built(tmp_path,
 
 def _train_in_a_child(tmp_path, sighup=signal.SIG_DFL):
     """`molf train` for 100000 steps in a child process, once its work folder exists, with SIGHUP's disposition
-    `sighup` (SIG_IGN: as under nohup; SIG_DFL whatever the test runner's own is)."""
+    `sighup` (SIG_IGN: as under nohup; SIG_DFL: the default, whatever the test runner's own disposition)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
 
     def dispositions():
@@ -340,7 +340,7 @@ def test_train_under_nohup_keeps_running_on_sighup(tmp_path):
     _exits_cleaned_up(tmp_path, proc, signal.SIGTERM)
 
 
-def test_a_signal_whose_exit_was_swallowed_still_stops_the_run(tmp_path, monkeypatch, capsys):
+def test_a_signal_whose_exit_was_swallowed_still_stops_the_run(tmp_path, monkeypatch):
     """Python prints and drops an exception a signal handler raises while a __del__ or a weakref callback runs:
     the SIGTERM's SystemExit then never reaches molf, and training went on. Caught again after the step."""
     import molf.train as mt
