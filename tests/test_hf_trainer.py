@@ -137,6 +137,18 @@ def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_trainer_with_torch_compile(tmp_path):
+    """TrainingArguments(torch_compile=True): the routing log names the model's layers (not the compiled
+    wrapper's `_orig_mod.` ones) and the checkpoint reloads bitwise."""
+    t = make_trainer(tmp_path / "tc", 3, torch_compile=True, torch_compile_backend="eager")
+    t.train()
+    record = json.loads((tmp_path / "tc" / "molf_routing.jsonl").read_text().splitlines()[-1])
+    assert list(record["selections"])[0] == "model.layers.0.self_attn.q_proj"
+    again = molf.from_pretrained(tmp_path / "tc" / "checkpoint-3", backend="eager")
+    for (n, p), q in zip(t.accelerator.unwrap_model(t.model).named_parameters(), again.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_trainer_with_gradient_checkpointing_and_bf16_autocast(tmp_path):
     t = make_trainer(tmp_path / "gc", 2, gradient_checkpointing=True, bf16=True)
     t.train()
