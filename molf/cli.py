@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, help="experts updated per layer and step (default 1; not for fft)")
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps into OUTPUT.checkpoints/")
     t.add_argument("--resume", nargs="?", const="last",
-                   help="continue an interrupted run from its newest checkpoint (or from the folder given)")
+                   help="continue an interrupted run from its newest complete checkpoint (or from the folder given)")
     c = sub.add_parser("compare", help="FFT, LoRA, MoLF and MoLF-E side by side on the same data and budget")
     c.add_argument("--modes", default=",".join(COMPARE_MODES), type=lambda v: tuple(v.split(",")),
                    help=f"comma-separated subset of {','.join(COMPARE_MODES)} (default all)")

@@ -60,7 +60,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_split: float = 0.0           # held-out share of the data
     save_steps: int | None = None     # checkpoint every N steps into <output>.checkpoints/
-    resume: str | None = None         # "last" (the newest checkpoint of <output>.checkpoints/) or a folder
+    resume: str | None = None         # "last" (the newest complete checkpoint of <output>.checkpoints/) or a folder
     report_to: str = "none"           # the Trainer's logging integrations (tensorboard, wandb, ...)
     interrupt_at_step: int | None = None  # tests: a KeyboardInterrupt after this step, as Ctrl-C would
 
@@ -248,13 +248,15 @@ def _check(cfg: TrainConfig):
         raise TrainError("give --steps or --epochs, not both")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise TrainError(f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if cfg.resume is None and _last_checkpoint(cfg.checkpoints):
+    if cfg.resume is None and _checkpoint_steps(cfg.checkpoints):
         raise TrainError(f"{cfg.checkpoints} holds checkpoints of an interrupted run: add --resume to continue it, "
                          "or remove that folder to start over")
     if cfg.resume is not None:
         if cfg.resume == "last":
             if not _last_checkpoint(cfg.checkpoints):
-                raise TrainError(f"--resume: no checkpoint in {cfg.checkpoints} (written by --save-steps)")
+                cut = " (only checkpoints cut off while being written: remove the folder to start over)" \
+                    if _checkpoint_steps(cfg.checkpoints) else ""
+                raise TrainError(f"--resume: no checkpoint in {cfg.checkpoints} (written by --save-steps){cut}")
         elif not os.path.isdir(cfg.resume) or not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
             raise TrainError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer_state.json)")
     try:
@@ -338,11 +340,31 @@ def _dtype(cfg: TrainConfig, device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def _last_checkpoint(folder: str) -> str | None:
+def _checkpoint_steps(folder: str) -> list[int]:
+    """The N of every checkpoint-N folder in `folder`, ascending."""
     if not os.path.isdir(folder):
-        return None
-    steps = [int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", d)))
+
+
+def _last_checkpoint(folder: str) -> str | None:
+    """The newest complete checkpoint in `folder`: the Trainer writes trainer_state.json last, so one without it
+    was cut off while being written (a signal or a crash during the save)."""
+    for step in reversed(_checkpoint_steps(folder)):
+        path = os.path.join(folder, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+    return None
+
+
+def _drop_cut_off_checkpoints(folder: str, resume: str, log) -> None:
+    """Remove the checkpoints newer than `resume` (cut off while being written): the resumed run writes them
+    again, and must not mix its files with theirs."""
+    step = int(re.search(r"(\d+)$", resume).group(1))
+    for later in (n for n in _checkpoint_steps(folder) if n > step):
+        shutil.rmtree(os.path.join(folder, f"checkpoint-{later}"))
+        log(f"molf train: removed checkpoint-{later}, cut off while being written (no trainer_state.json); "
+            f"resuming from checkpoint-{step}")
 
 
 def _new_work_dir(output: str) -> str:
@@ -596,6 +618,8 @@ def _run(cfg: TrainConfig, device, work, log):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     resume = None if cfg.resume is None else (_last_checkpoint(cfg.checkpoints) if cfg.resume == "last" else cfg.resume)
+    if cfg.resume == "last":
+        _drop_cut_off_checkpoints(cfg.checkpoints, resume, log)
     result = trainer.train(resume_from_checkpoint=resume)
     ran = trainer.state.global_step - (int(re.search(r"(\d+)$", resume).group(1)) if resume else 0)
     seconds = result.metrics["train_runtime"]

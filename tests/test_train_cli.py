@@ -96,7 +96,8 @@ def test_epochs_grad_accum_and_gradient_checkpointing(tmp_path):
 @pytest.mark.parametrize("mode", ["molf", "lora", "fft"])
 def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     """A run interrupted after step 7 (as Ctrl-C would) keeps its checkpoints and no output; --resume then
-    finishes it with the very weights of an uninterrupted run (data order, dropout RNG, optimizer, schedule)."""
+    finishes it with the very weights of an uninterrupted run (data order, dropout RNG, optimizer, schedule),
+    from the newest complete checkpoint (a newer one cut off while being written is removed, not resumed from)."""
     base = dict(mode=mode, steps=12, batch_size=4, n_facts=16, save_steps=5, progress=False, backend="eager")
     full = train(TrainConfig(output=str(tmp_path / "full"), **base), log=lambda *a: None)
     messages = []
@@ -107,8 +108,13 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     assert any("--resume" in m for m in messages)
     with pytest.raises(TrainError, match="holds checkpoints of an interrupted run: add --resume"):
         train(TrainConfig(output=str(tmp_path / "cut"), **base), log=lambda *a: None)
-    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **base), log=lambda *a: None)
+    cut_off = tmp_path / "cut.checkpoints" / "checkpoint-10"  # a save that a signal cut off: no trainer_state.json
+    cut_off.mkdir()
+    (cut_off / "config.json").write_text("{}")
+    said = []
+    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **base), log=said.append)
     assert resumed["resumed_from"].endswith("checkpoint-5")
+    assert any("removed checkpoint-10, cut off while being written" in m for m in said), said
     assert not (tmp_path / "cut.checkpoints").exists()  # the finished run's checkpoints are removed
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "full" / "model" / "model.safetensors"), load_file(tmp_path / "cut" / "model" /
@@ -124,6 +130,19 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     assert full["loss_after"] == resumed["loss_after"]
     if mode != "fft":
         assert (tmp_path / "full" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
+
+
+def test_only_a_cut_off_checkpoint_is_not_resumed_nor_overwritten(tmp_path):
+    """A checkpoints folder whose only checkpoint was cut off while being written: a new run refuses to mix with
+    it, and --resume says there is nothing complete to resume from."""
+    cut_off = tmp_path / "run.checkpoints" / "checkpoint-5"
+    cut_off.mkdir(parents=True)
+    base = dict(output=str(tmp_path / "run"), steps=3, n_facts=8, save_steps=2, progress=False, backend="eager")
+    with pytest.raises(TrainError, match="holds checkpoints of an interrupted run"):
+        train(TrainConfig(**base), log=lambda *a: None)
+    with pytest.raises(TrainError, match=r"--resume: no checkpoint in .* \(only checkpoints cut off while being "):
+        train(TrainConfig(resume="last", **base), log=lambda *a: None)
+    assert cut_off.is_dir() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, message", [
