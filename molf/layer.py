@@ -103,6 +103,7 @@ class MoLFLinear(nn.Module):
         self.quantized = quant.quant_kind(base) is not None
         if self.quantized:
             quant.check_quantized(base, "base")
+            quant.keep_cpu_trainable(base)
             if train_base:
                 raise ValueError(f"train_base=True needs a float base, got a {quant.describe(base)} layer: a quantized "
                                  "weight cannot be the full expert; use train_base=False (MoLF-Efficient), or load "
@@ -453,6 +454,14 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
             quant.check_quantized(m, n)
         except ValueError as e:
             problems.append(str(e))
+    targets = {id(m) for _, m in chosen}
+    repacked = [n for n, m in model.named_modules() if id(m) not in targets and quant.quant_kind(m) == "4-bit"
+                and quant.cpu_repacked(m)]  # gradients flow through these too
+    if repacked:
+        problems.append(f"{repacked[0]} was repacked by bitsandbytes for its CPU inference kernels (an eval-mode "
+                        "forward without gradients ran before molf.wrap); bitsandbytes computes no gradient through "
+                        "a repacked layer, so the experts before it would train on wrong gradients: load the model "
+                        "again and wrap it before running it")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)
@@ -464,6 +473,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
             _set_child(model, name, MoLFLinear(lin, ranks, alphas, train_base, rslora, dropout, backend))
     if any(lin.weight.is_meta for _, lin in chosen):
         warnings.warn(META_EXPERTS, UserWarning, stacklevel=2)
+    quant.keep_cpu_trainable(model)
     if freeze_others:
         inside = {id(p) for m in model.modules() if isinstance(m, MoLFLinear) for p in m.parameters()}
         inside |= {id(p) for n in _task_heads(model) for p in getattr(model, n).parameters()}

@@ -50,11 +50,31 @@ def check_quantized(m: nn.Module, name: str) -> None:
         raise ValueError(f"{name} is a bitsandbytes Linear4bit whose weight is not quantized yet (no quant_state): "
                          "move the model to its device first (model.to('cuda'), or load it with "
                          "quantization_config) and wrap it then")
+    if kind == "4-bit" and cpu_repacked(m):
+        raise ValueError(f"{name} was repacked by bitsandbytes for its CPU inference kernels (an eval-mode forward "
+                         "without gradients ran before molf.wrap); bitsandbytes computes no gradient through a "
+                         "repacked layer (0.50.2: silently wrong input gradients, an error with a bias), so it cannot "
+                         "sit in a model that trains: load the model again and wrap it before running it")
     if kind == "8-bit" and (w.dtype != torch.int8 or getattr(w, "SCB", None) is None) and \
             getattr(getattr(m, "state", None), "SCB", None) is None:
         raise ValueError(f"{name} is a bitsandbytes Linear8bitLt whose weight is not quantized yet (dtype "
                          f"{w.dtype}, no SCB); has_fp16_weights=True layers train their own weight and are not "
                          "supported: load with load_in_8bit=True (has_fp16_weights=False) and move it to its device")
+
+
+def cpu_repacked(m: nn.Module) -> bool:
+    """Whether bitsandbytes repacked this 4-bit layer in place for its CPU inference kernels (on an eval-mode
+    forward without gradients, on CPUs with AVX512-BF16)."""
+    return bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def keep_cpu_trainable(model: nn.Module) -> None:
+    """Turn off that repacking for every 4-bit layer of `model` (wrapped bases and the layers between them): after
+    it bitsandbytes 0.50.2 computes no gradient through the layer, so the experts before it would train on wrong
+    gradients, silently. Only the CPU inference fast path is lost; a GPU never repacks."""
+    for m in model.modules():
+        if quant_kind(m) == "4-bit" and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()
@@ -65,28 +85,9 @@ def dequantize(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
     w = m.weight
     if quant_kind(m) == "4-bit":
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            return _read_through_matmul(m, dtype)
         return bnb_f.dequantize_4bit(w.data, w.quant_state).to(dtype).reshape(m.out_features, m.in_features)
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = m.state.SCB
     cb = w.data if w.dtype == torch.int8 else m.state.CB
     return bnb_f.int8_vectorwise_dequant(cb, scb).to(dtype)
-
-
-def _read_through_matmul(m: nn.Module, dtype: torch.dtype, rows: int = 1024) -> torch.Tensor:
-    """W of a 4-bit layer that bitsandbytes repacked for its CPU inference kernels (an eval-mode forward
-    without gradients does it, in place): W^T = I W^T through bitsandbytes' own matmul, in blocks of rows
-    of I. Not bitsandbytes' inverse of that packing: in 0.50.2 it corrupts layers with in_features > 64
-    (tests/test_quant.py shows it), and it would rewrite the layer's storage."""
-    import bitsandbytes as bnb
-
-    w, k = m.weight, m.in_features
-    compute = getattr(m, "compute_dtype", None) or torch.float32
-    parts = []
-    for r in range(0, k, rows):
-        eye = torch.zeros(min(rows, k - r), k, dtype=compute, device=w.device)
-        eye[:, r:r + rows].fill_diagonal_(1.0)
-        parts.append(bnb.matmul_4bit(eye, w, quant_state=w.quant_state))
-    return torch.cat(parts).t().to(dtype).contiguous()

@@ -19,7 +19,7 @@ from torch import nn
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
 from trl.trainer import grpo_trainer, rloo_trainer
 
-from .. import checkpoint, quant
+from .. import checkpoint
 from ..layer import disable_experts
 from .hf import MoLFTrainer, _env_flag, check_sharding
 
@@ -89,13 +89,7 @@ class ExpertsOffReference(nn.Module):
 
     def __call__(self, *args, **kwargs):
         modes = [(m, m.training) for m in self.policy.modules()]
-        self.policy.eval()
-        for m, training in modes:
-            # bitsandbytes' 4-bit layers compute alike in both modes, but on the CPU an eval forward without
-            # gradients repacks their weight in place for its inference kernels, after which training them fails
-            # (bitsandbytes 0.50.2): they keep their mode
-            if quant.quant_kind(m) is not None:
-                m.training = training
+        self.policy.eval()  # bitsandbytes' CPU repacking on an eval forward is off in wrapped models (molf.quant)
         try:
             with torch.no_grad(), disable_experts(self.policy):
                 return super().__call__(*args, **kwargs)
