@@ -137,7 +137,8 @@ class MoLFTrainer(Trainer):
     adam_beta1/adam_beta2, adam_epsilon. Keyword arguments of this class: lora_lr (default learning_rate),
     lora_weight_decay (default weight_decay), score ("epd"/"pfn"), top_k, backend, state_dtype,
     stochastic_rounding (as MoLFAdamW's), routing_file. TrainingArguments.optim / optim_args name another
-    optimizer: one warning says they are not used.
+    optimizer: one warning says they are not used. DeepSpeed and FSDP1 are refused when the trainer is built
+    (check_sharding); DDP and FSDP2 work.
     """
 
     def __init__(self, *args, lora_lr: float | None = None, lora_weight_decay: float | None = None,
