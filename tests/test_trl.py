@@ -237,6 +237,10 @@ def test_molf_e_grpo_kl_reference_is_the_policy_with_its_experts_off(tmp_path, m
     tok = builtin_tokenizer(TEXTS)
     in_memory = make_grpo(tmp_path / "mem", molf_e(tiny_qwen2(vocab=len(tok))), beta=0.04)
     assert isinstance(in_memory.ref_model, molf_trl.ExpertsOffReference)
+    with monkeypatch.context() as patch:  # a trl whose GRPO trainer loads otherwise: its own reference, checked
+        patch.delattr(molf_trl.grpo_trainer, "create_model_from_path")
+        with pytest.raises(ValueError, match="beta=0.04: trl loads GRPO's reference model"):
+            make_grpo(tmp_path / "mem", molf_e(tiny_qwen2(vocab=len(tok))), beta=0.04)
     tiny_qwen2(vocab=len(tok)).save_pretrained(tmp_path / "base")
     runs = []
     for experts_off in (True, False):

@@ -109,10 +109,7 @@ def _experts_off_reference_applies(model, config) -> bool:
 def _loads_experts_off_reference(trainer_module, model):
     """A trainer that takes no ref_model (GRPO, RLOO) builds its reference with create_model_from_path(the policy's
     path): while it is built, that call returns ExpertsOffReference(model) instead of loading a second copy."""
-    load = getattr(trainer_module, "create_model_from_path", None)
-    if load is None:  # another trl: it loads its reference as before
-        yield
-        return
+    load = trainer_module.create_model_from_path
 
     def reference(path, *args, **kwargs):
         return ExpertsOffReference(model) if path == _reference_path(model) else load(path, *args, **kwargs)
@@ -160,7 +157,8 @@ def _kl_reference(trainer_module, model, config, trainer: str, method: str):
                          "model's parameters (base weights and LoRA experts) are not the plain model's; set "
                          f"{method}Config(use_vllm=False) (generation through transformers)")
     beta = getattr(config, "beta", 0.0)
-    if beta and _experts_off_reference_applies(model, config):
+    # (a trl without create_model_from_path there: its own reference, with the checks below)
+    if beta and _experts_off_reference_applies(model, config) and hasattr(trainer_module, "create_model_from_path"):
         return _loads_experts_off_reference(trainer_module, model)
     if beta:  # trl loads a KL reference
         if _reference_path(model) == "":
