@@ -454,14 +454,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
             quant.check_quantized(m, n)
         except ValueError as e:
             problems.append(str(e))
-    targets = {id(m) for _, m in chosen}
-    repacked = [n for n, m in model.named_modules() if id(m) not in targets and quant.quant_kind(m) == "4-bit"
-                and quant.cpu_repacked(m)]  # gradients flow through these too
-    if repacked:
-        problems.append(f"{repacked[0]} was repacked by bitsandbytes for its CPU inference kernels (an eval-mode "
-                        "forward without gradients ran before molf.wrap); bitsandbytes computes no gradient through "
-                        "a repacked layer, so the experts before it would train on wrong gradients: load the model "
-                        "again and wrap it before running it")
+    targets = {id(m) for _, m in chosen}  # the quantized layers between the targets carry gradients too
+    problems += [p for n, m in model.named_modules() if id(m) not in targets and (p := quant.repacked_problem(m, n))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)

@@ -43,18 +43,16 @@ def compute_dtype(m: nn.Module) -> torch.dtype:
 
 def check_quantized(m: nn.Module, name: str) -> None:
     """A clear error when a quantized layer has not been quantized yet (its weight still on the meta device
-    or in float: bitsandbytes quantizes when the layer moves to its device)."""
+    or in float: bitsandbytes quantizes when the layer moves to its device), or was repacked (repacked_problem)."""
     kind = quant_kind(m)
     w = m.weight
     if kind == "4-bit" and getattr(w, "quant_state", None) is None:
         raise ValueError(f"{name} is a bitsandbytes Linear4bit whose weight is not quantized yet (no quant_state): "
                          "move the model to its device first (model.to('cuda'), or load it with "
                          "quantization_config) and wrap it then")
-    if kind == "4-bit" and cpu_repacked(m):
-        raise ValueError(f"{name} was repacked by bitsandbytes for its CPU inference kernels (an eval-mode forward "
-                         "without gradients ran before molf.wrap); bitsandbytes computes no gradient through a "
-                         "repacked layer (0.50.2: silently wrong input gradients, an error with a bias), so it cannot "
-                         "sit in a model that trains: load the model again and wrap it before running it")
+    repacked = repacked_problem(m, name)
+    if repacked:
+        raise ValueError(repacked)
     if kind == "8-bit" and (w.dtype != torch.int8 or getattr(w, "SCB", None) is None) and \
             getattr(getattr(m, "state", None), "SCB", None) is None:
         raise ValueError(f"{name} is a bitsandbytes Linear8bitLt whose weight is not quantized yet (dtype "
@@ -66,6 +64,17 @@ def cpu_repacked(m: nn.Module) -> bool:
     """Whether bitsandbytes repacked this 4-bit layer in place for its CPU inference kernels (on an eval-mode
     forward without gradients, on CPUs with AVX512-BF16)."""
     return bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def repacked_problem(m: nn.Module, name: str) -> str | None:
+    """Why a 4-bit layer bitsandbytes has repacked (cpu_repacked) cannot be in a model that trains; None when it
+    is not one."""
+    if quant_kind(m) != "4-bit" or not cpu_repacked(m):
+        return None
+    return (f"{name} was repacked by bitsandbytes for its CPU inference kernels (an eval-mode forward without "
+            "gradients ran before molf.wrap); bitsandbytes computes no gradient through a repacked layer (0.50.2: "
+            "silently wrong input gradients, an error with a bias), so it cannot sit in a model that trains: load "
+            "the model again and wrap it before running it")
 
 
 def keep_cpu_trainable(model: nn.Module) -> None:
