@@ -37,13 +37,17 @@ def _warn_if_trained_since_loaded(model, what: str, remedy: str) -> None:
     path = _reference_path(model)
     if not path or checkpoint.is_molf_checkpoint(path):
         return
-    with torch.no_grad():
-        trained = any(bool(b.any()) for _, m in checkpoint.molf_layers(model) for b in m.lora_B)
-    if trained:
+    if _experts_moved(checkpoint.molf_layers(model)):
         warnings.warn(f"{what}: trl loads the reference model from {path!r}, but this policy has trained since it "
                       "was loaded from there (its LoRA experts are not zero), so the reference is the model before "
                       f"that training; for a reference equal to the policy as it is, {remedy}molf.save_pretrained "
                       "the policy and build the trainer on molf.from_pretrained of it", UserWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def _experts_moved(layers) -> bool:
+    """Whether some LoRA B of these (name, MoLF layer) pairs is no longer zero (they start at B = 0)."""
+    return any(bool(b.any()) for _, m in layers for b in m.lora_B)
 
 
 def _only_fresh_experts_train(model) -> bool:
@@ -53,8 +57,7 @@ def _only_fresh_experts_train(model) -> bool:
     experts = {id(p) for _, m in layers for p in [*m.lora_A, *m.lora_B]}
     if not layers or any(p.requires_grad and id(p) not in experts for p in model.parameters()):
         return False
-    with torch.no_grad():
-        return not any(bool(b.any()) for _, m in layers for b in m.lora_B)
+    return not _experts_moved(layers)
 
 
 def _sharded_by_accelerate(config) -> bool:
@@ -74,7 +77,6 @@ class ExpertsOffReference(nn.Module):
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.__dict__["policy"] = policy
-        self.config = policy.config
 
     def __getattr__(self, name):
         try:
