@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._dist import fsdp1_name
 from .layer import expert_names as layer_expert_names
 from .layer import molf_layers, unwrap_model
 
@@ -29,6 +30,12 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (molf wraps the model, not a parameter list), "
                         f"got {type(model).__name__}")
+    fsdp1 = fsdp1_name(model)
+    if fsdp1 is not None:
+        raise ValueError(f"model is sharded with FSDP1 (FullyShardedDataParallel, at {fsdp1}), which flattens the "
+                         "experts' parameters into per-rank pieces: each rank would score and route on its own piece. "
+                         "Use FSDP2 (torch.distributed.fsdp.fully_shard; the Trainer: fsdp_config={'version': 2}; "
+                         "accelerate launch --use_fsdp --fsdp_version 2)")
     model = unwrap_model(model)  # names as the model's own, not torch.compile's or DDP's wrapper's
     layers = molf_layers(model)
     if not layers:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, _checks, _cpu
-from ._dist import fsdp1_name, local, shard_group
+from ._dist import local, shard_group
 from ._layout import build_layout
 from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
 from .kernels._env import to_device
@@ -71,12 +71,6 @@ class MoLFAdamW(torch.optim.Optimizer):
                  top_k: int = 1, backend: str = "auto", state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False, history_size: int = 10000):
         hp = check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k)
-        fsdp1 = fsdp1_name(model) if isinstance(model, torch.nn.Module) else None
-        if fsdp1 is not None:
-            raise ValueError(f"model is sharded with FSDP1 (FullyShardedDataParallel, at {fsdp1}), which flattens "
-                             "the experts' parameters into per-rank pieces: each rank would score and route on its "
-                             "own piece. Use FSDP2 (torch.distributed.fsdp.fully_shard; the Trainer: "
-                             "fsdp_config={'version': 2}; accelerate launch --use_fsdp --fsdp_version 2)")
         lr, lora_lr, weight_decay, betas, eps = hp["lr"], hp["lora_lr"], hp["weight_decay"], hp["betas"], hp["eps"]
         layout = build_layout(model, lr, lora_lr, weight_decay, hp["lora_weight_decay"])
         top_k = _checks.integer("top_k (experts updated per layer, at most the number of experts)", hp["top_k"], 1,
