@@ -357,10 +357,15 @@ def _last_checkpoint(folder: str) -> str | None:
     return None
 
 
+def _checkpoint_step(path: str) -> int:
+    """N of a checkpoint-N folder."""
+    return int(re.search(r"(\d+)$", path).group(1))
+
+
 def _drop_cut_off_checkpoints(folder: str, resume: str, log) -> None:
     """Remove the checkpoints newer than `resume` (cut off while being written): the resumed run writes them
     again, and must not mix its files with theirs."""
-    step = int(re.search(r"(\d+)$", resume).group(1))
+    step = _checkpoint_step(resume)
     for later in (n for n in _checkpoint_steps(folder) if n > step):
         shutil.rmtree(os.path.join(folder, f"checkpoint-{later}"))
         log(f"molf train: removed checkpoint-{later}, cut off while being written (no trainer_state.json); "
@@ -621,7 +626,7 @@ def _run(cfg: TrainConfig, device, work, log):
     if cfg.resume == "last":
         _drop_cut_off_checkpoints(cfg.checkpoints, resume, log)
     result = trainer.train(resume_from_checkpoint=resume)
-    ran = trainer.state.global_step - (int(re.search(r"(\d+)$", resume).group(1)) if resume else 0)
+    ran = trainer.state.global_step - (_checkpoint_step(resume) if resume else 0)
     seconds = result.metrics["train_runtime"]
     loss1, recall1 = evaluate(model, scored, pad, device)
     eval_loss = None
