@@ -344,6 +344,20 @@ def _unsupported(name: str, m: nn.Module) -> str | None:
     return None
 
 
+def _shared_problems(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
+    """The targets that sit in more than one place (one module object set as two attributes, or under two
+    parents): wrapping replaces one attribute, so the others would keep computing the plain layer. A module
+    inside a shared block is one place (the block's attribute), wherever the block is used."""
+    places: dict[int, list[str]] = {id(m): [] for _, m in chosen}
+    for pname, parent in model.named_modules():
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in places:
+                places[id(child)].append(f"{pname}.{attr}" if pname else attr)
+    return [f"{ps[0]} is the same module as {ps[1]} ({len(ps)} places in the model): wrapping it would replace "
+            "one of them only, and the others would silently compute the plain layer; give each place its own "
+            "module (copy.deepcopy) or leave it out of target_modules" for ps in places.values() if len(ps) > 1]
+
+
 def _language_model_prefix(model: nn.Module) -> str | None:
     """"<name>." of a multimodal model's language model (Gemma-3 4B+, Llava, Qwen2-VL: a submodule named
     `language_model`), None for a plain language model."""
@@ -443,7 +457,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         # A multimodal model: the defaults are its language model's (matching the vision tower's q/k/v_proj too
         # would wrap half of it).
         chosen = [(n, m) for n, m in chosen if n.startswith(lm)]
-    problems = [msg for n, m in chosen if (msg := _unsupported(n, m))]
+    problems = [msg for n, m in chosen if (msg := _unsupported(n, m))] + _shared_problems(model, chosen)
     quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
     if quantized and train_base:
         problems.insert(0, f"train_base=True needs float bases, but {quantized[0][0]} is a "

@@ -251,6 +251,41 @@ def test_wrap_without_match_names_target_modules():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_wrap_refuses_a_linear_shared_by_two_places_and_wraps_one_inside_a_shared_block():
+    """One nn.Linear set at two places: wrap used to replace one of them and leave the other computing the plain
+    layer. A linear inside a block used at several places is one place (the block's attribute): wrapped once,
+    every use of the block sees the experts."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 8)
+            self.down = nn.Linear(8, 8)
+            self.blocks = nn.ModuleList([nn.ModuleDict(dict(proj=self.up)), nn.ModuleDict(dict(proj=nn.Linear(8, 8)))])
+
+        def forward(self, x):
+            return self.down(self.blocks[0]["proj"](self.up(x)))
+
+    model = Tied()
+    with pytest.raises(ValueError, match=r"up is the same module as blocks\.0\.proj \(2 places"):
+        molf.wrap(model, ranks=(2,), alphas=(4,), target_modules="all-linear", backend="eager")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    molf.wrap(model, ranks=(2,), alphas=(4,), target_modules=["down", "blocks.1.proj"], backend="eager")
+    assert type(model.up) is nn.Linear and isinstance(model.down, molf.MoLFLinear)
+
+    class SharedBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = nn.ModuleDict(dict(proj=nn.Linear(8, 8)))
+            self.layers = nn.ModuleList([block, block])
+
+        def forward(self, x):
+            return self.layers[1]["proj"](self.layers[0]["proj"](x))
+
+    model = SharedBlock()
+    molf.wrap(model, ranks=(2,), alphas=(4,), target_modules="all-linear", backend="eager")
+    assert isinstance(model.layers[1]["proj"], molf.MoLFLinear) and model.layers[0]["proj"] is model.layers[1]["proj"]
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(ranks=(4, 8), alphas=(8,)), "same length"),
     (dict(ranks=(0,), alphas=(8,)), "rank"),
