@@ -248,6 +248,27 @@ def test_train_merge_save_reload_same_logits(tmp_path):
         assert_close(reloaded(ids).logits, trained, 1e-5, "reloaded logits")
 
 
+def test_step_with_closure_returns_its_loss_and_steps_like_without():
+    """step(closure) as torch.optim's: the closure runs with grad enabled (step is no_grad), its loss is returned,
+    and the update is the one a plain backward + step gives."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    model = wrapped(train_base, ranks, alphas)
+    twin = copy.deepcopy(model)
+    opt, opt2 = (make_opt(molf.MoLFAdamW, m, 3e-3, 3e-3, backend="eager") for m in (model, twin))
+    ids = batch()
+    for _ in range(3):
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        expected = train_step(twin, opt2, ids)
+        assert torch.equal(loss.detach(), expected)
+        assert torch.equal(opt.routing, opt2.routing)
+    assert torch.equal(flat_params(model), flat_params(twin))
+
+
 # -- bad input --
 
 def test_optimizer_needs_molf_layers():
