@@ -290,7 +290,6 @@ ARCH_TARGETS = {
     "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     "falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "phimoe": ("qkv_proj", "o_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
 
@@ -358,6 +357,36 @@ def _shared_problems(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> l
             "module (copy.deepcopy) or leave it out of target_modules" for ps in places.values() if len(ps) > 1]
 
 
+def _fused_experts(model: nn.Module) -> list[tuple[str, list[tuple[str, list[int]]]]]:
+    """(name, [(parameter, shape)]) of the modules holding 3-D weights: a mixture-of-experts block's experts
+    stored as one [n_experts, out, in] tensor each (transformers 5's Mixtral, Qwen-MoE, OLMoE), not nn.Linear."""
+    found = []
+    for n, m in model.named_modules():
+        if "expert" not in type(m).__name__.lower() + n.rpartition(".")[2].lower():
+            continue  # a vision tower's pooling probe [1, 1, d] is 3-D too
+        params = [(pn, list(p.shape)) for pn, p in m.named_parameters(recurse=False)
+                  if p.dim() == 3 and p.is_floating_point()]
+        if params:
+            found.append((n, params))
+    return found
+
+
+def _experts_problem(model: nn.Module) -> str | None:
+    """Why the default targets cannot serve a mixture-of-experts model (None for other models)."""
+    experts = _fused_experts(model)
+    if not experts:
+        return None
+    name, params = experts[0]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                      and m is not head and not n.endswith("lm_head")})
+    return (f"the model is a mixture of experts: its experts ({name}: "
+            f"{', '.join(f'{pn} {shape}' for pn, shape in params)}; {len(experts)} such modules) are 3-D "
+            "parameters, not nn.Linear layers, which molf cannot wrap, and the default targets would leave them "
+            f"out; pass target_modules naming the linear layers to wrap (this model's are named {linears}): the "
+            "experts then train as plain AdamW parameters, or stay frozen with freeze_others=True")
+
+
 def _language_model_prefix(model: nn.Module) -> str | None:
     """"<name>." of a multimodal model's language model (Gemma-3 4B+, Llava, Qwen2-VL: a submodule named
     `language_model`), None for a plain language model."""
@@ -401,8 +430,11 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
     unmatched = [key for key in target_modules if not any(hit(n, key) for n, _ in chosen)]
     if unmatched:
         linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)})
+        experts = _fused_experts(model)
+        moe = (f" (its MoE experts, e.g. {experts[0][0]}, are 3-D parameters, not nn.Linear layers, and cannot be "
+               "wrapped)") if experts else ""
         raise ValueError(f"target_modules {unmatched} match no module of the model (its linear layers are named "
-                         f"{linear_names}); pass names that exist, target_modules='all-linear', or None for the "
+                         f"{linear_names}){moe}; pass names that exist, target_modules='all-linear', or None for the "
                          "architecture's defaults")
     return chosen
 
@@ -416,6 +448,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
     linear but the output head and a classifier's or QA model's new head), a regular expression (full match of
     module names) or a list of names matched as suffixes. The output head is never wrapped.
+    A mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
     Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
     forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
     the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option); a
@@ -439,6 +472,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
                          "model, or molf.merge(model) first")
     defaults = target_modules is None
     if defaults:
+        if msg := _experts_problem(model):
+            raise ValueError(msg)
         target_modules = default_targets(model)
     if not isinstance(target_modules, (str, Iterable)):
         raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "

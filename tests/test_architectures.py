@@ -1,6 +1,7 @@
 """wrap on real architectures built tiny from configs: every target wrapped or a clear refusal, never a
 partial wrap; targets as peft names them; drop-in attributes."""
 import copy
+import re
 
 import pytest
 import torch
@@ -92,14 +93,28 @@ def test_multimodal_defaults_wrap_the_language_model_only(tmp_path):
     assert {n for n, _ in molf.layer.molf_layers(back)} == lm
 
 
-def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_what_is():
+MOE = {"mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
+       # Qwen2-MoE's shared expert is a plain MLP: the defaults matched it and left the routed experts out
+       "qwen2_moe": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate", "up_proj",
+                     "v_proj"]}
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_what_is(model_type):
     import transformers as tf
-    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = tf.MixtralForCausalLM(cfg)
-    with pytest.raises(ValueError, match=r"\['gate_proj', 'up_proj', 'down_proj'\] match no module.*"
-                                         r"named \['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+    cfg = tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                                  moe_intermediate_size=48, shared_expert_intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts=4,
+                                  num_experts_per_tok=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    experts = r"model\.layers\.0\.mlp\.experts: gate_up_proj \[4, 96, 32\], down_proj \[4, 32, 48\]; 2 such"
+    named = re.escape(str(MOE[model_type]))
+    with pytest.raises(ValueError, match=rf"mixture of experts: its experts \({experts}.*named {named}"):
         molf.wrap(model, ranks=(4,), alphas=(8,))
+    if model_type == "mixtral":
+        with pytest.raises(ValueError, match=r"\['gate_proj'\] match no module.*its MoE experts, e\.g\. "
+                                             r"model\.layers\.0\.mlp\.experts, are 3-D"):
+            molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=["q_proj", "gate_proj"])
     assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
     molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert len(molf.layer.molf_layers(model)) == 8
