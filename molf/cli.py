@@ -19,6 +19,16 @@ def _ints(text):
     return tuple(int(x) for x in text.split(","))
 
 
+def _targets(text):
+    """"all-linear" as is; else comma-separated module names (empty entries are an error)."""
+    if text == "all-linear":
+        return text
+    names = tuple(x.strip() for x in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected all-linear or comma-separated module names, got {text!r}")
+    return names
+
+
 def _mode_floats(text):
     out = {}
     for item in text.split(","):
@@ -55,6 +65,9 @@ def _run_options(p, default_output):
     p.add_argument("--report-to", default="none", help="the Trainer's logging: none, tensorboard, wandb, ... "
                                                        "(comma-separated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--target-modules", type=_targets,
+                   help="linear layers to wrap: comma-separated names (a module whose name is one or ends in "
+                        "'.'+one, as peft) or all-linear (default: the architecture's attention and MLP projections)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +116,7 @@ def train_config(args):
                        backend=args.backend, progress=not args.no_progress, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing, eval_split=args.eval_split,
                        save_steps=getattr(args, "save_steps", None), resume=getattr(args, "resume", None),
-                       report_to=args.report_to)
+                       report_to=args.report_to, target_modules=args.target_modules)
 
 
 def main(argv=None) -> int:

@@ -115,6 +115,7 @@ def compare(base: TrainConfig, modes=MODES, seeds: int = 1, lrs: dict | None = N
         for mode in modes:
             for k in range(seeds):
                 cfg = dataclasses.replace(base, mode=mode, seed=base.seed + k, lr=lrs.get(mode),
+                                          target_modules=None if mode == "fft" else base.target_modules,
                                           output=os.path.join(work, f"{mode}-seed{k}"))
                 log(f"molf compare: {mode}, seed {cfg.seed}")
                 runs.append(train(cfg, log=lambda *_: None))

@@ -62,6 +62,7 @@ class TrainConfig:
     save_steps: int | None = None     # checkpoint every N steps into <output>.checkpoints/
     resume: str | None = None         # "last" (the newest complete checkpoint of <output>.checkpoints/) or a folder
     report_to: str = "none"           # the Trainer's logging integrations (tensorboard, wandb, ...)
+    target_modules: str | tuple[str, ...] | None = None  # molf.wrap's; default the architecture's
     interrupt_at_step: int | None = None  # tests: a KeyboardInterrupt after this step, as Ctrl-C would
 
     @property
@@ -282,7 +283,8 @@ def _check(cfg: TrainConfig):
         raise TrainError(str(e)) from None
     if cfg.mode == "fft":
         given = [flag for flag, val in (("--ranks", cfg.ranks), ("--alphas", cfg.alphas), ("--lora-lr", cfg.lora_lr),
-                                        ("--top-k", cfg.top_k)) if val is not None]
+                                        ("--top-k", cfg.top_k), ("--target-modules", cfg.target_modules))
+                 if val is not None]
         if given:
             raise TrainError(f"{', '.join(given)} do(es) not apply to --mode fft (full fine-tuning has no experts)")
         return
@@ -533,7 +535,8 @@ def _optimizer(cfg: TrainConfig, model, ranks, alphas, lr, lora_lr, steps):
     else:
         try:
             molf.wrap(model, ranks=ranks, alphas=alphas, train_base=cfg.mode == "molf", backend=cfg.backend,
-                      dropout=0.05 if cfg.mode == "lora" else 0.0, freeze_others=cfg.mode in ("molf-e", "lora"))
+                      dropout=0.05 if cfg.mode == "lora" else 0.0, freeze_others=cfg.mode in ("molf-e", "lora"),
+                      target_modules=cfg.target_modules)
             opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=0.1, lora_weight_decay=0.01,
                                  score=cfg.score, top_k=cfg.top_k or 1, backend=cfg.backend)
         except (TypeError, ValueError) as e:
@@ -653,6 +656,8 @@ def _run(cfg: TrainConfig, device, work, log):
                "examples": len(rows), "train_examples": len(train_rows), "eval_examples": len(eval_rows),
                "steps": steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": lr,
                "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
+               "target_modules": cfg.target_modules if isinstance(cfg.target_modules, (str, type(None)))
+               else list(cfg.target_modules),
                "dtype": dtype, "max_length": max_length, "device": str(device), "train_seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(ran, 1), 5), "resumed_from": resume,
                "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)

@@ -93,6 +93,26 @@ def test_epochs_grad_accum_and_gradient_checkpointing(tmp_path):
     assert (tmp_path / "run" / "routing.jsonl").read_text().count("\n") == 5
 
 
+def test_target_modules_choose_the_wrapped_layers(tmp_path, capsys):
+    """--target-modules as wrap's target_modules: only the named projections carry experts (routing log, the
+    trainable count of MoLF-E: LoRA parameters alone) and the summary records them."""
+    out = tmp_path / "run"
+    assert main(["train", "--mode", "molf-e", "--target-modules", "q_proj,v_proj", "--ranks", "2,4",
+                 "--output", str(out), "--steps", "2", "--facts", "8", "--no-progress", "--backend", "eager"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["target_modules"] == ["q_proj", "v_proj"]
+    layers = json.loads((out / "routing.jsonl").read_text().splitlines()[0])["selections"]
+    assert {name.rpartition(".")[2] for name in layers} == {"q_proj", "v_proj"}
+    from transformers import AutoModelForCausalLM
+    attn = AutoModelForCausalLM.from_pretrained(out / "model").model.layers[0].self_attn
+    per_layer = sum((2 + 4) * (p.in_features + p.out_features) for p in (attn.q_proj, attn.v_proj))
+    assert s["trainable_parameters"] == len(layers) // 2 * per_layer
+    with pytest.raises(SystemExit, match="2"):
+        main(["train", "--target-modules", "q_proj,,v_proj", "--output", str(tmp_path / "bad")])
+    assert "--target-modules: expected all-linear or comma-separated module names, got 'q_proj,,v_proj'" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["molf", "lora", "fft"])
 def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     """A run interrupted after step 7 (as Ctrl-C would) keeps its checkpoints and no output; --resume then
@@ -152,6 +172,8 @@ def test_only_a_cut_off_checkpoint_is_not_resumed_nor_overwritten(tmp_path):
     (["--grad-accum", "0"], "--grad-accum must be an int in [1"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--dtype", "fp16"], "--dtype fp16 (mixed precision with loss scaling) needs a CUDA device"),
+    (["--target-modules", "nope"], "target_modules ['nope'] match no module of the model"),
+    (["--mode", "fft", "--target-modules", "all-linear"], "--target-modules do(es) not apply to --mode fft"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_options_one_line_exit_2(tmp_path, capsys, args, message):
     if "fp16" in args and torch.cuda.is_available():
@@ -177,7 +199,7 @@ def test_compare_writes_table_and_figure(tmp_path, capsys):
     from molf.compare import COLOURS
     out = tmp_path / "cmp"
     assert main(["compare", "--output", str(out), "--steps", "15", "--facts", "12", "--seeds", "2", "--no-progress",
-                 "--backend", "eager", "--lrs", "fft=3e-3"]) == 0
+                 "--backend", "eager", "--lrs", "fft=3e-3", "--target-modules", "all-linear"]) == 0
     result = json.loads((out / "table.json").read_text())
     assert list(result["modes"]) == ["fft", "lora", "molf", "molf-e"]
     for mode, row in result["modes"].items():
@@ -186,6 +208,9 @@ def test_compare_writes_table_and_figure(tmp_path, capsys):
     assert [r["output"] for r in result["runs"]][:2] == ["fft-seed0", "fft-seed1"]
     assert json.loads((out / "fft-seed0" / "summary.json").read_text())["lr"] == 3e-3
     assert json.loads((out / "lora-seed1" / "summary.json").read_text())["lr"] == 2e-3
+    targets = {m: json.loads((out / f"{m}-seed0" / "summary.json").read_text())["target_modules"]
+               for m in result["modes"]}
+    assert targets == {"fft": None, "lora": "all-linear", "molf": "all-linear", "molf-e": "all-linear"}
     table = (out / "table.md").read_text()
     assert "| MoLF |" in table and "MoLF vs the better baseline" in table and table in capsys.readouterr().out
     png = Image.open(out / "compare.png").convert("RGB")
