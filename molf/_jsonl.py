@@ -1,10 +1,12 @@
 """JSON Lines reading shared by `molf train` (data) and `molf plot` (routing logs)."""
 import json
+import warnings
 
 
-def read_jsonl(path):
+def read_jsonl(path, cut_off_tail: bool = False):
     """Yield (line number, object) for every non-empty line; ValueError naming the file and line for bad
-    JSON or text that is not UTF-8."""
+    JSON or text that is not UTF-8. cut_off_tail: a last line without its newline that does not parse (a
+    writer killed mid-record) is skipped with a warning instead."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:
@@ -15,6 +17,11 @@ def read_jsonl(path):
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
+                if cut_off_tail and not raw.endswith(b"\n"):
+                    warnings.warn(f"{path}:{i}: the last line is cut off (its writer stopped mid-record); "
+                                  "it is skipped", stacklevel=3)
+                    return
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            yield i, rec

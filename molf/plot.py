@@ -13,7 +13,7 @@ SEVERAL = "#7f7f7f"  # a (layer, step) where top_k > 1 picked several experts
 def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[str]]]]:
     """steps, layer names (model order), expert names, winners[step][layer]."""
     steps, layers, experts, winners = [], None, [], []
-    for i, rec in read_jsonl(path):
+    for i, rec in read_jsonl(path, cut_off_tail=True):
         try:
             sel = rec["selections"]
             steps.append(int(rec["step"]))

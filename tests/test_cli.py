@@ -123,6 +123,15 @@ def test_plot_bad_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n")
     assert main(["plot", str(bad), "-o", str(tmp_path)]) == 2
+    cut = tmp_path / "cut.jsonl"  # a log whose writer was killed mid-record: the complete records are drawn
+    path, _ = routing_jsonl(tmp_path, 1, "whole.jsonl")
+    text = path.read_text()
+    cut.write_text(text[:-len(text.splitlines()[-1]) // 2])
+    with pytest.warns(UserWarning, match=r"cut\.jsonl:\d+: the last line is cut off"):
+        assert main(["plot", str(cut), "-o", str(tmp_path / "cut")]) == 0
+    assert (tmp_path / "cut" / "routing_heatmap.png").is_file()
+    bad.write_text("{not json}\n{\"step\": 1, \"selections\": {}}\n")  # a bad line that is not the last one
+    assert main(["plot", str(bad), "-o", str(tmp_path)]) == 2
 
 
 @pytest.mark.parametrize("freeze_others", [True, False], ids=["lora-only", "embeddings-and-norms-train"])

@@ -106,7 +106,8 @@ def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
 
 def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
     """The README's route for any other Trainer: optimizers=(MoLFAdamW, None) plus RoutingLogCallback. The
-    routing log has every step once, also after a resume (which continues bitwise); the checkpoints are
+    routing log has every step once, also after a resume (which continues bitwise) from a run killed while
+    writing a record (the cut-off record used to be kept and the next one appended to it); the checkpoints are
     transformers' own, the wrapped layout."""
     from safetensors import safe_open
     from transformers import Trainer
@@ -129,7 +130,8 @@ def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
         assert "model.layers.0.self_attn.q_proj.base.weight" in f.keys()
     part = trainer(tmp_path / "part")
     (tmp_path / "part").mkdir(exist_ok=True)
-    (tmp_path / "part" / "molf_routing.jsonl").write_text(log.read_text())  # as a crash after step 4 leaves it
+    lines = log.read_text().splitlines(keepends=True)  # as a kill during step 4's write leaves it: cut mid-record
+    (tmp_path / "part" / "molf_routing.jsonl").write_text("".join(lines[:3]) + lines[3][:len(lines[3]) // 2])
     part.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "molf_routing.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

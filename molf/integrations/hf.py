@@ -47,7 +47,9 @@ class RoutingLogCallback(TrainerCallback):
         with open(path) as f:
             lines = f.readlines()
         keep = [ln for ln in lines if not ln.strip() or _record_step(ln) <= opt.molf_step]
-        if len(keep) != len(lines):
+        if keep and not keep[-1].endswith("\n"):  # a run killed mid-record: new records must not extend it
+            keep[-1] = keep[-1] + "\n" if _record_step(keep[-1]) >= 0 else ""
+        if keep != lines:
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(keep)
