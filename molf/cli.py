@@ -140,7 +140,12 @@ def main(argv=None) -> int:
             return 2
         return 0
     from .plot import plot_routing
+    from .train import missing_modules
     import os
+    if missing_modules("matplotlib"):
+        print("molf plot: error: molf plot needs matplotlib: pip install matplotlib, or pip install 'molf[train]'",
+              file=sys.stderr)
+        return 2
     if not os.path.isfile(args.routing):
         print(f"molf plot: error: routing file not found: {args.routing}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ and a summary.json, and appears only when the run is complete (nothing half-writ
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -232,10 +233,25 @@ def _defaults(cfg: TrainConfig, builtin: bool):
     return ranks, alphas, lr, lora_lr
 
 
+def missing_modules(*names: str) -> list[str]:
+    """The modules among `names` that do not import (optional dependencies of the CLI)."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def _check(cfg: TrainConfig):
     """Every input that can be checked before a model is built: one TrainError line each."""
     from . import _checks
 
+    missing = missing_modules("transformers", "matplotlib")
+    if missing:  # checked first: the routing plots are drawn after training, which they would have lost
+        raise TrainError(f"molf train needs {' and '.join(missing)} (the Trainer, the routing plots): pip install "
+                         f"{' '.join(missing)}, or pip install 'molf[train]'")
     if cfg.mode not in MODES:
         raise TrainError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if cfg.data is not None and not os.path.isfile(cfg.data):

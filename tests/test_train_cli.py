@@ -185,6 +185,23 @@ def test_train_bad_options_one_line_exit_2(tmp_path, capsys, args, message):
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
 
 
+@pytest.mark.parametrize("module", ["matplotlib", "transformers"])
+def test_a_missing_optional_dependency_is_one_line_before_training(tmp_path, capsys, monkeypatch, module):
+    """`pip install molf` without the train extra: molf train used to train, then fail drawing the routing plots
+    (matplotlib) and publish nothing; molf plot printed a traceback."""
+    import sys
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as when the package is not installed
+    out = tmp_path / "out"
+    assert main(["train", "--output", str(out), "--no-progress", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"molf train: error: molf train needs {module} (the Trainer, the routing plots): pip install "
+                   f"{module}, or pip install 'molf[train]'"]
+    assert not out.exists()
+    if module == "matplotlib":
+        assert main(["plot", str(tmp_path / "any.jsonl"), "-o", str(tmp_path)]) == 2
+        assert "molf plot needs matplotlib: pip install matplotlib" in capsys.readouterr().err
+
+
 def test_messages_need_a_chat_template(tmp_path, capsys):
     data = write_jsonl(tmp_path / "m.jsonl", RECORDS["messages"])
     assert main(["train", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]) == 2
