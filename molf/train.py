@@ -244,6 +244,43 @@ def missing_modules(*names: str) -> list[str]:
     return missing
 
 
+RUN_FILE = "molf_train.json"  # in each checkpoint-N/: the options of the run that wrote it
+# The options that define the run (model, data, schedule, experts): a resumed run must keep them to continue it.
+# Free to change: where it goes, how it reports, checkpoint frequency, device, backend, gradient checkpointing.
+RUN_OPTIONS = {"mode": "--mode", "model": "--model", "data": "--data", "steps": "--steps", "epochs": "--epochs",
+               "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr", "lora_lr": "--lora-lr",
+               "ranks": "--ranks", "alphas": "--alphas", "score": "--score", "top_k": "--top-k",
+               "max_length": "--max-length", "n_facts": "--facts", "seed": "--seed", "dtype": "--dtype",
+               "eval_split": "--eval-split", "target_modules": "--target-modules"}
+
+
+def _run_options(cfg: TrainConfig) -> dict:
+    """RUN_OPTIONS' values as JSON stores them (local paths absolute)."""
+    out = {}
+    for field in RUN_OPTIONS:
+        v = getattr(cfg, field)
+        if field in ("model", "data") and v is not None and os.path.exists(v):
+            v = os.path.abspath(v)
+        out[field] = list(v) if isinstance(v, tuple) else v
+    return json.loads(json.dumps(out))
+
+
+def _check_same_run(cfg: TrainConfig) -> None:
+    """--resume continues a run as it started: options that define it (RUN_OPTIONS) must be the same."""
+    folder = _last_checkpoint(cfg.checkpoints) if cfg.resume == "last" else cfg.resume
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return  # a checkpoint molf train did not write: nothing to compare with
+    with open(path) as f:
+        started = json.load(f)
+    now = _run_options(cfg)
+    diff = [f"{flag} (was {started[k]!r}, now {now[k]!r})" for k, flag in RUN_OPTIONS.items()
+            if k in started and started[k] != now[k]]
+    if diff:
+        raise TrainError(f"--resume continues the run with the options it started with, but {', '.join(diff)} "
+                         "differ: give the same ones, or start a new run (another --output)")
+
+
 def _check(cfg: TrainConfig):
     """Every input that can be checked before a model is built: one TrainError line each."""
     from . import _checks
@@ -276,6 +313,7 @@ def _check(cfg: TrainConfig):
                 raise TrainError(f"--resume: no checkpoint in {cfg.checkpoints} (written by --save-steps){cut}")
         elif not os.path.isdir(cfg.resume) or not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
             raise TrainError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer_state.json)")
+        _check_same_run(cfg)
     try:
         for name, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--facts", cfg.n_facts),
                           ("--grad-accum", cfg.grad_accum), ("--save-steps", cfg.save_steps)):
@@ -603,10 +641,17 @@ def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_d
             if cfg.interrupt_at_step is not None and state.global_step == cfg.interrupt_at_step:
                 raise KeyboardInterrupt
 
+    class RecordOptions(TrainerCallback):  # what --resume compares with (_check_same_run)
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_FILE), "w") as f:
+                    json.dump(_run_options(cfg), f, indent=2)
+
     kind = Trainer if cfg.mode == "fft" else MoLFTrainer
     extra = {} if cfg.mode == "fft" else dict(backend=cfg.backend)
     return kind(model=model, args=args, train_dataset=_Rows(rows), optimizers=(opt, sched),
-                data_collator=lambda chunk: _batch(chunk, tok.pad_token_id, "cpu"), callbacks=[Interrupt()],
+                data_collator=lambda chunk: _batch(chunk, tok.pad_token_id, "cpu"),
+                callbacks=[Interrupt(), RecordOptions()],
                 **extra)
 
 

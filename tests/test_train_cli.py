@@ -117,7 +117,9 @@ def test_target_modules_choose_the_wrapped_layers(tmp_path, capsys):
 def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     """A run interrupted after step 7 (as Ctrl-C would) keeps its checkpoints and no output; --resume then
     finishes it with the very weights of an uninterrupted run (data order, dropout RNG, optimizer, schedule),
-    from the newest complete checkpoint (a newer one cut off while being written is removed, not resumed from)."""
+    from the newest complete checkpoint (a newer one cut off while being written is removed, not resumed from),
+    and only with the options the run started with (before: another batch size or seed resumed, silently not
+    the same run)."""
     base = dict(mode=mode, steps=12, batch_size=4, n_facts=16, save_steps=5, progress=False, backend="eager")
     full = train(TrainConfig(output=str(tmp_path / "full"), **base), log=lambda *a: None)
     messages = []
@@ -128,6 +130,11 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     assert any("--resume" in m for m in messages)
     with pytest.raises(TrainError, match="holds checkpoints of an interrupted run: add --resume"):
         train(TrainConfig(output=str(tmp_path / "cut"), **base), log=lambda *a: None)
+    # the options that define the run must be the ones it started with (checkpoint-5/molf_train.json)
+    with pytest.raises(TrainError, match=r"--resume continues the run with the options it started with, but "
+                                         r"--batch-size \(was 4, now 2\), --seed \(was 0, now 1\) differ"):
+        train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **dict(base, batch_size=2, seed=1)),
+              log=lambda *a: None)
     cut_off = tmp_path / "cut.checkpoints" / "checkpoint-10"  # a save that a signal cut off: no trainer_state.json
     cut_off.mkdir()
     (cut_off / "config.json").write_text("{}")
