@@ -116,8 +116,9 @@ def is_molf_checkpoint(path) -> bool:
 
 def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
     """Wrap `model` (the plain model) as `config` (a molf_config.json) describes, in place."""
-    from .layer import _set_child
+    from .layer import _set_child, refuse_offloaded
 
+    refuse_offloaded(model)
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"molf checkpoint format {config.get('format_version')!r} is not {FORMAT_VERSION}: "
                          "saved by another molf version")

@@ -387,6 +387,20 @@ def _experts_problem(model: nn.Module) -> str | None:
             "experts then train as plain AdamW parameters, or stay frozen with freeze_others=True")
 
 
+def refuse_offloaded(model: nn.Module) -> None:
+    """ValueError if accelerate offloads some of the model's weights (a device_map with "cpu"/"disk" beside a
+    GPU, or a max_memory it does not fit): their parameters are placeholders between forwards."""
+    offloaded = [n or "the model" for n, m in model.named_modules() if any(
+        getattr(h, "offload", False) for h in getattr(getattr(m, "_hf_hook", None), "hooks", None)
+        or [getattr(m, "_hf_hook", None)])]
+    if offloaded:
+        raise ValueError(f"model has weights offloaded by its device_map ({offloaded[0]}, {len(offloaded)} modules: "
+                         f"hf_device_map {getattr(model, 'hf_device_map', None)}): accelerate brings them to the device "
+                         "for each forward only, and molf's layers read and train their weights in place; load "
+                         "the model onto one device without offloading (device_map='cuda', or bitsandbytes 4-bit "
+                         "with MoLF-E to fit it)")
+
+
 def _language_model_prefix(model: nn.Module) -> str | None:
     """"<name>." of a multimodal model's language model (Gemma-3 4B+, Llava, Qwen2-VL: a submodule named
     `language_model`), None for a plain language model."""
@@ -466,6 +480,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
                          "(their gradients would not be averaged or sharded across processes): call molf.wrap on "
                          "the plain model first, then DDP / fully_shard, then MoLFAdamW")
     outer, model = model, unwrap_model(model)  # torch.compile's and DataParallel's wrapper: wrap the model inside
+    refuse_offloaded(model)
     wrapped = [n for n, _ in molf_layers(model)]
     if wrapped:
         raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "

@@ -251,6 +251,29 @@ def test_wrap_without_match_names_target_modules():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_wrap_refuses_weights_offloaded_by_a_device_map(tmp_path):
+    """accelerate's offloading keeps placeholders (meta) in the modules between forwards: wrap used to warn about
+    the meta device (and suggest reset_lora_parameters) and the first forward failed deep inside."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    plain = tiny_qwen2()
+    plain.save_pretrained(tmp_path / "plain")
+    molf.save_pretrained(molf.wrap(copy.deepcopy(plain), ranks=(2,), alphas=(4,), backend="eager"), tmp_path / "molf")
+    offload = dict(device_map="auto", max_memory={"cpu": "20KB"}, offload_folder=str(tmp_path / "offload"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", **offload)
+    with pytest.raises(ValueError, match=r"weights offloaded by its device_map \(model\.embed_tokens, \d+ modules: "
+                                         r"hf_device_map \{'': 'disk'\}\)"):
+        molf.wrap(model, ranks=(2,), alphas=(4,), backend="eager")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="offloaded by its device_map"):
+        molf.from_pretrained(tmp_path / "molf", **offload)
+    on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", device_map="cpu")  # one device: wraps
+    molf.wrap(on_cpu, ranks=(2,), alphas=(4,), backend="eager")
+    ids = batch()
+    assert_close(on_cpu(ids).logits, plain(ids).logits, 1e-6, "logits")
+
+
 def test_wrap_refuses_a_linear_shared_by_two_places_and_wraps_one_inside_a_shared_block():
     """One nn.Linear set at two places: wrap used to replace one of them and leave the other computing the plain
     layer. A linear inside a block used at several places is one place (the block's attribute): wrapped once,
