@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -110,6 +111,25 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> str:
     return str(path)
 
 
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+
+
+def _local_folder(path, **hub) -> str:
+    """`path` itself when it is a local folder; a Hugging Face Hub repo id ("user/name") is downloaded into
+    huggingface_hub's cache (as transformers' from_pretrained does) and that folder returned."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise ValueError(f"{path} is not a folder (nor a Hugging Face Hub repo id, user/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, **{k: v for k, v in hub.items() if k in HUB_KWARGS})
+    except Exception as e:  # no network, no such repo, gated: say which and why in one line
+        raise ValueError(f"{path} is not a local folder and could not be downloaded from the Hugging Face Hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
 def is_molf_checkpoint(path) -> bool:
     return os.path.isfile(os.path.join(path, MOLF_CONFIG)) and os.path.isfile(os.path.join(path, MOLF_WEIGHTS))
 
@@ -136,10 +156,12 @@ def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
     return model
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load molf's exact state from a checkpoint folder into `model`, already wrapped the same way."""
+def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
+    """Load molf's exact state from a checkpoint folder (or Hub repo id; `hub`: revision, token, cache_dir,
+    ...) into `model`, already wrapped the same way."""
     from safetensors.torch import load_model
 
+    path = _local_folder(path, **hub)
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
     inner = unwrap_model(model)
@@ -182,9 +204,11 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
 
     The model class is the one the checkpoint's config.json names in `architectures` (a causal LM, a sequence
     classifier, ...), AutoModelForCausalLM where it names none that transformers has (remote code); kwargs go to
-    its `from_pretrained` (e.g. dtype, device_map)."""
+    its `from_pretrained` (e.g. dtype, device_map). `path` may be a Hugging Face Hub repo id (downloaded with
+    the kwargs revision, token, cache_dir, ...)."""
     import transformers
 
+    path = _local_folder(path, **kwargs)
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS}); a plain model "
                          "loads with AutoModelForCausalLM.from_pretrained")

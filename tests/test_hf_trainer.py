@@ -182,6 +182,38 @@ def test_checkpoints_load_exactly_as_plain_models_and_with_the_molf_loader(tmp_p
                 assert torch.equal(p, q) and p.requires_grad == q.requires_grad, n
 
 
+def test_the_molf_loaders_take_a_hub_repo_id(tmp_path, monkeypatch):
+    """A checkpoint pushed to the Hub (push_to_hub of a MoLFTrainer output) loads by its repo id, as transformers'
+    from_pretrained does; it used to be "not a molf checkpoint". No network here: the download is stubbed."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(4,), backend="eager")
+    molf.save_pretrained(model, tmp_path / "pushed")
+    calls = []
+
+    def download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        if repo_id != "user/molf-run":
+            raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder (no network)")
+        return str(tmp_path / "pushed")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    back = molf.from_pretrained("user/molf-run", revision="v1", backend="eager")
+    assert calls == [("user/molf-run", {"revision": "v1"})]
+    for (n, p), q in zip(model.named_parameters(), back.parameters()):
+        assert torch.equal(p, q), n
+    molf.load(back, "user/molf-run")
+    with pytest.raises(ValueError, match=r"user/missing is not a local folder and could not be downloaded from the "
+                                         r"Hugging Face Hub \(LocalEntryNotFoundError: Cannot find"):
+        molf.from_pretrained("user/missing")
+    with pytest.raises(ValueError, match=r"/nonexistent/run is not a folder \(nor a Hugging Face Hub repo id"):
+        molf.from_pretrained("/nonexistent/run")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a folder"):
+        molf.load(back, tmp_path / "file")
+
+
 def test_evaluation_and_load_best_model_at_end_restore_the_best_checkpoint(tmp_path):
     """eval_strategy with load_best_model_at_end: the Trainer evaluates at each checkpoint and reloads the best
     one at the end, through molf's loader (the wrapped model, bitwise). greater_is_better=True on the eval loss
