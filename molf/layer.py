@@ -442,6 +442,12 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
 
     chosen = [(n, m) for n, m in modules if any(hit(n, key) for key in target_modules)]  # in model order
     unmatched = [key for key in target_modules if not any(hit(n, key) for n, _ in chosen)]
+    heads = [key for key in unmatched for n, m in model.named_modules()
+             if n and hit(n, key) and (m is head or n.rpartition(".")[2] == "lm_head")]
+    if heads:
+        raise ValueError(f"target_modules names the output head ({heads[0]}), which molf never wraps (MoLF routes "
+                         "the decoder's linear layers); leave it out, and to train it beside the experts set "
+                         f"model.{heads[0]}.requires_grad_(True) before MoLFAdamW (plain AdamW there)")
     if unmatched:
         linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)})
         experts = _fused_experts(model)

@@ -132,6 +132,8 @@ def test_target_forms_suffix_regex_and_unmatched_names():
         molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=r"nothing\..*")
     with pytest.raises(ValueError, match="not an nn.Linear"):
         molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=["mlp"])
+    with pytest.raises(ValueError, match=r"names the output head \(lm_head\), which molf never wraps"):
+        molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=["q_proj", "lm_head"])  # was "match no module"
 
 
 def test_wrapping_twice_is_a_clear_error():
