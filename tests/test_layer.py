@@ -260,7 +260,8 @@ def test_wrap_refuses_weights_offloaded_by_a_device_map(tmp_path):
     plain = tiny_qwen2()
     plain.save_pretrained(tmp_path / "plain")
     molf.save_pretrained(molf.wrap(copy.deepcopy(plain), ranks=(2,), alphas=(4,), backend="eager"), tmp_path / "molf")
-    offload = dict(device_map="auto", max_memory={"cpu": "20KB"}, offload_folder=str(tmp_path / "offload"))
+    budget = {"cpu": "20KB", **({0: "20KB"} if torch.cuda.is_available() else {})}  # too small: all to disk
+    offload = dict(device_map="auto", max_memory=budget, offload_folder=str(tmp_path / "offload"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", **offload)
     with pytest.raises(ValueError, match=r"weights offloaded by its device_map \(model\.embed_tokens, \d+ modules: "
                                          r"hf_device_map \{'': 'disk'\}\)"):
