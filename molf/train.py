@@ -254,26 +254,31 @@ RUN_OPTIONS = {"mode": "--mode", "model": "--model", "data": "--data", "steps": 
                "eval_split": "--eval-split", "target_modules": "--target-modules"}
 
 
-def _run_options(cfg: TrainConfig) -> dict:
-    """RUN_OPTIONS' values as JSON stores them (local paths absolute)."""
+def _run_options(cfg: TrainConfig, device) -> dict:
+    """RUN_OPTIONS' values as the run uses them (defaults resolved, local paths absolute), as JSON stores them."""
+    ranks, alphas, lr, lora_lr = _defaults(cfg, cfg.model is None)
+    resolved = dict(ranks=ranks, alphas=alphas, lr=lr, lora_lr=lora_lr, dtype=_dtype(cfg, device),
+                    top_k=None if cfg.mode == "fft" else cfg.top_k or 1)
     out = {}
     for field in RUN_OPTIONS:
-        v = getattr(cfg, field)
+        v = resolved[field] if field in resolved else getattr(cfg, field)
         if field in ("model", "data") and v is not None and os.path.exists(v):
             v = os.path.abspath(v)
         out[field] = list(v) if isinstance(v, tuple) else v
     return json.loads(json.dumps(out))
 
 
-def _check_same_run(cfg: TrainConfig) -> None:
+def _check_same_run(cfg: TrainConfig, device) -> None:
     """--resume continues a run as it started: options that define it (RUN_OPTIONS) must be the same."""
+    if cfg.resume is None:
+        return
     folder = _last_checkpoint(cfg.checkpoints) if cfg.resume == "last" else cfg.resume
     path = os.path.join(folder, RUN_FILE)
     if not os.path.isfile(path):
         return  # a checkpoint molf train did not write: nothing to compare with
     with open(path) as f:
         started = json.load(f)
-    now = _run_options(cfg)
+    now = _run_options(cfg, device)
     diff = [f"{flag} (was {started[k]!r}, now {now[k]!r})" for k, flag in RUN_OPTIONS.items()
             if k in started and started[k] != now[k]]
     if diff:
@@ -313,7 +318,6 @@ def _check(cfg: TrainConfig):
                 raise TrainError(f"--resume: no checkpoint in {cfg.checkpoints} (written by --save-steps){cut}")
         elif not os.path.isdir(cfg.resume) or not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
             raise TrainError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer_state.json)")
-        _check_same_run(cfg)
     try:
         for name, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--facts", cfg.n_facts),
                           ("--grad-accum", cfg.grad_accum), ("--save-steps", cfg.save_steps)):
@@ -519,6 +523,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """Run one fine-tuning; returns the summary (also written to <output>/summary.json)."""
     _check(cfg)
     device = _device(cfg)
+    _check_same_run(cfg, device)
 
     def say_checkpoints_kept():
         if _last_checkpoint(cfg.checkpoints):
@@ -645,7 +650,7 @@ def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_d
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_FILE), "w") as f:
-                    json.dump(_run_options(cfg), f, indent=2)
+                    json.dump(_run_options(cfg, device), f, indent=2)
 
     kind = Trainer if cfg.mode == "fft" else MoLFTrainer
     extra = {} if cfg.mode == "fft" else dict(backend=cfg.backend)

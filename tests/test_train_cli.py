@@ -139,7 +139,8 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     cut_off.mkdir()
     (cut_off / "config.json").write_text("{}")
     said = []
-    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **base), log=said.append)
+    # a default given explicitly is the same option (lr 2e-3 is the built-in model's default)
+    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", lr=2e-3, **base), log=said.append)
     assert resumed["resumed_from"].endswith("checkpoint-5")
     assert any("removed checkpoint-10, cut off while being written" in m for m in said), said
     assert not (tmp_path / "cut.checkpoints").exists()  # the finished run's checkpoints are removed
