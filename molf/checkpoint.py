@@ -165,6 +165,7 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
     inner = unwrap_model(model)
+    _check_scalings(inner, _config(path), path)
     if _config(path).get("quantized_base"):
         _load_quantized(inner, path)
         return model
@@ -173,6 +174,23 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
         raise ValueError(f"the molf checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     return model
+
+
+def _check_scalings(model: nn.Module, config: dict, path) -> None:
+    """ValueError unless each MoLF layer the checkpoint names has its alphas and rslora: the weights of another
+    scaling load without a shape error and compute another function."""
+    mine = dict(molf_layers(model))
+    for name, spec in config.get("layers", {}).items():
+        m = mine.get(name)
+        if m is None:
+            continue  # the state dict's keys say it (missing / unexpected)
+        saved = (list(spec["ranks"]), [float(a) for a in spec["alphas"]], bool(spec["rslora"]))
+        have = (list(m.ranks), [float(a) for a in m.alphas], bool(m.rslora))
+        if saved != have:
+            raise ValueError(f"the molf checkpoint in {path} was saved with {name} wrapped as ranks={saved[0]}, "
+                             f"alphas={saved[1]}, rslora={saved[2]}, but this model's is ranks={have[0]}, "
+                             f"alphas={have[1]}, rslora={have[2]}: its experts would compute another function; "
+                             "wrap the model as molf_config.json says (molf.from_pretrained does)")
 
 
 def _config(path) -> dict:

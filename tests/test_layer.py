@@ -251,6 +251,27 @@ def test_wrap_without_match_names_target_modules():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("other", [dict(alphas=(32,)), dict(rslora=False), dict(ranks=(2,), alphas=(8,))],
+                         ids=["alphas", "rslora", "ranks"])
+def test_load_refuses_a_model_wrapped_with_another_scaling(tmp_path, other):
+    """molf.load into a model wrapped with other alphas or rslora loaded without a shape error and computed
+    another function (0.59 of the logits with alpha 32 for 8), silently; now a ValueError naming the layer."""
+    model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), backend="eager")
+    randomize_lora_B(model)
+    molf.save_pretrained(model, tmp_path)
+    kw = dict(dict(ranks=(4,), alphas=(8,)), **other)
+    fresh = molf.wrap(tiny_qwen2(seed=3), backend="eager", **kw)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"saved with model\.layers\.0\.self_attn\.q_proj wrapped as ranks=\[4\], "
+                                         r"alphas=\[8\.0\], rslora=True, but this model's is"):
+        molf.load(fresh, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing loaded
+    same = molf.wrap(tiny_qwen2(seed=3), ranks=(4,), alphas=(8,), backend="eager", dropout=0.1)  # dropout may differ
+    molf.load(same, tmp_path)
+    ids = batch()
+    assert torch.equal(same.eval()(ids).logits, model.eval()(ids).logits)
+
+
 def test_wrap_refuses_weights_offloaded_by_a_device_map(tmp_path):
     """accelerate's offloading keeps placeholders (meta) in the modules between forwards: wrap used to warn about
     the meta device (and suggest reset_lora_parameters) and the first forward failed deep inside."""
