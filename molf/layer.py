@@ -390,9 +390,12 @@ def _experts_problem(model: nn.Module) -> str | None:
 def refuse_offloaded(model: nn.Module) -> None:
     """ValueError if accelerate offloads some of the model's weights (a device_map with "cpu"/"disk" beside a
     GPU, or a max_memory it does not fit): their parameters are placeholders between forwards."""
-    offloaded = [n or "the model" for n, m in model.named_modules() if any(
-        getattr(h, "offload", False) for h in getattr(getattr(m, "_hf_hook", None), "hooks", None)
-        or [getattr(m, "_hf_hook", None)])]
+    def hooks(m):  # accelerate's hook on m: one AlignDevicesHook, or a SequentialHook of several
+        hook = getattr(m, "_hf_hook", None)
+        return getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+
+    offloaded = [n or "the model" for n, m in model.named_modules() if any(getattr(h, "offload", False)
+                                                                           for h in hooks(m))]
     if offloaded:
         raise ValueError(f"model has weights offloaded by its device_map ({offloaded[0]}, {len(offloaded)} modules: "
                          f"hf_device_map {getattr(model, 'hf_device_map', None)}): accelerate brings them to the device "
