@@ -52,12 +52,19 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     expert_names = layer_expert_names(ranks, has_full)
     lora_lr = lr if lora_lr is None else lora_lr
     kinds = {FULL: [], FULL_BIAS: [], LORA: [], DECAY: [], NO_DECAY: []}
-    experts, inside, names = [], set(), {}
+    experts, inside, names, full_of = [], set(), {}, {}
     for lname, m in layers:
         own = {id(p): n for n, p in m.named_parameters()}
         per = []
         if has_full:
             full = [p for p in (m.base.weight, m.base.bias) if p is not None and p.requires_grad]
+            for p in full:
+                if full_of.setdefault(id(p), lname) != lname:
+                    raise ValueError(
+                        f"the base {own[id(p)].rpartition('.')[2]} of {lname} is the same tensor as {full_of[id(p)]}'s "
+                        "(tied weights): MoLF routes each layer's full expert on its own, and a weight two layers "
+                        "share would take both layers' updates (its moments advanced twice a step); train it with "
+                        "train_base=False (MoLF-E: the tied base stays frozen), or give each layer its own copy")
             kinds[FULL].extend(p for p in full if p is m.base.weight)
             kinds[FULL_BIAS].extend(p for p in full if p is not m.base.weight)
             per.append(full)

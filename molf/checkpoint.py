@@ -35,7 +35,8 @@ FORMAT_VERSION = 1
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """model.state_dict() with every MoLF layer as the plain nn.Linear `merge` would give (name.weight =
     W + sum_i s_i B_i A_i, name.bias = b): the keys of the unwrapped model. The model is not changed."""
-    layers = molf_layers(model)
+    # every path to a layer: a block used at several places (shared) has its keys under each of them
+    layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoLFLinear)]
     prefixes = tuple(f"{n}." for n, _ in layers)
     out = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, m in layers:
@@ -58,7 +59,8 @@ def molf_config(model: nn.Module) -> dict:
 
 def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
     """"name." of every bitsandbytes layer (wrapped bases included): their weights are not molf's to save."""
-    return tuple(f"{n}." for n, m in model.named_modules() if n and quant.quant_kind(m) is not None)
+    return tuple(f"{n}." for n, m in model.named_modules(remove_duplicate=False)
+                 if n and quant.quant_kind(m) is not None)
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,7 +107,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> str:
         raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, state_dict=merged_state_dict(model), **kwargs)
-    save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata={"format": "pt", "molf": str(FORMAT_VERSION)})
+    save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata={"format": "pt", "molf": str(FORMAT_VERSION),
+                                                                   "aliases": json.dumps(_tied_parameters(model))})
     with open(os.path.join(path, MOLF_CONFIG), "w") as f:
         json.dump(molf_config(model), f, indent=2)
     return str(path)
@@ -128,6 +131,42 @@ def _local_folder(path, **hub) -> str:
     except Exception as e:  # no network, no such repo, gated: say which and why in one line
         raise ValueError(f"{path} is not a local folder and could not be downloaded from the Hugging Face Hub "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{name: the first name of the same Parameter} for every parameter reachable under two names (tied)."""
+    first, tied = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), n) != n:
+            tied[n] = first[id(p)]
+    return tied
+
+
+def _tie(model: nn.Module, aliases: dict[str, str]) -> list:
+    """Make each parameter named in `aliases` the very Parameter of its original, as it was when saved (the
+    merged checkpoint unties bases two wrapped layers shared, Zamba2's shared attention: each layer's merged
+    weight differs, so transformers loads them apart). Returns what `_untie` needs to undo it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    undo = []
+    for alias, original in aliases.items():
+        if alias in params and original in params and params[alias] is not params[original]:
+            owner, _, attr = alias.rpartition(".")
+            module = model.get_submodule(owner)
+            undo.append((module, attr, params[alias]))
+            setattr(module, attr, params[original])
+    return undo
+
+
+def _untie(undo: list) -> None:
+    for module, attr, p in undo:
+        setattr(module, attr, p)
+
+
+def _aliases(file: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        return json.loads((f.metadata() or {}).get("aliases", "{}"))
 
 
 def is_molf_checkpoint(path) -> bool:
@@ -169,8 +208,14 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     if _config(path).get("quantized_base"):
         _load_quantized(inner, path)
         return model
-    missing, unexpected = load_model(inner, os.path.join(path, MOLF_WEIGHTS), strict=False)
+    undo = _tie(inner, _aliases(os.path.join(path, MOLF_WEIGHTS)))
+    try:
+        missing, unexpected = load_model(inner, os.path.join(path, MOLF_WEIGHTS), strict=False)
+    except Exception:  # a shape that does not fit: the model as it was
+        _untie(undo)
+        raise
     if missing or unexpected:
+        _untie(undo)
         raise ValueError(f"the molf checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     return model
@@ -199,12 +244,10 @@ def _config(path) -> dict:
 
 
 def _load_quantized(model: nn.Module, path) -> nn.Module:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = os.path.join(path, MOLF_WEIGHTS)
-    with safe_open(file, "pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    aliases = _aliases(file)
     state = load_file(file)
     state.update({k: state[v] for k, v in aliases.items() if v in state})
     expected = set(float_state_dict(model))

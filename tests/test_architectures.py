@@ -243,6 +243,53 @@ def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, t
         assert torch.equal(back(ids).logits, trained)
 
 
+def test_tied_bases_zamba2_molf_e_trains_and_reloads_exactly_and_molf_is_refused(tmp_path):
+    """Zamba2's shared attention: each hybrid layer has its own modules whose weights are one tensor (tied).
+    MoLF-E (the tied bases frozen) trains a LoRA per layer; its checkpoint reloads with the bases tied again
+    (the merged checkpoint unties them: each layer's merged weight differs; molf.from_pretrained failed on the
+    missing names). MoLF, whose full expert would be two layers' (its moments advanced twice a step, seen), is
+    refused by MoLFAdamW."""
+    import transformers as tf
+    cfg = tf.AutoConfig.for_model("zamba2", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=4, vocab_size=64, mamba_d_state=8, mamba_headdim=8,
+                                  n_mamba_heads=8, intermediate_size=48, hybrid_layer_ids=[1, 3],
+                                  layer_types=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1,
+                                  attention_head_dim=16, use_shared_attention_adapter=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    q = lambda m, i: m.model.layers[i].shared_transformer.self_attn.q_proj  # noqa: E731
+    torch.manual_seed(0)
+    full = molf.wrap(tf.AutoModelForCausalLM.from_config(cfg), ranks=(4,), alphas=(8,), target_modules=targets,
+                     backend="eager")
+    assert q(full, 1).base.weight is q(full, 3).base.weight and q(full, 1) is not q(full, 3)
+    with pytest.raises(ValueError, match=r"the base weight of model\.layers\.3\.shared_transformer\.self_attn\."
+                                         r"q_proj is the same tensor as model\.layers\.1\..*\(tied weights\)"):
+        molf.MoLFAdamW(full, lr=1e-2)
+    model = molf.wrap(tf.AutoModelForCausalLM.from_config(cfg), ranks=(2, 4), alphas=(8, 8), train_base=False,
+                      target_modules=targets, freeze_others=True, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=1e-2, backend="eager")
+    ids = batch()
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(q(model, 1).lora_B[0], q(model, 3).lora_B[0])  # a LoRA per layer
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    molf.save_pretrained(model, tmp_path)
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    back = molf.from_pretrained(tmp_path, backend="eager").eval()
+    assert q(back, 1).base.weight is q(back, 3).base.weight  # tied again
+    with torch.no_grad():
+        assert_close(plain(ids).logits, trained, 1e-5, "merged checkpoint under plain transformers")
+        assert torch.equal(back(ids).logits, trained)
+    partial = molf.wrap(plain, ranks=(2, 4), alphas=(8, 8), train_base=False, target_modules=["q_proj"],
+                        backend="eager")  # bases untied (merged), fewer targets: the load fails, nothing changes
+    with pytest.raises(ValueError, match="does not fit this model"):
+        molf.load(partial, tmp_path)
+    assert q(partial, 1).base.weight is not q(partial, 3).base.weight
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_generate_with_the_kv_cache_equals_the_merged_model(backend):
     """generate() mid-training (an eval callback, a sample print): decoding steps of one token per row go
