@@ -327,8 +327,11 @@ def test_wrap_refuses_a_linear_shared_by_two_places_and_wraps_one_inside_a_share
             return self.layers[1]["proj"](self.layers[0]["proj"](x))
 
     model = SharedBlock()
+    plain_keys = list(model.state_dict())
     molf.wrap(model, ranks=(2,), alphas=(4,), target_modules="all-linear", backend="eager")
     assert isinstance(model.layers[1]["proj"], molf.MoLFLinear) and model.layers[0]["proj"] is model.layers[1]["proj"]
+    from molf.checkpoint import merged_state_dict  # the merged checkpoint: plain names under both paths
+    assert sorted(merged_state_dict(model)) == sorted(plain_keys)
 
 
 @pytest.mark.parametrize("kw, match", [
