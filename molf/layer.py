@@ -420,7 +420,22 @@ def _task_heads(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_children() if n in TASK_HEADS]
 
 
-def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+def _hit(name: str, key: str) -> bool:
+    """Whether module `name` is the one a target list names `key`: it, or ends in "." + it (peft's rule)."""
+    return name == key or name.endswith("." + key)
+
+
+def _defaults_present(model: nn.Module, names: tuple[str, ...], lm: str | None) -> tuple[str, ...]:
+    """The default target names, less those the model lacks when the rest already cover every linear layer
+    (Nemotron's and Apertus' MLPs have no gate_proj); all of them otherwise, so that an architecture whose
+    projections are named differently is an error rather than a partial wrap."""
+    linears = [n for n, _ in _match_targets(model, "all-linear") if lm is None or n.startswith(lm)]
+    present = tuple(k for k in names if any(_hit(n, k) for n in linears))
+    covered = all(any(_hit(n, k) for k in present) for n in linears)
+    return present if present and covered else names
+
+
+def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> list[tuple[str, nn.Module]]:
     """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
     head and a task head), a regular expression (a str, full match of the module name) or a list of names, each
     matching a module whose name is it or ends in "." + it. A listed name that matches nothing is an error."""
@@ -440,13 +455,10 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
             raise ValueError(f"target_modules={target_modules!r} (a regular expression, matched against full module "
                              f"names such as {modules[0][0] if modules else '...'!r}) matches no module")
         return chosen
-    def hit(n, key):
-        return n == key or n.endswith("." + key)
-
-    chosen = [(n, m) for n, m in modules if any(hit(n, key) for key in target_modules)]  # in model order
-    unmatched = [key for key in target_modules if not any(hit(n, key) for n, _ in chosen)]
+    chosen = [(n, m) for n, m in modules if any(_hit(n, key) for key in target_modules)]  # in model order
+    unmatched = [key for key in target_modules if not any(_hit(n, key) for n, _ in chosen)]
     heads = [key for key in unmatched for n, m in model.named_modules()
-             if n and hit(n, key) and (m is head or n.rpartition(".")[2] == "lm_head")]
+             if n and _hit(n, key) and (m is head or n.rpartition(".")[2] == "lm_head")]
     if heads:
         raise ValueError(f"target_modules names the output head ({heads[0]}), which molf never wraps (MoLF routes "
                          "the decoder's linear layers); leave it out, and to train it beside the experts set "
@@ -456,9 +468,12 @@ def _match_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
         experts = _fused_experts(model)
         moe = (f" (its MoE experts, e.g. {experts[0][0]}, are 3-D parameters, not nn.Linear layers, and cannot be "
                "wrapped)") if experts else ""
-        raise ValueError(f"target_modules {unmatched} match no module of the model (its linear layers are named "
-                         f"{linear_names}){moe}; pass names that exist, target_modules='all-linear', or None for the "
-                         "architecture's defaults")
+        what = (f"the default target_modules of this architecture ({getattr(getattr(model, 'config', None), 'model_type', '?')}): "
+                f"{unmatched}" if defaults else f"target_modules {unmatched}")
+        fix = ("pass target_modules naming this model's projections, or 'all-linear'" if defaults else
+               "pass names that exist, target_modules='all-linear', or None for the architecture's defaults")
+        raise ValueError(f"{what} match no module of the model (its linear layers are named {linear_names}){moe}; "
+                         f"{fix}")
     return chosen
 
 
@@ -498,7 +513,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if defaults:
         if msg := _experts_problem(model):
             raise ValueError(msg)
-        target_modules = default_targets(model)
+        target_modules = _defaults_present(model, default_targets(model), _language_model_prefix(model))
     if not isinstance(target_modules, (str, Iterable)):
         raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "
                         f"names, got {target_modules!r}")
@@ -510,7 +525,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     train_base, rslora = _checks.flag("train_base", train_base), _checks.flag("rslora", rslora)
     freeze_others = _checks.flag("freeze_others", freeze_others)
     _backend.check_backend(backend)
-    chosen = _match_targets(model, target_modules)
+    chosen = _match_targets(model, target_modules, defaults)
     lm = _language_model_prefix(model) if defaults else None
     if lm is not None:
         # A multimodal model: the defaults are its language model's (matching the vision tower's q/k/v_proj too

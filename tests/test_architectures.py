@@ -120,6 +120,29 @@ def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_w
     assert len(molf.layer.molf_layers(model)) == 8
 
 
+@pytest.mark.parametrize("model_type", ["nemotron", "apertus", "lfm2"])
+def test_defaults_skip_a_projection_the_architecture_lacks_but_never_wrap_part_of_it(model_type):
+    """Nemotron's and Apertus' MLPs have no gate_proj: the other defaults cover every linear layer, so they are
+    the targets (was an error: "['gate_proj'] match no module", though the user passed None). LFM2 names its
+    projections otherwise (out_proj, w1-w3): the defaults would wrap q/k/v only, so that stays an error."""
+    import transformers as tf
+    cfg = tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48, head_dim=8,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    if model_type == "lfm2":
+        with pytest.raises(ValueError, match=r"the default target_modules of this architecture \(lfm2\): \['o_proj', "
+                                             r"'gate_proj', 'up_proj', 'down_proj'\] match no module.*'w1', 'w2', "
+                                             r"'w3'\]\); pass target_modules naming this model's projections"):
+            molf.wrap(model, ranks=(4,), alphas=(8,))
+        assert not molf.layer.molf_layers(model)
+        return
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(".base")]
+    assert plain == ["lm_head"]
+    assert {n.rpartition(".")[2] for n, _ in molf.layer.molf_layers(model)} == {"q_proj", "k_proj", "v_proj",
+                                                                              "o_proj", "up_proj", "down_proj"}
+
+
 def test_target_forms_suffix_regex_and_unmatched_names():
     model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), target_modules=r".*\.self_attn\.(q|v)_proj")
     names = sorted(n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear))
