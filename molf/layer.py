@@ -398,8 +398,8 @@ def refuse_offloaded(model: nn.Module) -> None:
                                                                            for h in hooks(m))]
     if offloaded:
         raise ValueError(f"model has weights offloaded by its device_map ({offloaded[0]}, {len(offloaded)} modules: "
-                         f"hf_device_map {getattr(model, 'hf_device_map', None)}): accelerate brings them to the device "
-                         "for each forward only, and molf's layers read and train their weights in place; load "
+                         f"hf_device_map {getattr(model, 'hf_device_map', None)}): accelerate brings them to the "
+                         "device for each forward only, and molf's layers read and train their weights in place; load "
                          "the model onto one device without offloading (device_map='cuda', or bitsandbytes 4-bit "
                          "with MoLF-E to fit it)")
 
@@ -468,8 +468,9 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
         experts = _fused_experts(model)
         moe = (f" (its MoE experts, e.g. {experts[0][0]}, are 3-D parameters, not nn.Linear layers, and cannot be "
                "wrapped)") if experts else ""
-        what = (f"the default target_modules of this architecture ({getattr(getattr(model, 'config', None), 'model_type', '?')}): "
-                f"{unmatched}" if defaults else f"target_modules {unmatched}")
+        arch = getattr(getattr(model, "config", None), "model_type", "?")
+        what = (f"the default target_modules of this architecture ({arch}): {unmatched}" if defaults
+                else f"target_modules {unmatched}")
         fix = ("pass target_modules naming this model's projections, or 'all-linear'" if defaults else
                "pass names that exist, target_modules='all-linear', or None for the architecture's defaults")
         raise ValueError(f"{what} match no module of the model (its linear layers are named {linear_names}){moe}; "
