@@ -258,7 +258,8 @@ def _run_options(cfg: TrainConfig, device) -> dict:
     """RUN_OPTIONS' values as the run uses them (defaults resolved, local paths absolute), as JSON stores them."""
     ranks, alphas, lr, lora_lr = _defaults(cfg, cfg.model is None)
     resolved = dict(ranks=ranks, alphas=alphas, lr=lr, lora_lr=lora_lr, dtype=_dtype(cfg, device),
-                    top_k=None if cfg.mode == "fft" else cfg.top_k or 1)
+                    top_k=None if cfg.mode == "fft" else cfg.top_k or 1,
+                    n_facts=cfg.n_facts if cfg.data is None else None)  # --facts only shapes the built-in task
     out = {}
     for field in RUN_OPTIONS:
         v = resolved[field] if field in resolved else getattr(cfg, field)
