@@ -487,7 +487,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
     linear but the output head and a classifier's or QA model's new head), a regular expression (full match of
     module names) or a list of names matched as suffixes. The output head is never wrapped.
-    A mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
+    A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
+    mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
     Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
     forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
     the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option); a
