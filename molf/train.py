@@ -600,7 +600,8 @@ def _optimizer(cfg: TrainConfig, model, ranks, alphas, lr, lora_lr, steps):
             opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=0.1, lora_weight_decay=0.01,
                                  score=cfg.score, top_k=cfg.top_k or 1, backend=cfg.backend)
         except (TypeError, ValueError) as e:
-            raise TrainError(str(e)) from None
+            hint = " (on the command line: --target-modules)" if "target_modules" in str(e) else ""
+            raise TrainError(f"{e}{hint}") from None
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else

@@ -181,6 +181,7 @@ def test_only_a_cut_off_checkpoint_is_not_resumed_nor_overwritten(tmp_path):
     (["--resume"], "--resume: no checkpoint in"),
     (["--dtype", "fp16"], "--dtype fp16 (mixed precision with loss scaling) needs a CUDA device"),
     (["--target-modules", "nope"], "target_modules ['nope'] match no module of the model"),
+    (["--target-modules", "nope"], "or None for the architecture's defaults (on the command line: --target-modules)"),
     (["--mode", "fft", "--target-modules", "all-linear"], "--target-modules do(es) not apply to --mode fft"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_options_one_line_exit_2(tmp_path, capsys, args, message):
