@@ -10,7 +10,7 @@ from torch import nn
 import molf
 from helpers import assert_close, batch, tiny_qwen2
 
-ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4"]
+ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
 
 
 def tiny(arch):
@@ -29,11 +29,12 @@ def tiny(arch):
         "starcoder2": lambda: tf.Starcoder2Config(**common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
         "glm4": lambda: tf.Glm4Config(**common),
+        "nemotron": lambda: tf.NemotronConfig(**common),  # an MLP without gate_proj
     }[arch]()
     cls = {"qwen2": tf.Qwen2ForCausalLM, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
            "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
            "phi": tf.PhiForCausalLM, "starcoder2": tf.Starcoder2ForCausalLM, "gpt_neox": tf.GPTNeoXForCausalLM,
-           "glm4": tf.Glm4ForCausalLM}[arch]
+           "glm4": tf.Glm4ForCausalLM, "nemotron": tf.NemotronForCausalLM}[arch]
     torch.manual_seed(0)
     return cls(cfg).eval()
 
