@@ -9,6 +9,7 @@ from torch import nn
 
 import molf
 from helpers import assert_close, batch, tiny_qwen2
+from optim_utils import train_step
 
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
 
@@ -253,9 +254,7 @@ def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, t
     opt = molf.MoLFAdamW(model, lr=1e-2, backend="eager")
     ids = batch()
     for _ in range(2):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, ids)
     model.eval()
     with torch.no_grad():
         trained = model(ids).logits
@@ -293,9 +292,7 @@ def test_tied_bases_zamba2_molf_e_trains_and_reloads_exactly_and_molf_is_refused
     opt = molf.MoLFAdamW(model, lr=1e-2, backend="eager")
     ids = batch()
     for _ in range(2):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, ids)
     assert not torch.equal(q(model, 1).lora_B[0], q(model, 3).lora_B[0])  # a LoRA per layer
     model.eval()
     with torch.no_grad():
