@@ -204,8 +204,9 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
     inner = unwrap_model(model)
-    _check_scalings(inner, _config(path), path)
-    if _config(path).get("quantized_base"):
+    config = _config(path)
+    _check_scalings(inner, config, path)
+    if config.get("quantized_base"):
         _load_quantized(inner, path)
         return model
     undo = _tie(inner, _aliases(os.path.join(path, MOLF_WEIGHTS)))

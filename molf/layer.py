@@ -377,9 +377,7 @@ def _experts_problem(model: nn.Module) -> str | None:
     if not experts:
         return None
     name, params = experts[0]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                      and m is not head and not n.endswith("lm_head")})
+    linears = sorted({n.rpartition(".")[2] for n, _ in _match_targets(model, "all-linear")})
     return (f"the model is a mixture of experts: its experts ({name}: "
             f"{', '.join(f'{pn} {shape}' for pn, shape in params)}; {len(experts)} such modules) are 3-D "
             "parameters, not nn.Linear layers, which molf cannot wrap, and the default targets would leave them "
@@ -512,10 +510,11 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         raise ValueError(f"model is already wrapped ({len(wrapped)} MoLF layers, e.g. {wrapped[0]}): wrap a fresh "
                          "model, or molf.merge(model) first")
     defaults = target_modules is None
+    lm = _language_model_prefix(model) if defaults else None
     if defaults:
         if msg := _experts_problem(model):
             raise ValueError(msg)
-        target_modules = _defaults_present(model, default_targets(model), _language_model_prefix(model))
+        target_modules = _defaults_present(model, default_targets(model), lm)
     if not isinstance(target_modules, (str, Iterable)):
         raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "
                         f"names, got {target_modules!r}")
@@ -528,7 +527,6 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     freeze_others = _checks.flag("freeze_others", freeze_others)
     _backend.check_backend(backend)
     chosen = _match_targets(model, target_modules, defaults)
-    lm = _language_model_prefix(model) if defaults else None
     if lm is not None:
         # A multimodal model: the defaults are its language model's (matching the vision tower's q/k/v_proj too
         # would wrap half of it).

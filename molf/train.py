@@ -724,8 +724,8 @@ def _run(cfg: TrainConfig, device, work, log):
                "examples": len(rows), "train_examples": len(train_rows), "eval_examples": len(eval_rows),
                "steps": steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": lr,
                "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
-               "target_modules": cfg.target_modules if isinstance(cfg.target_modules, (str, type(None)))
-               else list(cfg.target_modules),
+               "target_modules": list(cfg.target_modules) if isinstance(cfg.target_modules, tuple)
+               else cfg.target_modules,
                "dtype": dtype, "max_length": max_length, "device": str(device), "train_seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(ran, 1), 5), "resumed_from": resume,
                "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
