@@ -324,6 +324,14 @@ def _is_conv1d(m: nn.Module) -> bool:
 def _unsupported(name: str, m: nn.Module) -> str | None:
     """Why module `m` cannot be a MoLF base (None if it can)."""
     kind = type(m)
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return (f"{name} has parametrized tensors ({', '.join(m.parametrizations)}, torch.nn.utils.parametrize): molf "
+                "reads and trains the weight tensor itself, so the parametrization would not apply; call "
+                "torch.nn.utils.parametrize.remove_parametrizations first")
+    if hooks := _hooks(m):
+        return (f"{name} has {hooks} that molf's layer would not run (it computes the base product in its own "
+                "kernels, not through the nn.Linear's forward; torch.nn.utils.weight_norm is such a hook): remove "
+                "it before wrapping, and register it on the MoLF layer if it should see the layer's output")
     if quant.quant_kind(m) is not None:
         return None  # bitsandbytes Linear4bit / Linear8bitLt: MoLF-E on a quantized base (molf.quant)
     if kind.__module__.startswith("bitsandbytes") or getattr(m, "weight", None) is not None and (
@@ -341,6 +349,18 @@ def _unsupported(name: str, m: nn.Module) -> str | None:
         return (f"{name} is a {kind.__module__}.{kind.__name__}, a subclass of nn.Linear with its own forward: "
                 "molf would replace that forward; wrap a model with plain nn.Linear layers there")
     return None
+
+
+def _hooks(m: nn.Module) -> str:
+    """The forward / backward hooks registered on module `m` itself, described ("" if none); a replaced
+    `forward` (accelerate's hooks, a patch) counts as one."""
+    kinds = {"forward pre-hook": m._forward_pre_hooks, "forward hook": m._forward_hooks,
+             "backward pre-hook": m._backward_pre_hooks, "backward hook": m._backward_hooks}
+    found = [f"a {kind} ({getattr(h, '__qualname__', None) or type(h).__name__})"
+             for kind, hooks in kinds.items() for h in hooks.values()]
+    if "forward" in m.__dict__:
+        found.append(f"a replaced forward ({getattr(m.forward, '__qualname__', type(m.forward).__name__)})")
+    return ", ".join(found)
 
 
 def _shared_problems(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
@@ -487,10 +507,11 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     module names) or a list of names matched as suffixes. The output head is never wrapped.
     A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
     mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
-    Every layer named must be wrappable: a quantized layer, a Conv1D or an nn.Linear subclass with its own
-    forward is an error, never silently skipped. `freeze_others=True` also freezes every parameter outside
-    the wrapped linears (embeddings, norms, ...), so that only the MoLF experts train (MoLF-E's option); a
-    classifier's or QA model's new head (`score`, `classifier`, `qa_outputs`) stays trainable.
+    Every layer named must be wrappable: a quantized layer, a Conv1D, an nn.Linear subclass with its own
+    forward or a linear with hooks or parametrizations of its own is an error, never silently skipped.
+    `freeze_others=True` also freezes every parameter outside the wrapped linears (embeddings, norms, ...), so
+    that only the MoLF experts train (MoLF-E's option); a classifier's or QA model's new head (`score`,
+    `classifier`, `qa_outputs`) stays trainable.
     Returns `model`.
     """
     if not isinstance(model, nn.Module):

@@ -197,6 +197,36 @@ def test_linear_subclasses_wrapped_when_they_behave_as_one():
         molf.wrap(odd, ranks=(2,), alphas=(4,), target_modules="all-linear")
 
 
+@pytest.mark.parametrize("how", ["forward hook", "forward pre-hook", "backward hook", "weight_norm", "parametrize",
+                                 "replaced forward"])
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+def test_linears_with_hooks_or_parametrizations_are_refused(how):
+    """molf computes the base product in its own kernels and never calls the nn.Linear's forward: a hook on it
+    would silently stop running (weight_norm's pre-hook recomputes the weight from weight_g and weight_v, so the
+    trained g and v would never reach the output), a parametrization would be trained around."""
+    model = tiny_qwen2()
+    q = model.model.layers[1].self_attn.q_proj
+    if how == "forward hook":
+        q.register_forward_hook(lambda mod, args, out: None)
+    elif how == "forward pre-hook":
+        q.register_forward_pre_hook(lambda mod, args: None)
+    elif how == "backward hook":
+        q.register_full_backward_hook(lambda mod, gin, gout: None)
+    elif how == "weight_norm":
+        model.model.layers[1].self_attn.q_proj = q = nn.utils.weight_norm(q)
+    elif how == "parametrize":
+        nn.utils.parametrize.register_parametrization(q, "weight", nn.Identity())
+    else:
+        q.forward = lambda x: nn.functional.linear(x, q.weight, q.bias)
+    what = {"weight_norm": "forward pre-hook", "parametrize": "parametrized tensors (weight"}.get(how, how)
+    with pytest.raises(ValueError, match=rf"model.layers.1.self_attn.q_proj has (a )?{re.escape(what)}"):
+        molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+    with pytest.raises(TypeError, match=rf"base has (a )?{re.escape(what)}"):
+        molf.MoLFLinear(q, ranks=(4,), alphas=(8,))
+    molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=["k_proj", "v_proj"], backend="eager")  # the others
+
+
 def test_unsupported_quantized_bases_are_refused_naming_the_layer():
     """Non-float weights and bitsandbytes layers other than Linear4bit/Linear8bitLt (tests/test_quant.py
     covers those); the class below stands for one without importing bitsandbytes."""
