@@ -90,8 +90,7 @@ class TritonRoutedAdamW:
         self.opt = opt
         self.block = 1024  # also under the interpreter: the tiny test models still have multi-block tensors
         self.plan = None
-        b1, b2 = opt.defaults["betas"]
-        self.betas64 = to_device([b1, b2], torch.float64, opt.device)
+        self.betas = None  # the pair betas64 holds (a scheduler may change it)
 
     def _build(self, plan):
         """Per-tensor tables for the step plan: host work O(tensors)."""
@@ -130,7 +129,9 @@ class TritonRoutedAdamW:
     def moments_and_sums(self, plan):
         self._prepare(plan)
         opt = self.opt
-        b1, b2 = opt.defaults["betas"]
+        b1, b2 = opt.step_betas
+        if self.betas != (b1, b2):
+            self.betas, self.betas64 = (b1, b2), to_device([b1, b2], torch.float64, opt.device)
         for ln in self.launches:
             K.moments_score(ln.table, out_block=ln.out_block, owner=ln.owner, partials=self.partials, beta1=b1,
                             beta2=b2, p_dtype=ln.p_dtype, g_dtype=ln.g_dtype, s_dtype=ln.s_dtype,

@@ -51,7 +51,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         lr, weight_decay: the full expert (its bias gets weight decay 0) and every trainable parameter
             outside MoLF layers (plain AdamW there; weight decay 0 for biases and norm weights).
         lora_lr (default `lr`), lora_weight_decay: the LoRA experts.
-        betas, eps: Adam's.
+        betas, eps: Adam's. As lr, weight decay and eps, betas are read from the param groups at each step
+            (OneCycleLR cycles beta1 there), one pair for all groups.
         score: "epd" (lr_e / N_e * sum m^2/(sqrt(v)+1e-8)) or "pfn" (||m/(sqrt(v)+1e-8)|| / sqrt(N_e)).
         top_k: experts updated per layer and step.
         backend: "auto", "eager" or "triton".
@@ -108,6 +109,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.routing: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self._history: deque = deque(maxlen=history_size)
+        self.step_betas = betas  # read from the param groups at each step
         self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
         self.stochastic_rounding = stochastic_rounding
         # Non-finite scores seen so far (experts x steps), on the device: read only where history is flushed.
@@ -196,6 +198,20 @@ class MoLFAdamW(torch.optim.Optimizer):
                 self._impl = EagerRoutedAdamW(self)
         return self._impl
 
+    def _group_betas(self) -> tuple[float, float]:
+        """(beta1, beta2) of this step, read from the param groups as torch.optim.AdamW does (OneCycleLR and
+        CyclicLR cycle beta1 there). One pair for every group: the moments of all experts advance in one launch."""
+        kinds, pairs = [g["kind"] for g in self.param_groups], [tuple(g["betas"]) for g in self.param_groups]
+        other = next((i for i, b in enumerate(pairs) if b != pairs[0]), None)
+        if other is not None:
+            raise ValueError(f"the param groups have different betas ({kinds[0]} {pairs[0]}, {kinds[other]} "
+                             f"{pairs[other]}): MoLFAdamW takes one pair for all groups (the moments of every "
+                             "expert advance in one launch); set the same betas on every param group")
+        if len(pairs[0]) != 2:
+            raise ValueError(f"betas must be two floats in [0, 1), got {pairs[0]!r} in the param groups")
+        return tuple(_checks.real(f"betas[{i}] of the param groups", b, 0.0, 1.0, high_open=True)
+                     for i, b in enumerate(pairs[0]))
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -203,6 +219,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params_not_replaced()
+        self.step_betas = self._group_betas()
         plan = self._plan()
         created = [self._state(p) for p in plan.params]
         if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
@@ -433,13 +450,13 @@ class EagerRoutedAdamW:
         if tab is None or len(tab.rows) != len(plan.params) or not tab.ordered:
             return None
         hp = self._group_hyperparameters()
-        beta1, beta2 = opt.defaults["betas"]
+        beta1, beta2 = opt.step_betas
         return _cpu.routed_step_(tab, hp, beta1, beta2, opt.score == "pfn", plan.inv_n, plan.no_grad, expert_lrs,
                                  opt.top_k)
 
     def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
         opt = self.opt
-        beta1, beta2 = opt.defaults["betas"]
+        beta1, beta2 = opt.step_betas
         ps, gs, ms, vs, steps = self._columns(plan)
         tab = self._tab = self._native_table(plan, ps, gs, ms, vs, steps)
         n = plan.inv_n.numel()
@@ -473,7 +490,7 @@ class EagerRoutedAdamW:
         On the CPU the winners are read on the host (a synchronisation costs nothing there) and losers are
         skipped; on a GPU the new values are selected by torch.where, without a host synchronisation."""
         opt = self.opt
-        beta1, beta2 = opt.defaults["betas"]
+        beta1, beta2 = opt.step_betas
         gen = None
         if opt.stochastic_rounding:
             gen = torch.Generator(device=opt.device).manual_seed(opt.rounding_seed())

@@ -55,9 +55,9 @@ class MoLFAdamWReference(torch.optim.Optimizer):
         from ._layout import build_layout
 
         layout = build_layout(model, lr, lora_lr, weight_decay, lora_weight_decay)
-        check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
-                              len(layout.expert_names))
-        super().__init__(layout.groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        betas = check_hyperparameters(lr, lora_lr, weight_decay, lora_weight_decay, betas, eps, score, top_k,
+                                      len(layout.expert_names))["betas"]  # a generator is read once
+        super().__init__(layout.groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.layout, self.score, self.top_k = layout, score, top_k
         self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
         self.routing: torch.Tensor | None = None
@@ -71,8 +71,8 @@ class MoLFAdamWReference(torch.optim.Optimizer):
     def _group(self, p):
         return self.param_groups[self._group_of[id(p)]]  # by index: load_state_dict replaces the group dicts
 
-    def _advance_moments(self, p, beta1, beta2):
-        st = self.state[p]
+    def _advance_moments(self, p):
+        st, (beta1, beta2) = self.state[p], self._group(p)["betas"]  # each group's, as torch.optim.AdamW
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -81,10 +81,10 @@ class MoLFAdamWReference(torch.optim.Optimizer):
         st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
         st["step"] += 1
 
-    def _update(self, p, beta1, beta2):
+    def _update(self, p):
         g, st = self._group(p), self.state[p]
         adamw_update_(p, st["exp_avg"], st["exp_avg_sq"], st["step"].item(), g["lr"], g["weight_decay"],
-                      beta1, beta2, g["eps"])
+                      *g["betas"], g["eps"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -92,7 +92,6 @@ class MoLFAdamWReference(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        beta1, beta2 = self.defaults["betas"]
         n_layers, n_experts = len(self.layer_names), len(self.expert_names)
         scores = torch.full((n_layers, n_experts), -math.inf)
         routing = torch.zeros((n_layers, n_experts), dtype=torch.bool)
@@ -100,7 +99,7 @@ class MoLFAdamWReference(torch.optim.Optimizer):
             for ei, params in enumerate(experts):
                 with_grad = [p for p in params if p.grad is not None]
                 for p in with_grad:
-                    self._advance_moments(p, beta1, beta2)
+                    self._advance_moments(p)
                 if not with_grad:
                     continue
                 total = self._score_sum([self.state[p]["exp_avg"] for p in with_grad],
@@ -117,11 +116,11 @@ class MoLFAdamWReference(torch.optim.Optimizer):
                 routing[li, ei] = True
                 for p in experts[ei]:
                     if p.grad is not None:
-                        self._update(p, beta1, beta2)
+                        self._update(p)
         for p in self.layout.others:
             if p.grad is not None:
-                self._advance_moments(p, beta1, beta2)
-                self._update(p, beta1, beta2)
+                self._advance_moments(p)
+                self._update(p)
         dev = self.layout.experts[0][0][0].device if self.layout.experts[0][0] else torch.device("cpu")
         self.routing, self.scores = routing.to(dev), scores.to(dev)
         return loss

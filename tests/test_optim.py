@@ -49,6 +49,53 @@ def test_top_k_all_equals_torch_adamw(cfg):
     assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-6
 
 
+@pytest.mark.parametrize("which", ["eager", "triton", "reference"])
+def test_betas_cycled_by_a_scheduler_are_used_as_torch_adamw_uses_them(which):
+    """OneCycleLR (cycle_momentum=True, its default) sets beta1 in every param group at each step: read there,
+    as torch.optim.AdamW reads them (the constructor's betas used to be kept, silently)."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    device = device_for(which)
+    model = wrapped(train_base, ranks, alphas, device=device)
+    ref_model = copy.deepcopy(model)
+    cls, kw = (MoLFAdamWReference, {}) if which == "reference" else (molf.MoLFAdamW, dict(backend=which))
+    opt = make_opt(cls, model, lr, lora_lr, top_k=len(ranks) + 1, **kw)
+    ref_params = dict(ref_model.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref = torch.optim.AdamW([dict(params=[ref_params[names[id(p)]] for p in g["params"]], lr=g["lr"],
+                                  weight_decay=g["weight_decay"]) for g in opt.param_groups], foreach=False)
+    cycle = dict(max_lr=1e-2, total_steps=8, base_momentum=0.5, max_momentum=0.95)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, **cycle) for o in (opt, ref)]
+    ids, beta1s = batch().to(device), set()
+    for _ in range(8):
+        beta1s.add(opt.param_groups[0]["betas"][0])
+        train_step(model, opt, ids, scheds[0])
+        train_step(ref_model, ref, ids, scheds[1])
+        assert opt.routing.all()
+    assert len(beta1s) > 4 and min(beta1s) < 0.6, beta1s
+    assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-6
+
+
+def test_param_groups_with_different_betas_raise_before_anything_changes():
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager")
+    opt.param_groups[2]["betas"] = (0.5, 0.999)
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=r"param groups have different betas \(full \(0.9, 0.999\), lora \(0.5, "
+                                         r"0.999\)\): MoLFAdamW takes one pair for all groups"):
+        opt.step()
+    assert not opt.state and torch.equal(flat_params(model), before)
+    for g in opt.param_groups:
+        g["betas"] = (0.5, 1.0)
+    with pytest.raises(ValueError, match=r"betas\[1\] of the param groups"):
+        opt.step()
+    for g in opt.param_groups:
+        g["betas"] = (0.5, 0.99)
+    opt.step()
+    assert opt.step_betas == (0.5, 0.99)
+
+
 def f64_scores(opt, score):
     """EPD / PFN of every layer and expert from the optimizer's state, in float64."""
     out = torch.full((len(opt.layer_names), len(opt.expert_names)), -math.inf, dtype=torch.float64)
