@@ -562,6 +562,8 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_c
         x, weight = x.to(ac), weight.to(ac) if weight is not None else None
         bias = bias.to(ac) if bias is not None else None
         lora_A, lora_B = [a.to(ac) for a in lora_A], [b.to(ac) for b in lora_B]
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the fused MoLF layer computes in float32, float16 or bfloat16, got {x.dtype} input")
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1])  # -1 is ambiguous when K = 0
     if x2.stride(-1) != 1:

@@ -31,14 +31,23 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that runs on `device`: MOLF_BACKEND overrides "auto"."""
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
+
+
+def resolve(backend: str, device: torch.device, dtypes=()) -> str:
+    """The backend that runs on `device` for tensors of `dtypes`: MOLF_BACKEND overrides "auto"; "auto" takes
+    torch ops where the kernels lack the dtype (float64), "triton" raises a TypeError there."""
     if backend == "auto":
         env = os.environ.get("MOLF_BACKEND", "auto")
         backend = check_backend(env, "MOLF_BACKEND")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "eager"
+        fits = all(d in TRITON_DTYPES for d in dtypes)
+        return "triton" if device.type == "cuda" and triton_available() and fits else "eager"
     if backend == "triton":
+        odd = next((d for d in dtypes if d not in TRITON_DTYPES), None)
+        if odd is not None:
+            raise TypeError(f"backend='triton': the Triton kernels compute in float32, float16 and bfloat16, got "
+                            f"{odd} tensors; use backend='eager', or 'auto' (torch ops for {odd})")
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
         if device.type != "cuda" and not interpreting():

@@ -84,8 +84,8 @@ class MoLFLinear(nn.Module):
         rslora: scale s_i = alpha_i / sqrt(r_i) if True, else alpha_i / r_i.
         dropout: dropout probability on the LoRA path only (the base path always sees x).
         backend: "auto" (on a GPU: per shape the faster of the fused kernels and the cuBLAS chain, measured
-            once, see molf.layer_plan(); elsewhere torch ops), "eager" (torch ops) or "triton" (the fused
-            kernels, always).
+            once, see molf.layer_plan(); elsewhere, and for float64, torch ops), "eager" (torch ops) or "triton"
+            (the fused kernels, always; float32, float16 and bfloat16).
     """
 
     experts_enabled = True  # False inside molf.disable_experts: y = base(x)
@@ -170,7 +170,8 @@ class MoLFLinear(nn.Module):
         if not self.experts_enabled:
             return self.base(x)
         impl = "chain"
-        if _backend.resolve(self.backend, x.device) == "triton":
+        w_dtype = self.lora_A[0].dtype if self.quantized else self.base.weight.dtype
+        if _backend.resolve(self.backend, x.device, (x.dtype, w_dtype)) == "triton":
             impl = "fused" if self.backend == "triton" else _plan.PLANNER.choose(self, x, self._forward_by)
         return self._forward_by(impl, x)
 

@@ -103,6 +103,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
+        self._dtypes = tuple({p.dtype for p, _ in self._flat} | ({state_dtype} if state_dtype else set()))
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
@@ -189,7 +190,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         return True
 
     def _backend_impl(self):
-        name = _backend.resolve(self.backend, self.device)
+        name = _backend.resolve(self.backend, self.device, self._dtypes)
         if self._impl is None or self._impl.name != name:
             if name == "triton":
                 from ._triton_optim import TritonRoutedAdamW

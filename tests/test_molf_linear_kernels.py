@@ -591,3 +591,35 @@ def test_cpu_keep_mask_equals_torch_ops(rows, cols, p):
     for seed in (torch.randint(0, 1 << 62, (1,)), torch.tensor([(1 << 62) - 1]), torch.tensor([0])):
         for q in (p, 3 / (1 << 24)):
             assert torch.equal(_cpu.keep_mask(seed, rows, cols, q), dropout_keep(seed, rows, cols, q))
+
+
+def test_float64_is_refused_by_the_kernels_and_auto_takes_torch_ops():
+    """The kernels compute in float32, float16 and bfloat16: a float64 layer on backend="triton" gave NaN under
+    the interpreter, silently. Now a TypeError naming the dtype (layer, kernel entry, optimizer); "auto" runs
+    float64 on torch ops, on a GPU too."""
+    from molf import _backend
+    lin = molf.MoLFLinear(nn.Linear(16, 8, dtype=torch.float64, device=DEVICE), ranks=(4,), alphas=(8,),
+                          backend="triton")
+    x = torch.randn(5, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match=r"backend='triton': the Triton kernels compute in float32, float16 and "
+                                        r"bfloat16, got torch.float64 tensors; use backend='eager'"):
+        lin(x)
+    with pytest.raises(TypeError, match="fused MoLF layer computes in float32, float16 or bfloat16, got "
+                                        "torch.float64"):
+        L.molf_linear(x, lin.base.weight, None, list(lin.lora_A), list(lin.lora_B), lin.scalings)
+    model = nn.Sequential(lin)
+    opt = molf.MoLFAdamW(model, lr=1e-3, backend="triton")
+    lin.backend = "eager"
+    model(x).sum().backward()
+    with pytest.raises(TypeError, match=r"backend='triton': .* got torch.float64 tensors"):
+        opt.step()
+    cuda = torch.device("cuda")
+    assert _backend.resolve("auto", cuda, (torch.float64, torch.float32)) == "eager"
+    assert _backend.resolve("auto", cuda, (torch.bfloat16, torch.float32)) == "triton"
+    if CUDA:  # auto on the GPU: the layer and the optimizer take torch ops for float64
+        lin.backend = "auto"
+        opt = molf.MoLFAdamW(model, lr=1e-3)
+        want = x @ lin.base.weight.T + lin.base.bias
+        assert_close(model(x), want, 1e-12, "float64 layer on auto")
+        opt.step()
+        assert opt._impl.name == "eager"
