@@ -161,7 +161,15 @@ class MoLFLinear(nn.Module):
             raise ValueError(f"input of shape {tuple(x.shape)} does not match the layer: its last dimension must be "
                              f"in_features = {self.in_features} (weight shape {tuple(self.base.weight.shape)})")
         w = self.base.weight
-        if x.dtype != w.dtype and not self.quantized and not torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):
+            return  # every product runs in the autocast dtype
+        want = self.lora_A[0].dtype if self.quantized else w.dtype
+        odd = next((p for p in (*self.lora_A, *self.lora_B) if p.dtype != want), None)
+        if odd is not None:
+            raise TypeError(f"the layer's LoRA experts are {odd.dtype} but its "
+                            f"{'first expert' if self.quantized else 'base weight'} is {want}: a MoLF layer computes "
+                            "in one dtype; cast the layer as a whole (layer.to(dtype)), or run it under torch.autocast")
+        if x.dtype != w.dtype and not self.quantized:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's weight dtype {w.dtype}; "
                             "cast the input or run under torch.autocast")
 

@@ -555,6 +555,25 @@ def test_integer_input_is_a_type_error_under_autocast(backend):
     assert_close(y, layer.base(torch.ones(2, 4, device=dev)), 1e-6, "fresh layer == base")
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_experts_in_another_dtype_than_the_base_are_a_type_error(backend):
+    """LoRA experts cast apart from the base (peft keeps fp32 adapters on a bf16 base): a clear TypeError on both
+    backends (before: torch's "expected m1 and m2 to have the same dtype", Triton's interpreter assertion)."""
+    dev = device_for(backend)
+    layer = molf.MoLFLinear(nn.Linear(16, 8, device=dev, dtype=torch.float16), ranks=(4,), alphas=(8,),
+                            backend=backend)
+    layer.lora_B[0].data = layer.lora_B[0].data.float()
+    x = torch.randn(5, 16, device=dev, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"LoRA experts are torch.float32 but its base weight is torch.float16: a "
+                                        r"MoLF layer computes in one dtype; cast the layer as a whole"):
+        layer(x)
+    if backend == "eager":  # under autocast every product runs in its dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert_close(layer(x).float(), layer.base(x).float(), 1e-2, "B = 0: the base's output")
+    layer.to(torch.float16)
+    assert_close(layer(x), layer.base(x), 1e-3, "cast as a whole")
+
+
 def test_state_dict_through_bytes_still_loads():  # the checks accept what torch.save/torch.load give back
     model = wrapped(*MOLF[:3])
     opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager")
