@@ -30,10 +30,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     layers = molf_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoLF layers")
-    trained_base = [n for n, m in layers if m.base.weight.requires_grad]
-    if trained_base:
-        raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); the base of "
-                         f"{trained_base[:3]} trains: use molf.merge(model) and save_pretrained instead")
+    trained_base = [f"{n}.base.{pn}" for n, m in layers for pn, p in m.base.named_parameters() if p.requires_grad]
+    if trained_base:  # a bias unfrozen by hand too: peft's adapter would leave it out
+        raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); {trained_base[:3]} "
+                         "trains: use molf.merge(model) and save_pretrained instead")
     ranks = {sum(m.ranks) for _, m in layers}
     if len(ranks) != 1:
         raise ValueError(f"export_peft needs one total rank for every layer, got {sorted(ranks)}")

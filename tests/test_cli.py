@@ -253,6 +253,11 @@ def test_export_peft_refuses_a_trained_base(tmp_path):
     with pytest.raises(ValueError, match="frozen base"):
         molf.export_peft(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(8,), train_base=False)
+    model.model.layers[0].self_attn.q_proj.base.bias.requires_grad_(True)  # unfrozen by hand: trains as "full"
+    with pytest.raises(ValueError, match=r"frozen base .*\['model.layers.0.self_attn.q_proj.base.bias'\] trains"):
+        molf.export_peft(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_version(capsys):
