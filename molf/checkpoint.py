@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -54,7 +55,15 @@ def molf_config(model: nn.Module) -> dict:
         "layers": {n: {"ranks": list(m.ranks), "alphas": list(m.alphas), "rslora": m.rslora, "dropout": m.dropout,
                        "train_base": bool(m.base.weight.requires_grad)} for n, m in layers},
         "frozen_outside": [n for n, p in model.named_parameters() if id(p) not in inside and not p.requires_grad],
+        # set by hand against what wrap gives (a LoRA pair frozen, a base bias unfrozen): rewrap sets them again
+        "requires_grad_inside": {f"{n}.{pn}": p.requires_grad for n, m in layers for pn, p in m.named_parameters()
+                                 if p.requires_grad != _wrap_requires_grad(m, pn)},
     }
+
+
+def _wrap_requires_grad(layer: MoLFLinear, name: str) -> bool:
+    """Whether wrap leaves the layer's parameter `name` trainable: the experts always, the base as its weight."""
+    return layer.base.weight.requires_grad or not name.startswith("base.")
 
 
 def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -73,8 +82,13 @@ def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _save_quantized(model: nn.Module, path) -> str:
     from safetensors.torch import save_file
 
-    from .export import export_peft
-    export_peft(model, path)
+    from .export import export_peft, trained_base_parameters
+    trained = trained_base_parameters(molf_layers(model))
+    if trained:  # a bias unfrozen by hand: molf's state below holds it, a LoRA adapter could not
+        warnings.warn(f"save_pretrained: no peft adapter written, since {trained[:3]} trains (not LoRA); "
+                      "molf_model.safetensors holds the whole trained state (molf.load)", UserWarning, stacklevel=3)
+    else:
+        export_peft(model, path)
     tensors, aliases, first = {}, {}, {}
     for k, v in float_state_dict(model).items():  # tied tensors (embeddings) stored once, their other names aliased
         key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
@@ -188,10 +202,12 @@ def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
             raise ValueError(f"the checkpoint wraps {name}, which this model does not have") from None
         _set_child(model, name, MoLFLinear(lin, spec["ranks"], spec["alphas"], spec["train_base"], spec["rslora"],
                                            spec["dropout"], backend))
-    frozen = set(config.get("frozen_outside", []))
+    frozen, inside = set(config.get("frozen_outside", [])), config.get("requires_grad_inside", {})
     for n, p in model.named_parameters():
         if n in frozen:
             p.requires_grad_(False)
+        elif n in inside:
+            p.requires_grad_(bool(inside[n]))
     return model
 
 

@@ -15,6 +15,11 @@ PEFT_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification
               ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
+def trained_base_parameters(layers: list[tuple[str, MoLFLinear]]) -> list[str]:
+    """Names of the base weights and biases that train (MoLF, or a bias unfrozen by hand): not LoRA."""
+    return [f"{n}.base.{pn}" for n, m in layers for pn, p in m.base.named_parameters() if p.requires_grad]
+
+
 @torch.no_grad()
 def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
     """Write a peft LoRA adapter holding every MoLF layer's experts as one LoRA of rank R = sum r_i.
@@ -30,7 +35,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     layers = molf_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoLF layers")
-    trained_base = [f"{n}.base.{pn}" for n, m in layers for pn, p in m.base.named_parameters() if p.requires_grad]
+    trained_base = trained_base_parameters(layers)
     if trained_base:  # a bias unfrozen by hand too: peft's adapter would leave it out
         raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); {trained_base[:3]} "
                          "trains: use molf.merge(model) and save_pretrained instead")

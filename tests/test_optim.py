@@ -232,6 +232,25 @@ def test_parameters_frozen_by_hand_are_not_trained_and_never_win(cfg, what, back
     assert rel_err(flat_params(model), flat_params(ref_model)) <= 1e-5
 
 
+@pytest.mark.parametrize("cfg, what", [(MOLF, "decoder-layer-0"), (MOLF, "every-lora"), (MOLF_E, "one-lora-pair"),
+                                       (MOLF_E, "a-bias-unfrozen")])
+def test_flags_set_by_hand_come_back_with_from_pretrained(tmp_path, cfg, what):
+    """molf.from_pretrained rebuilds which parameters train as they did when saved, inside the MoLF layers too
+    (before: a LoRA pair frozen by hand came back trainable, a base bias unfrozen by hand frozen)."""
+    model = wrapped(*cfg[:3])
+    if what == "a-bias-unfrozen":
+        model.model.layers[0].self_attn.q_proj.base.bias.requires_grad_(True)
+    else:
+        _freeze(model, what)
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager")
+    train_step(model, opt, batch())
+    molf.save_pretrained(model, tmp_path)
+    again = molf.from_pretrained(tmp_path)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert {n: p.requires_grad for n, p in again.named_parameters()} == flags
+    assert make_opt(molf.MoLFAdamW, again, 1e-3, 1e-3).expert_names == opt.expert_names
+
+
 def test_scheduler_changes_step_and_epd_score():
     train_base, ranks, alphas, lr, lora_lr = MOLF
     model = wrapped(train_base, ranks, alphas)

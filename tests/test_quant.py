@@ -256,6 +256,30 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
         molf.load(plain, tmp_path / "ckpt")
 
 
+def test_checkpoint_of_a_quantized_model_with_a_bias_trained_by_hand(tmp_path):
+    """A base bias unfrozen by hand trains as the full expert: the LoRA adapter cannot hold it, so none is
+    written (a warning says so) and molf's state restores the model exactly."""
+    model = quantized_qwen2(tmp_path)
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    bias = model.model.layers[0].self_attn.q_proj.base.bias
+    bias.requires_grad_(True)
+    before = bias.detach().clone()
+    opt = molf.MoLFAdamW(model, lr=1e-2)
+    train(model, opt, batch().to(DEVICE), 3)
+    assert not torch.equal(bias, before)
+    with pytest.warns(UserWarning, match=r"no peft adapter written, since \['model.layers.0.self_attn.q_proj.base.bias"
+                                         r"'\] trains"):
+        molf.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["molf_config.json", "molf_model.safetensors"]
+    fresh = quantized_qwen2(tmp_path)
+    molf.wrap(fresh, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    molf.load(fresh, tmp_path / "ckpt")
+    ids = batch().to(DEVICE)
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert json.loads((tmp_path / "ckpt" / "molf_config.json").read_text())["requires_grad_inside"] == {
+        "model.layers.0.self_attn.q_proj.base.bias": True}
+
+
 def test_trainer_checkpoint_and_resume_on_a_quantized_base(tmp_path):
     from torch.utils.data import Dataset
     from transformers import TrainingArguments
