@@ -1,4 +1,5 @@
-"""molf under trl's SFT, DPO, KTO, GRPO, RLOO and Reward trainers: training, routing log, references, exact resume."""
+"""molf under trl's SFT, DPO, KTO, GRPO, RLOO, Reward and Distillation trainers: training, routing log, references,
+exact resume."""
 import json
 
 import pytest
@@ -163,6 +164,36 @@ def test_grpo_refuses_what_would_not_see_the_wrapped_policy(tmp_path):
     with pytest.raises(ValueError, match=r"use_vllm=True: trl syncs the policy into vLLM by parameter name"):
         make_grpo(tmp_path, model, use_vllm=True)
     make_grpo(tmp_path, model).train()  # beta=0 (trl's default) needs no reference: a model built in memory trains
+
+
+def test_distillation_trainer_trains_the_wrapped_student_from_a_teacher(tmp_path):
+    """On-policy distillation (trl.DistillationTrainer): the wrapped student generates, the teacher (a plain model)
+    scores its tokens, MoLFAdamW steps; vLLM refused as for GRPO."""
+    from transformers import AutoModelForCausalLM
+
+    from molf.integrations.trl import MoLFDistillationTrainer
+    tok = builtin_tokenizer(TEXTS)
+    student = molf.wrap(tiny_qwen2(vocab=len(tok)), ranks=(2, 8), alphas=(8, 16), backend="eager")
+    before = [p.detach().clone() for p in student.parameters()]
+
+    def make_distill(out, **kw):
+        args = trl.DistillationConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4,
+                                      max_completion_length=6, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                      save_steps=3, logging_steps=1, disable_tqdm=True, seed=0, **kw)
+        return MoLFDistillationTrainer(student, tiny_qwen2(seed=5, vocab=len(tok)), args,
+                                       train_dataset=datasets.Dataset.from_dict({"prompt": TEXTS[:8]}),
+                                       processing_class=tok, lora_lr=1e-2, backend="eager")
+    with pytest.raises(ValueError, match=r"use_vllm=True: trl syncs the policy into vLLM by parameter name"):
+        make_distill(tmp_path / "v", use_vllm=True)
+    trainer = make_distill(tmp_path / "run")
+    trainer.train()
+    assert trainer.molf_optimizer.molf_step == 3
+    assert any(not torch.equal(p, q) for p, q in zip(before, student.parameters()))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-3")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
 
 
 def molf_e(model, seed=0):

@@ -1,5 +1,5 @@
-"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer`, `MoLFKTOTrainer`, `MoLFGRPOTrainer`, `MoLFRLOOTrainer` and
-`MoLFRewardTrainer`, everything `MoLFTrainer` adds on trl's trainers of those names.
+"""TRL integration: `MoLFSFTTrainer`, `MoLFDPOTrainer`, `MoLFKTOTrainer`, `MoLFGRPOTrainer`, `MoLFRLOOTrainer`,
+`MoLFRewardTrainer` and `MoLFDistillationTrainer`, everything `MoLFTrainer` adds on trl's trainers of those names.
 
     molf.wrap(model, ranks=(128,), alphas=(32,))
     from molf.integrations.trl import MoLFSFTTrainer
@@ -17,6 +17,11 @@ import warnings
 import torch
 from torch import nn
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
+
+try:
+    from trl import DistillationTrainer
+except ImportError:  # a trl before 1.x had one
+    DistillationTrainer = None
 from trl.trainer import grpo_trainer, rloo_trainer
 
 from .. import checkpoint
@@ -149,15 +154,19 @@ def _preference_reference(model, ref_model, config, trainer: str, method: str):
     return ref_model
 
 
+def _refuse_vllm(config, method: str) -> None:
+    if getattr(config, "use_vllm", False):
+        raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
+                         "model's parameters (base weights and LoRA experts) are not the plain model's; set "
+                         f"{method}Config(use_vllm=False) (generation through transformers)")
+
+
 def _kl_reference(trainer_module, model, config, trainer: str, method: str):
     """GRPO's and RLOO's KL reference (they take no ref_model; trl builds one when beta > 0): a context for
     building the trainer, in which trl's load gives ExpertsOffReference when only fresh experts train. vLLM is
     refused: trl syncs a non-peft policy into it parameter by parameter, by name, and a wrapped model's names
     (q_proj.base.weight, q_proj.lora_A.0, ...) and low-rank terms are not the plain model's."""
-    if getattr(config, "use_vllm", False):
-        raise ValueError("use_vllm=True: trl syncs the policy into vLLM by parameter name, and a molf-wrapped "
-                         "model's parameters (base weights and LoRA experts) are not the plain model's; set "
-                         f"{method}Config(use_vllm=False) (generation through transformers)")
+    _refuse_vllm(config, method)
     beta = getattr(config, "beta", 0.0)
     # (a trl without create_model_from_path there: its own reference, with the checks below)
     if beta and _experts_off_reference_applies(model, config) and hasattr(trainer_module, "create_model_from_path"):
@@ -224,3 +233,15 @@ class MoLFRLOOTrainer(MoLFTrainer, RLOOTrainer):
         check_sharding(*args, *kwargs.values())
         with _kl_reference(rloo_trainer, model, _config(args, kwargs), "MoLFRLOOTrainer", "RLOO"):
             super().__init__(model, reward_funcs, *args, **kwargs)
+
+
+if DistillationTrainer is not None:
+    class MoLFDistillationTrainer(MoLFTrainer, DistillationTrainer):
+        """trl.DistillationTrainer (on-policy distillation: the student generates, a teacher model scores every
+        next token) training a molf-wrapped student with MoLFAdamW (keyword arguments as MoLFTrainer's). The
+        student generates through transformers' generate; vLLM is refused, as for MoLFGRPOTrainer."""
+
+        def __init__(self, model, teacher_model=None, *args, **kwargs):
+            check_sharding(*args, *kwargs.values())
+            _refuse_vllm(_config(args, kwargs), "Distillation")
+            super().__init__(model, teacher_model, *args, **kwargs)
