@@ -17,16 +17,16 @@ import warnings
 import torch
 from torch import nn
 from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
-
-try:
-    from trl import DistillationTrainer
-except ImportError:  # a trl before 1.x had one
-    DistillationTrainer = None
 from trl.trainer import grpo_trainer, rloo_trainer
 
 from .. import checkpoint
 from ..layer import disable_experts
 from .hf import MoLFTrainer, _env_flag, check_sharding
+
+try:
+    from trl import DistillationTrainer
+except ImportError:  # an older trl, without it: no MoLFDistillationTrainer
+    DistillationTrainer = None
 
 
 def _reference_path(model) -> str | None:
