@@ -372,6 +372,13 @@ def _hooks(m: nn.Module) -> str:
     return ", ".join(found)
 
 
+def _read_directly(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The linear layers whose parent reads their weight without calling them: nn.MultiheadAttention's out_proj
+    (F.multi_head_attention_forward takes out_proj.weight), where a MoLF layer's experts would never apply."""
+    return [(f"{n}.out_proj" if n else "out_proj", m.out_proj) for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)]
+
+
 def _shared_problems(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
     """The targets that sit in more than one place (one module object set as two attributes, or under two
     parents): wrapping replaces one attribute, so the others would keep computing the plain layer. A module
@@ -469,9 +476,9 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
     if target_modules == "all-linear":
-        tasks = tuple(_task_heads(model))
+        tasks, unused = tuple(_task_heads(model)), {n for n, _ in _read_directly(model)}
         return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m))
-                and n.partition(".")[0] not in tasks]
+                and n.partition(".")[0] not in tasks and n not in unused]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -562,6 +569,10 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         # would wrap half of it).
         chosen = [(n, m) for n, m in chosen if n.startswith(lm)]
     problems = [msg for n, m in chosen if (msg := _unsupported(n, m))] + _shared_problems(model, chosen)
+    direct = {id(m) for _, m in _read_directly(model)}
+    problems += [f"{n} is an nn.MultiheadAttention's out_proj, whose weight the attention reads directly without "
+                 "calling the layer: a MoLF layer's experts there would never apply; leave it out of target_modules "
+                 "('all-linear' does)" for n, m in chosen if id(m) in direct]
     quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
     if quantized and train_base:
         problems.insert(0, f"train_base=True needs float bases, but {quantized[0][0]} is a "

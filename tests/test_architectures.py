@@ -227,6 +227,20 @@ def test_linears_with_hooks_or_parametrizations_are_refused(how):
     molf.wrap(model, ranks=(4,), alphas=(8,), target_modules=["k_proj", "v_proj"], backend="eager")  # the others
 
 
+def test_multihead_attention_out_proj_is_left_out_or_refused():
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: wrapped, its experts never
+    applied, silently. "all-linear" leaves it out (the layer's own linears wrap); naming it is an error."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    molf.wrap(layer, ranks=(4,), alphas=(8,), target_modules="all-linear", backend="eager")
+    assert [n for n, m in layer.named_modules() if isinstance(m, molf.MoLFLinear)] == ["linear1", "linear2"]
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    with pytest.raises(ValueError, match=r"self_attn.out_proj is an nn.MultiheadAttention's out_proj, whose weight "
+                                         r"the attention reads directly"):
+        molf.wrap(layer, ranks=(4,), alphas=(8,), target_modules=["out_proj", "linear1"], backend="eager")
+    assert not any(isinstance(m, molf.MoLFLinear) for m in layer.modules())
+
+
 def test_unsupported_quantized_bases_are_refused_naming_the_layer():
     """Non-float weights and bitsandbytes layers other than Linear4bit/Linear8bitLt (tests/test_quant.py
     covers those); the class below stands for one without importing bitsandbytes."""
