@@ -372,11 +372,36 @@ def _hooks(m: nn.Module) -> str:
     return ", ".join(found)
 
 
-def _read_directly(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The linear layers whose parent reads their weight without calling them: nn.MultiheadAttention's out_proj
-    (F.multi_head_attention_forward takes out_proj.weight), where a MoLF layer's experts would never apply."""
-    return [(f"{n}.out_proj" if n else "out_proj", m.out_proj) for n, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention)]
+# Linear layers whose parent reads their weight without calling them, by the parent's class: a MoLF layer's
+# experts there would never apply. nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward;
+# transformers' Mamba-style mixers hand these weights to their CUDA kernels (mamba_inner_fn,
+# mamba_split_conv1d_scan_combined) or multiply by dt_proj.weight; DeBERTa splits in_proj.weight; WavLM calls
+# F.multi_head_attention_forward.
+READ_BY_WEIGHT = {
+    "MambaMixer": ("x_proj", "dt_proj", "out_proj"), "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "JambaMambaMixer": ("dt_proj",), "Mamba2Mixer": ("out_proj",), "BambaMixer": ("out_proj",),
+    "FalconH1Mixer": ("out_proj",), "NemotronHMamba2Mixer": ("out_proj",), "GraniteMoeHybridMambaLayer": ("out_proj",),
+    "Zamba2MambaMixer": ("out_proj",), "DisentangledSelfAttention": ("in_proj",), "WavLMAttention": ("out_proj",),
+}
+
+
+def _read_by_weight(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """id(linear) -> (its name, its parent's class) for the linears READ_BY_WEIGHT (and nn.MultiheadAttention's
+    out_proj) lists."""
+    found = {}
+    for n, m in model.named_modules():
+        kind = type(m)
+        if isinstance(m, nn.MultiheadAttention):
+            attrs = ("out_proj",)
+        elif kind.__module__.startswith("transformers.") and kind.__name__ in READ_BY_WEIGHT:
+            attrs = READ_BY_WEIGHT[kind.__name__]
+        else:
+            continue
+        for a in attrs:
+            child = getattr(m, a, None)
+            if isinstance(child, nn.Module):
+                found[id(child)] = (f"{n}.{a}" if n else a, kind.__name__)
+    return found
 
 
 def _shared_problems(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
@@ -476,9 +501,9 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
     if target_modules == "all-linear":
-        tasks, unused = tuple(_task_heads(model)), {n for n, _ in _read_directly(model)}
+        tasks, by_weight = tuple(_task_heads(model)), _read_by_weight(model)
         return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m))
-                and n.partition(".")[0] not in tasks and n not in unused]
+                and n.partition(".")[0] not in tasks and id(m) not in by_weight]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -498,7 +523,9 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
                          "the decoder's linear layers); leave it out, and to train it beside the experts set "
                          f"model.{heads[0]}.requires_grad_(True) before MoLFAdamW (plain AdamW there)")
     if unmatched:
-        linear_names = sorted({n.rpartition(".")[2] for n, m in modules if isinstance(m, nn.Linear) or _is_conv1d(m)})
+        by_weight = _read_by_weight(model)
+        linear_names = sorted({n.rpartition(".")[2] for n, m in modules
+                               if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in by_weight})
         experts = _fused_experts(model)
         moe = (f" (its MoE experts, e.g. {experts[0][0]}, are 3-D parameters, not nn.Linear layers, and cannot be "
                "wrapped)") if experts else ""
@@ -569,10 +596,10 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         # would wrap half of it).
         chosen = [(n, m) for n, m in chosen if n.startswith(lm)]
     problems = [msg for n, m in chosen if (msg := _unsupported(n, m))] + _shared_problems(model, chosen)
-    direct = {id(m) for _, m in _read_directly(model)}
-    problems += [f"{n} is an nn.MultiheadAttention's out_proj, whose weight the attention reads directly without "
-                 "calling the layer: a MoLF layer's experts there would never apply; leave it out of target_modules "
-                 "('all-linear' does)" for n, m in chosen if id(m) in direct]
+    by_weight = _read_by_weight(model)
+    problems += [f"{n}: its parent ({by_weight[id(m)][1]}) reads its weight directly without calling the layer, so "
+                 "a MoLF layer's experts there would never apply; leave it out of target_modules ('all-linear' "
+                 "does)" for n, m in chosen if id(m) in by_weight]
     quantized = [(n, m) for n, m in chosen if quant.quant_kind(m) is not None]
     if quantized and train_base:
         problems.insert(0, f"train_base=True needs float bases, but {quantized[0][0]} is a "

@@ -100,6 +100,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                               for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
+        self._warned_bypassed: set[str] = set()
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
@@ -120,6 +121,22 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --
+    def _warn_bypassed(self, counts: list[int]) -> None:
+        """Warn once per layer whose base took a gradient while its trainable LoRA experts took none: the model
+        reads that base weight without calling the layer (as Mamba's kernels do), so its experts never apply."""
+        if "full" not in self.expert_names:
+            return
+        n, full = len(self.expert_names), self.expert_names.index("full")
+        bypassed = [name for li, name in enumerate(self.layer_names) if name not in self._warned_bypassed
+                    and counts[li * n + full] and any(self.layout.experts[li][e] and not counts[li * n + e]
+                                                      for e in range(n) if e != full)]
+        if bypassed:
+            self._warned_bypassed.update(bypassed)
+            warnings.warn(f"{bypassed[:3]} ({len(bypassed)} MoLF layers): the base weight got a gradient but the "
+                          "LoRA experts none, so the model reads the weight without calling the layer and the "
+                          "experts never apply (only the full expert trains there); leave these layers out of "
+                          "target_modules", UserWarning, stacklevel=6)  # the caller of step()
+
     def _plan(self) -> StepPlan:
         lay, flat = self.layout, self._flat
         key = tuple(p.grad is not None for p, _ in flat)
@@ -135,6 +152,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p, o in with_grad:
                 if o >= 0:
                     counts[o] += p.numel()
+            self._warn_bypassed(counts)
             inv = [(1.0 / c if self.score == "epd" else 1.0 / math.sqrt(c)) if c else 0.0 for c in counts]
             plan = StepPlan(
                 params=[p for p, _ in with_grad], owner=[o for _, o in with_grad],

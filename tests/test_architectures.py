@@ -83,13 +83,15 @@ def test_multimodal_defaults_wrap_the_language_model_only(tmp_path):
         want = model(input_ids=ids).logits
     lm = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".language_model." in n}
     vision_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "vision" in n}
+    pooled = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    assert pooled and pooled <= vision_linears  # SigLIP's pooling head: read by weight, left out of all-linear
     everything = copy.deepcopy(model)
     molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
     assert {n for n, _ in molf.layer.molf_layers(model)} == lm and len(lm) == 14
     with torch.no_grad():
         assert_close(model(input_ids=ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
     molf.wrap(everything, ranks=(4,), alphas=(8,), target_modules="all-linear", backend="eager")
-    assert vision_linears <= {n for n, _ in molf.layer.molf_layers(everything)}
+    assert vision_linears - pooled <= {n for n, _ in molf.layer.molf_layers(everything)}
     molf.save_pretrained(model, tmp_path)
     back = molf.from_pretrained(tmp_path, backend="eager").eval()
     assert {n for n, _ in molf.layer.molf_layers(back)} == lm
@@ -235,10 +237,30 @@ def test_multihead_attention_out_proj_is_left_out_or_refused():
     molf.wrap(layer, ranks=(4,), alphas=(8,), target_modules="all-linear", backend="eager")
     assert [n for n, m in layer.named_modules() if isinstance(m, molf.MoLFLinear)] == ["linear1", "linear2"]
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
-    with pytest.raises(ValueError, match=r"self_attn.out_proj is an nn.MultiheadAttention's out_proj, whose weight "
-                                         r"the attention reads directly"):
+    with pytest.raises(ValueError, match=r"self_attn.out_proj: its parent \(MultiheadAttention\) reads its weight "
+                                         r"directly without calling the layer"):
         molf.wrap(layer, ranks=(4,), alphas=(8,), target_modules=["out_proj", "linear1"], backend="eager")
     assert not any(isinstance(m, molf.MoLFLinear) for m in layer.modules())
+
+
+def test_mamba_mixer_weights_its_kernels_read_are_left_out_or_refused():
+    """Mamba's mixer multiplies by dt_proj.weight and hands x_proj, dt_proj and out_proj weights to its CUDA kernel
+    (mamba_inner_fn): only in_proj is called as a module. "all-linear" wraps in_proj alone; naming another is an
+    error; the defaults' error lists only what can be wrapped."""
+    import transformers as tf
+    cfg = tf.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
+    model = tf.MambaForCausalLM(cfg)
+    molf.wrap(model, ranks=(2,), alphas=(4,), target_modules="all-linear", backend="eager")
+    assert [n for n, _ in molf.layer.molf_layers(model)] == [f"backbone.layers.{i}.mixer.in_proj" for i in (0, 1)]
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    assert all(m.lora_B[0].grad is not None for _, m in molf.layer.molf_layers(model))
+    model = tf.MambaForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"backbone.layers.0.mixer.dt_proj: its parent \(MambaMixer\) reads its "
+                                         r"weight directly"):
+        molf.wrap(model, ranks=(2,), alphas=(4,), target_modules=["in_proj", "dt_proj"])
+    with pytest.raises(ValueError, match=r"its linear layers are named \['in_proj'\]"):
+        molf.wrap(model, ranks=(2,), alphas=(4,))
 
 
 def test_unsupported_quantized_bases_are_refused_naming_the_layer():

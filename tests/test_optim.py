@@ -1,9 +1,11 @@
 """MoLFAdamW (eager backend) against the reference, torch.optim.AdamW and float64 formulas."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import molf
 from helpers import assert_close, batch, device_for, model_device, rel_err, tiny_qwen2
@@ -249,6 +251,36 @@ def test_flags_set_by_hand_come_back_with_from_pretrained(tmp_path, cfg, what):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert {n: p.requires_grad for n, p in again.named_parameters()} == flags
     assert make_opt(molf.MoLFAdamW, again, 1e-3, 1e-3).expert_names == opt.expert_names
+
+
+def test_a_layer_whose_weight_the_model_reads_directly_warns_once():
+    """A model that uses a wrapped layer's weight without calling it (Mamba's kernels take dt_proj.weight): the
+    base gets a gradient, the LoRA experts none and never apply; MoLFAdamW says so once, naming the layer."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x) @ self.b.weight.T
+
+    for train_base in (True, False):
+        net = molf.wrap(Net(), ranks=(2,), alphas=(4,), train_base=train_base, target_modules="all-linear",
+                        backend="eager")
+        opt = molf.MoLFAdamW(net, lr=1e-3)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                net(torch.randn(3, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        said = [w for w in seen if "LoRA experts none" in str(w.message)]
+        if train_base:
+            assert len(said) == 1 and str(said[0].message).startswith("['b'] (1 MoLF layers): the base weight got a "
+                                                                      "gradient")
+            assert said[0].filename == __file__  # points at the caller of step()
+        else:  # nothing trains in b: an unused layer, as far as the optimizer can tell
+            assert not said
 
 
 def test_scheduler_changes_step_and_epd_score():
