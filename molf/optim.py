@@ -329,6 +329,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["molf_step"] = self.molf_step
         sd["molf_seed"] = self._seed_base
+        sd["molf_routing"] = {"score": self.score, "top_k": self.top_k}
         return sd
 
     def _check_state_dict(self, state_dict) -> None:
@@ -375,6 +376,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.molf_step = int(state_dict.get("molf_step", 0))
+        routing = state_dict.get("molf_routing", {})
+        if routing and (routing.get("score"), routing.get("top_k")) != (self.score, self.top_k):
+            warnings.warn(f"the optimizer state was saved routing with score={routing.get('score')!r}, "
+                          f"top_k={routing.get('top_k')}; this optimizer routes with score={self.score!r}, "
+                          f"top_k={self.top_k} (kept: pass the saved ones to MoLFAdamW to continue that run)",
+                          UserWarning, stacklevel=2)
         self._seed_base = int(state_dict.get("molf_seed", self._seed_base))
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -326,6 +326,27 @@ def test_state_dict_roundtrip_continues_bitwise(cfg, state_dtype):
         assert st["exp_avg"].dtype == torch.float32
 
 
+def test_loading_a_state_saved_with_another_score_or_top_k_warns():
+    """score and top_k are not in the param groups (torch restores what is): a state dict records them, and
+    loading it into an optimizer that routes otherwise says so (the optimizer keeps its own)."""
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager", score="pfn", top_k=2)
+    train_step(model, opt, batch())
+    sd = opt.state_dict()
+    assert sd["molf_routing"] == {"score": "pfn", "top_k": 2}
+    other = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager")
+    with pytest.warns(UserWarning, match=r"saved routing with score='pfn', top_k=2; this optimizer routes with "
+                                         r"score='epd', top_k=1 \(kept"):
+        other.load_state_dict(sd)
+    assert (other.score, other.top_k) == ("epd", 1)
+    same = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="eager", score="pfn", top_k=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)
+        del sd["molf_routing"]  # a state dict from before molf recorded them
+        other.load_state_dict(sd)
+
+
 def test_train_merge_save_reload_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
