@@ -248,14 +248,17 @@ class MoLFLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A new plain nn.Linear whose weight is W + sum_i s_i B_i A_i (bias copied); this layer is unchanged.
-        A quantized base is dequantized: the merged layer is a float nn.Linear in the LoRA dtype."""
+        """A new plain nn.Linear whose weight is W + sum_i s_i B_i A_i (bias copied), trainable as the base was
+        (peft's merge_and_unload keeps a frozen base frozen); this layer is unchanged. A quantized base is
+        dequantized: the merged layer is a float nn.Linear in the LoRA dtype."""
         w = self.merged_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                         device=w.device, dtype=w.dtype)
         out.weight.copy_(w)
+        out.weight.requires_grad_(self.base.weight.requires_grad)
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
+            out.bias.requires_grad_(self.base.bias.requires_grad)
         return out
 
     def extra_repr(self) -> str:

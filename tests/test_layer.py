@@ -114,7 +114,7 @@ def test_merge_equals_forward():
     layer = make_layer(9, 7, (2, 3), True, train_base=True)
     x = torch.randn(4, 9, dtype=torch.float64)
     merged = layer.merge()
-    assert type(merged) is nn.Linear
+    assert type(merged) is nn.Linear and merged.weight.requires_grad and merged.bias.requires_grad  # as its base
     assert_close(merged(x), layer(x), 1e-12, "merged")
     assert layer.lora_B[0].abs().sum() > 0  # the layer itself is unchanged
 
@@ -238,6 +238,10 @@ def test_matches_peft_rslora_and_merge_and_unload():
     for (n1, p1), (n2, p2) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
         assert n1 == n2
         assert_close(p1, p2, 1e-6, n1)
+    # the merged layers train as peft leaves them: a frozen base stays frozen once merged
+    merged_names = [n for n, m in merged_ours.named_modules() if n.rpartition(".")[2] in molf.DEFAULT_TARGETS]
+    assert merged_names and all(not merged_theirs.get_submodule(n).weight.requires_grad for n in merged_names)
+    assert not any(p.requires_grad for n in merged_names for p in merged_ours.get_submodule(n).parameters())
 
 
 # -- bad input: clear errors, nothing changed --
