@@ -23,6 +23,7 @@ class Layout:
     modules: list                            # the MoLFLinear layers, in layer_names order
     names: dict                              # id(parameter) -> a readable name (layer, expert, tensor)
     slots: list                              # (module, attribute, parameter) of every trainable parameter
+    frozen: list                             # (name, parameter) of the model's parameters frozen at build time
 
 
 def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_decay: float,
@@ -97,5 +98,6 @@ def build_layout(model: nn.Module, lr: float, lora_lr: float | None, weight_deca
     # to_empty) is caught by an identity check per step.
     slots = [(mod, attr, p) for mod in model.modules() for attr, p in mod._parameters.items()
              if p is not None and id(p) in names]
+    frozen = [(n, p) for n, p in model.named_parameters() if id(p) not in names]
     return Layout([n for n, _ in layers], expert_names, experts, others, groups, [m for _, m in layers], names,
-                  slots)
+                  slots, frozen)

@@ -101,6 +101,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
         self._warned_bypassed: set[str] = set()
+        self._warned_unfrozen = False
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
@@ -184,6 +185,15 @@ class MoLFAdamW(torch.optim.Optimizer):
                     f"parameters on {dev}: the model was moved after the optimizer was created. Create the "
                     "optimizer after moving the model.")
 
+    def _warn_unfrozen(self) -> None:
+        """Warn (once) when parameters frozen at build time have gradients: unfrozen since, they are not trained."""
+        late = [n for n, p in self.layout.frozen if p.grad is not None]
+        if late:
+            self._warned_unfrozen = True
+            warnings.warn(f"{late[:3]} ({len(late)} parameters) have gradients but were frozen when MoLFAdamW was "
+                          "built: it trains the parameters that required grad then, so these are not updated; to "
+                          "train them, build MoLFAdamW after unfreezing", UserWarning, stacklevel=5)
+
     def param_name(self, p) -> str:
         """A readable name of a parameter this optimizer trains: its layer, expert and tensor."""
         return self.layout.names.get(id(p), "<a parameter outside the model>")
@@ -238,6 +248,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params_not_replaced()
+        if not self._warned_unfrozen:
+            self._warn_unfrozen()
         self.step_betas = self._group_betas()
         plan = self._plan()
         created = [self._state(p) for p in plan.params]

@@ -283,6 +283,28 @@ def test_a_layer_whose_weight_the_model_reads_directly_warns_once():
             assert not said
 
 
+def test_parameters_unfrozen_after_the_optimizer_was_built_warn_once():
+    """Progressive unfreezing: MoLFAdamW's groups come from what required grad when it was built, so a parameter
+    unfrozen later is not trained; the first step that sees its gradient says so (once), naming it."""
+    model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,), train_base=False, freeze_others=True, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=1e-3)
+    ids = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(model, opt, ids)
+    emb = model.model.embed_tokens.weight
+    emb.requires_grad_(True)
+    before = emb.detach().clone()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            train_step(model, opt, ids)
+    said = [w for w in seen if "were frozen when MoLFAdamW was built" in str(w.message)]
+    assert len(said) == 1 and str(said[0].message).startswith("['model.embed_tokens.weight'] (1 parameters) have "
+                                                              "gradients")
+    assert torch.equal(emb, before)
+
+
 def test_scheduler_changes_step_and_epd_score():
     train_base, ranks, alphas, lr, lora_lr = MOLF
     model = wrapped(train_base, ranks, alphas)
