@@ -87,6 +87,9 @@ def _save_quantized(model: nn.Module, path) -> str:
     if trained:  # a bias unfrozen by hand: molf's state below holds it, a LoRA adapter could not
         warnings.warn(f"save_pretrained: no peft adapter written, since {trained[:3]} trains (not LoRA); "
                       "molf_model.safetensors holds the whole trained state (molf.load)", UserWarning, stacklevel=3)
+        for stale in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier save's, into this folder
+            if os.path.exists(os.path.join(path, stale)):
+                os.remove(os.path.join(path, stale))
     else:
         export_peft(model, path)
     tensors, aliases, first = {}, {}, {}

@@ -267,6 +267,8 @@ def test_checkpoint_of_a_quantized_model_with_a_bias_trained_by_hand(tmp_path):
     opt = molf.MoLFAdamW(model, lr=1e-2)
     train(model, opt, batch().to(DEVICE), 3)
     assert not torch.equal(bias, before)
+    molf.export_peft(molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False),
+                     tmp_path / "ckpt")  # an earlier adapter in the folder: it would not fit, so it goes
     with pytest.warns(UserWarning, match=r"no peft adapter written, since \['model.layers.0.self_attn.q_proj.base.bias"
                                          r"'\] trains"):
         molf.save_pretrained(model, tmp_path / "ckpt")
