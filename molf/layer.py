@@ -307,8 +307,14 @@ ARCH_TARGETS = {
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """The target names for this model's architecture: ARCH_TARGETS by config.model_type, else DEFAULT_TARGETS."""
-    return ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
+    """The target names for this model's architecture: ARCH_TARGETS by config.model_type, else DEFAULT_TARGETS;
+    with Mamba-style mixers (Mamba, Falcon-H1, Nemotron-H, ...) also their in_proj, the one projection they call
+    as a layer (see MAMBA_MIXERS)."""
+    names = ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
+    if any(type(m).__name__ in MAMBA_MIXERS and type(m).__module__.startswith("transformers.")
+           for m in model.modules()):
+        names += ("in_proj",)
+    return names
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -380,12 +386,13 @@ def _hooks(m: nn.Module) -> str:
 # transformers' Mamba-style mixers hand these weights to their CUDA kernels (mamba_inner_fn,
 # mamba_split_conv1d_scan_combined) or multiply by dt_proj.weight; DeBERTa splits in_proj.weight; WavLM calls
 # F.multi_head_attention_forward.
-READ_BY_WEIGHT = {
+MAMBA_MIXERS = {
     "MambaMixer": ("x_proj", "dt_proj", "out_proj"), "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
     "JambaMambaMixer": ("dt_proj",), "Mamba2Mixer": ("out_proj",), "BambaMixer": ("out_proj",),
     "FalconH1Mixer": ("out_proj",), "NemotronHMamba2Mixer": ("out_proj",), "GraniteMoeHybridMambaLayer": ("out_proj",),
-    "Zamba2MambaMixer": ("out_proj",), "DisentangledSelfAttention": ("in_proj",), "WavLMAttention": ("out_proj",),
+    "Zamba2MambaMixer": ("out_proj",),
 }
+READ_BY_WEIGHT = {**MAMBA_MIXERS, "DisentangledSelfAttention": ("in_proj",), "WavLMAttention": ("out_proj",)}
 
 
 def _read_by_weight(model: nn.Module) -> dict[int, tuple[str, str]]:
@@ -551,7 +558,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
     linear but the output head and a classifier's or QA model's new head), a regular expression (full match of
     module names) or a list of names matched as suffixes. The output head is never wrapped.
-    A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
+    A model with Mamba-style mixers also gets their in_proj (their other projections are read by weight and never
+    wrapped). A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
     mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
     Every layer named must be wrappable: a quantized layer, a Conv1D, an nn.Linear subclass with its own
     forward or a linear with hooks or parametrizations of its own is an error, never silently skipped.

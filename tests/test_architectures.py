@@ -245,8 +245,8 @@ def test_multihead_attention_out_proj_is_left_out_or_refused():
 
 def test_mamba_mixer_weights_its_kernels_read_are_left_out_or_refused():
     """Mamba's mixer multiplies by dt_proj.weight and hands x_proj, dt_proj and out_proj weights to its CUDA kernel
-    (mamba_inner_fn): only in_proj is called as a module. "all-linear" wraps in_proj alone; naming another is an
-    error; the defaults' error lists only what can be wrapped."""
+    (mamba_inner_fn): only in_proj is called as a module. "all-linear" and the defaults wrap in_proj alone; naming
+    another is an error."""
     import transformers as tf
     cfg = tf.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
     model = tf.MambaForCausalLM(cfg)
@@ -259,8 +259,8 @@ def test_mamba_mixer_weights_its_kernels_read_are_left_out_or_refused():
     with pytest.raises(ValueError, match=r"backbone.layers.0.mixer.dt_proj: its parent \(MambaMixer\) reads its "
                                          r"weight directly"):
         molf.wrap(model, ranks=(2,), alphas=(4,), target_modules=["in_proj", "dt_proj"])
-    with pytest.raises(ValueError, match=r"its linear layers are named \['in_proj'\]"):
-        molf.wrap(model, ranks=(2,), alphas=(4,))
+    molf.wrap(model, ranks=(2,), alphas=(4,))
+    assert [n for n, _ in molf.layer.molf_layers(model)] == [f"backbone.layers.{i}.mixer.in_proj" for i in (0, 1)]
 
 
 def test_unsupported_quantized_bases_are_refused_naming_the_layer():
