@@ -341,7 +341,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["molf_step"] = self.molf_step
         sd["molf_seed"] = self._seed_base
-        sd["molf_routing"] = {"score": self.score, "top_k": self.top_k}
+        sd["molf_score"], sd["molf_top_k"] = self.score, self.top_k  # flat, as molf_step (for DCP's flattening)
         return sd
 
     def _check_state_dict(self, state_dict) -> None:
@@ -388,10 +388,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.molf_step = int(state_dict.get("molf_step", 0))
-        routing = state_dict.get("molf_routing", {})
-        if routing and (routing.get("score"), routing.get("top_k")) != (self.score, self.top_k):
-            warnings.warn(f"the optimizer state was saved routing with score={routing.get('score')!r}, "
-                          f"top_k={routing.get('top_k')}; this optimizer routes with score={self.score!r}, "
+        saved_routing = (state_dict.get("molf_score", self.score), state_dict.get("molf_top_k", self.top_k))
+        if saved_routing != (self.score, self.top_k):
+            warnings.warn(f"the optimizer state was saved routing with score={saved_routing[0]!r}, "
+                          f"top_k={saved_routing[1]}; this optimizer routes with score={self.score!r}, "
                           f"top_k={self.top_k} (kept: pass the saved ones to MoLFAdamW to continue that run)",
                           UserWarning, stacklevel=2)
         self._seed_base = int(state_dict.get("molf_seed", self._seed_base))
