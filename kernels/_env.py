@@ -9,6 +9,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
+
+
 def to_device(values, dtype, device) -> torch.Tensor:
     """A host list as a device tensor, copied without a host synchronisation (pinned, non-blocking)."""
     t = torch.tensor(values, dtype=dtype)

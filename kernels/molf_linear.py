@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import column_scales
+from ._env import KERNEL_DTYPES, column_scales
 from ._utils import autocast_dtype, autotune, cdiv, config, interpreting, tensor_descriptor_class, tuning_configs
 
 # Where `_mm2` applies dropout (DROP): on A1 = x (u = xd A^T), on B1 = x (dA = v^T xd), on the second product
@@ -562,7 +562,7 @@ def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_c
         x, weight = x.to(ac), weight.to(ac) if weight is not None else None
         bias = bias.to(ac) if bias is not None else None
         lora_A, lora_B = [a.to(ac) for a in lora_A], [b.to(ac) for b in lora_B]
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the fused MoLF layer computes in float32, float16 or bfloat16, got {x.dtype} input")
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1])  # -1 is ambiguous when K = 0

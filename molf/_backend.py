@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .kernels._env import interpreting  # noqa: F401  (one definition, shared with the kernels)
+from .kernels._env import KERNEL_DTYPES, interpreting  # noqa: F401  (one definition, shared with the kernels)
 
 BACKENDS = ("auto", "eager", "triton")
 
@@ -31,9 +31,6 @@ def triton_available() -> bool:
     return _TRITON
 
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
-
-
 def resolve(backend: str, device: torch.device, dtypes=()) -> str:
     """The backend that runs on `device` for tensors of `dtypes`: MOLF_BACKEND overrides "auto"; "auto" takes
     torch ops where the kernels lack the dtype (float64), "triton" raises a TypeError there."""
@@ -41,10 +38,10 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
         env = os.environ.get("MOLF_BACKEND", "auto")
         backend = check_backend(env, "MOLF_BACKEND")
     if backend == "auto":
-        fits = all(d in TRITON_DTYPES for d in dtypes)
+        fits = all(d in KERNEL_DTYPES for d in dtypes)
         return "triton" if device.type == "cuda" and triton_available() and fits else "eager"
     if backend == "triton":
-        odd = next((d for d in dtypes if d not in TRITON_DTYPES), None)
+        odd = next((d for d in dtypes if d not in KERNEL_DTYPES), None)
         if odd is not None:
             raise TypeError(f"backend='triton': the Triton kernels compute in float32, float16 and bfloat16, got "
                             f"{odd} tensors; use backend='eager', or 'auto' (torch ops for {odd})")
