@@ -141,6 +141,11 @@ class MoLFLinear(nn.Module):
         return self.base.bias
 
     @property
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its base weight's, or its experts' over a quantized base."""
+        return self.lora_A[0].dtype if self.quantized else self.base.weight.dtype
+
+    @property
     def expert_names(self) -> list[str]:
         return expert_names(self.ranks, self.base.weight.requires_grad)
 
@@ -163,7 +168,7 @@ class MoLFLinear(nn.Module):
         w = self.base.weight
         if torch.is_autocast_enabled(x.device.type):
             return  # every product runs in the autocast dtype
-        want = self.lora_A[0].dtype if self.quantized else w.dtype
+        want = self._compute_dtype
         odd = next((p for p in (*self.lora_A, *self.lora_B) if p.dtype != want), None)
         if odd is not None:
             raise TypeError(f"the layer's LoRA experts are {odd.dtype} but its "
@@ -178,8 +183,7 @@ class MoLFLinear(nn.Module):
         if not self.experts_enabled:
             return self.base(x)
         impl = "chain"
-        w_dtype = self.lora_A[0].dtype if self.quantized else self.base.weight.dtype
-        if _backend.resolve(self.backend, x.device, (x.dtype, w_dtype)) == "triton":
+        if _backend.resolve(self.backend, x.device, (x.dtype, self._compute_dtype)) == "triton":
             impl = "fused" if self.backend == "triton" else _plan.PLANNER.choose(self, x, self._forward_by)
         return self._forward_by(impl, x)
 
@@ -238,8 +242,7 @@ class MoLFLinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """W + sum_i s_i B_i A_i, accumulated in fp32 (or W's dtype if wider) and rounded once to W's dtype
         (a quantized W: dequantized, the result in the LoRA dtype, no longer quantized)."""
-        w = self.base.weight
-        dtype = self.lora_A[0].dtype if self.quantized else w.dtype
+        w, dtype = self.base.weight, self._compute_dtype
         acc = torch.promote_types(dtype, torch.float32)
         delta = quant.dequantize(self.base, acc) if self.quantized else w.to(acc, copy=True)
         for s, a, b in zip(self.scalings, self.lora_A, self.lora_B):
@@ -311,8 +314,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     with Mamba-style mixers (Mamba, Falcon-H1, Nemotron-H, ...) also their in_proj, the one projection they call
     as a layer (see MAMBA_MIXERS)."""
     names = ARCH_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_TARGETS)
-    if any(type(m).__name__ in MAMBA_MIXERS and type(m).__module__.startswith("transformers.")
-           for m in model.modules()):
+    if any(parent in MAMBA_MIXERS for _, parent in _read_by_weight(model).values()):
         names += ("in_proj",)
     return names
 
