@@ -10,12 +10,16 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+# `python -m pytest` (make bench) puts the checkout first on sys.path, where kernels/ (installed as molf.kernels)
+# would pose as PyPI's `kernels` package, which bitsandbytes and transformers import when it is there.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent.parent]
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # MOLF_BENCH_SMOKE=1 with TRITON_INTERPRET=1 and no GPU: the GPU-only rows run once each under Triton's

@@ -1,6 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# `python -m pytest` (make test) puts the checkout first on sys.path, where kernels/ (installed as molf.kernels)
+# would pose as PyPI's `kernels` package, which bitsandbytes and transformers import when it is there.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent.parent]
 
 # Kernels run under Triton's CPU interpreter where there is no GPU; it must be set before triton is imported.
 if not torch.cuda.is_available():

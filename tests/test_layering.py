@@ -86,3 +86,13 @@ def test_importing_molf_does_not_load_the_reference():
     code = "import sys, molf; m = molf.MoLFAdamW; print('molf.reference' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_checkout_does_not_pose_as_a_top_level_kernels_package():
+    """kernels/ installs as molf.kernels only; bitsandbytes and transformers import PyPI's `kernels` when it is
+    there, and `python -m pytest` from the checkout would have put our folder in its place."""
+    import importlib.util
+    import molf.kernels
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).resolve().parent != ROOT / "kernels", spec.origin
+    assert Path(molf.kernels.__file__).resolve().parent == ROOT / "kernels"
