@@ -296,16 +296,44 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)  # nn.ModuleList/Sequential accept setattr with a digit name
 
 
-# Default targets per architecture (model.config.model_type) where the projections are named otherwise.
+# Default targets per architecture (model.config.model_type) where the projections are named otherwise: every
+# linear layer of its decoder blocks (OPT's project_in/out, between the embeddings and the blocks, are left out).
+_NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_OPT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+_GLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# Multi-head latent attention (MiniCPM3, Youtu): q_proj where the query has no low-rank pair (q_lora_rank None);
+# the names a model lacks are dropped as for DEFAULT_TARGETS.
+_MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+        "down_proj")
+# Qwen3.5's Gated DeltaNet layers: in_proj_qkv, in_proj_z and out_proj beside the attention's and MLP's; not the
+# per-head gates in_proj_a / in_proj_b (num_v_heads outputs, below a LoRA's rank; serving stacks load adapters
+# for them only since mid-2026): name them to train them.
+_QWEN3_5 = DEFAULT_TARGETS + ("in_proj_qkv", "in_proj_z", "out_proj")
 ARCH_TARGETS = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "glm4": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "glm": _GLM,
+    "glm4": _GLM,
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "starcoder2": ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
-    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "gpt_neox": _NEOX,
+    "falcon": _NEOX,
+    "bloom": _NEOX,
+    "persimmon": _NEOX,
     "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gpt_bigcode": ("c_attn", "c_proj", "c_fc"),
+    "opt": _OPT,
+    "xglm": _OPT,
+    "biogpt": _OPT,
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+    "codegen": ("qkv_proj", "out_proj", "fc_in", "fc_out"),
+    "gpt_neo": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
+    "mpt": ("Wqkv", "out_proj", "up_proj", "down_proj"),
+    "nanochat": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+    "lfm2": ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"),  # in/out_proj: its short convs
+    "minicpm3": _MLA,
+    "youtu": _MLA,
+    "qwen3_5": _QWEN3_5,
+    "qwen3_5_text": _QWEN3_5,
 }
 
 
@@ -556,10 +584,11 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
          backend: str = "auto", freeze_others: bool = False) -> nn.Module:
     """Replace, in place, the linear layers `target_modules` names with MoLFLinear layers.
 
-    target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, Phi-3's fused
-    qkv_proj and gate_up_proj; in a multimodal model, those of its language model), "all-linear" (every
-    linear but the output head and a classifier's or QA model's new head), a regular expression (full match of
-    module names) or a list of names matched as suffixes. The output head is never wrapped.
+    target_modules: None (the architecture's defaults: q/k/v/o and gate/up/down projections, or its decoder
+    blocks' linear layers under their own names, ARCH_TARGETS; in a multimodal model, those of its language
+    model), "all-linear" (every linear but the output head and a classifier's or QA model's new head), a regular
+    expression (full match of module names) or a list of names matched as suffixes. The output head is never
+    wrapped.
     A model with Mamba-style mixers also gets their in_proj (their other projections are read by weight and never
     wrapped). A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
     mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.

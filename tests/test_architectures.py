@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, tiny_qwen2
+from helpers import assert_close, batch, randomize_lora_B, tiny_qwen2
 from optim_utils import train_step
 
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
@@ -124,19 +124,20 @@ def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_w
     assert len(molf.layer.molf_layers(model)) == 8
 
 
-@pytest.mark.parametrize("model_type", ["nemotron", "apertus", "lfm2"])
+@pytest.mark.parametrize("model_type", ["nemotron", "apertus", "modernbert-decoder"])
 def test_defaults_skip_a_projection_the_architecture_lacks_but_never_wrap_part_of_it(model_type):
     """Nemotron's and Apertus' MLPs have no gate_proj: the other defaults cover every linear layer, so they are
-    the targets (was an error: "['gate_proj'] match no module", though the user passed None). LFM2 names its
-    projections otherwise (out_proj, w1-w3): the defaults would wrap q/k/v only, so that stays an error."""
+    the targets (was an error: "['gate_proj'] match no module", though the user passed None). ModernBERT's
+    decoder names its projections otherwise (Wi, Wo, dense): the defaults would wrap q/k/v only, so that stays an
+    error."""
     import transformers as tf
     cfg = tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48, head_dim=8,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     model = tf.AutoModelForCausalLM.from_config(cfg)
-    if model_type == "lfm2":
-        with pytest.raises(ValueError, match=r"the default target_modules of this architecture \(lfm2\): \['o_proj', "
-                                             r"'gate_proj', 'up_proj', 'down_proj'\] match no module.*'w1', 'w2', "
-                                             r"'w3'\]\); pass target_modules naming this model's projections"):
+    if model_type == "modernbert-decoder":
+        with pytest.raises(ValueError, match=r"architecture \(modernbert-decoder\): \['o_proj', 'gate_proj', "
+                                             r"'up_proj', 'down_proj'\] match no module.*'Wi', 'Wo', 'dense'.*\]\); "
+                                             r"pass target_modules naming this model's projections"):
             molf.wrap(model, ranks=(4,), alphas=(8,))
         assert not molf.layer.molf_layers(model)
         return
@@ -145,6 +146,53 @@ def test_defaults_skip_a_projection_the_architecture_lacks_but_never_wrap_part_o
     assert plain == ["lm_head"]
     assert {n.rpartition(".")[2] for n, _ in molf.layer.molf_layers(model)} == {"q_proj", "k_proj", "v_proj",
                                                                               "o_proj", "up_proj", "down_proj"}
+
+
+# Architectures whose projections have their own names (molf.layer.ARCH_TARGETS), built tiny from their configs;
+# each: (config fields beyond the common ones, the linear layers the defaults leave to the user).
+NAMED_OTHERWISE = {
+    "bloom": ({}, set()), "persimmon": ({}, set()), "gpt_bigcode": ({}, set()), "xglm": ({}, set()),
+    "biogpt": ({}, set()), "gpt_neo": ({}, set()), "mpt": ({}, set()), "nanochat": ({}, set()), "lfm2": ({}, set()),
+    "opt": ({"word_embed_proj_dim": 16}, {"project_in", "project_out"}),  # between the embeddings and the blocks
+    "gptj": ({"rotary_dim": 4}, set()), "codegen": ({"rotary_dim": 4, "n_ctx": 64}, set()),
+    "minicpm3": ({"q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+                  "v_head_dim": 8, "head_dim": 4}, set()),
+    "youtu": ({"q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+               "v_head_dim": 8, "head_dim": 4}, set()),  # no low-rank query pair: q_proj
+    "qwen3_5_text": ({"num_hidden_layers": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                      "linear_key_head_dim": 8, "linear_value_head_dim": 8}, {"in_proj_a", "in_proj_b"}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(NAMED_OTHERWISE))
+def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
+    """Was an error ("the default target_modules ... match no module"): the defaults now name each decoder
+    block's linear layers (Qwen3.5's Gated DeltaNet gates in_proj_a/b and OPT's embedding projections left out),
+    the fresh wrap computes what the model did and every expert gets a gradient."""
+    import transformers as tf
+    extra, left = NAMED_OTHERWISE[model_type]
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4,
+                  n_positions=64, ffn_dim=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.AutoConfig.for_model(model_type)
+    for k, v in {**common, **extra}.items():
+        if hasattr(cfg, k) or k in extra:
+            setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    linears = {n for n, _ in molf.layer._match_targets(model, "all-linear")}
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    wrapped = {n for n, _ in molf.layer.molf_layers(model)}
+    assert wrapped <= linears and {n.rpartition(".")[2] for n in linears - wrapped} == left
+    assert len(wrapped) >= 4 * cfg.num_hidden_layers
+    with torch.no_grad():
+        assert_close(model(ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
+    randomize_lora_B(model)
+    model(ids, labels=ids).loss.backward()
+    assert not [n for n, m in molf.layer.molf_layers(model) if any(p.grad is None for p in (*m.lora_A, *m.lora_B))]
 
 
 def test_target_forms_suffix_regex_and_unmatched_names():
