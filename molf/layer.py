@@ -330,6 +330,8 @@ ARCH_TARGETS = {
     "mpt": ("Wqkv", "out_proj", "up_proj", "down_proj"),
     "nanochat": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
     "lfm2": ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"),  # in/out_proj: its short convs
+    # LFM3: as LFM2 with o_proj; not its attention's per-head gate g_proj (num_attention_heads outputs)
+    "lfm3": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "w1", "w2", "w3"),
     "minicpm3": _MLA,
     "youtu": _MLA,
     "qwen3_5": _QWEN3_5,

@@ -159,6 +159,7 @@ NAMED_OTHERWISE = {
                   "v_head_dim": 8, "head_dim": 4}, set()),
     "youtu": ({"q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
                "v_head_dim": 8, "head_dim": 4}, set()),  # no low-rank query pair: q_proj
+    "lfm3": ({"num_hidden_layers": 4}, {"g_proj"}),  # layer 2 attends, the others are short convs
     "qwen3_5_text": ({"num_hidden_layers": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                       "linear_key_head_dim": 8, "linear_value_head_dim": 8}, {"in_proj_a", "in_proj_b"}),
 }
@@ -167,8 +168,8 @@ NAMED_OTHERWISE = {
 @pytest.mark.parametrize("model_type", sorted(NAMED_OTHERWISE))
 def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     """Was an error ("the default target_modules ... match no module"): the defaults now name each decoder
-    block's linear layers (Qwen3.5's Gated DeltaNet gates in_proj_a/b and OPT's embedding projections left out),
-    the fresh wrap computes what the model did and every expert gets a gradient."""
+    block's linear layers (per-head gates, Qwen3.5's in_proj_a/b and LFM3's g_proj, and OPT's embedding
+    projections left out), the fresh wrap computes what the model did and every expert gets a gradient."""
     import transformers as tf
     extra, left = NAMED_OTHERWISE[model_type]
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
