@@ -301,6 +301,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 _NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 _OPT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 _GLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+_GPT2 = ("c_attn", "c_proj", "c_fc")
 # Multi-head latent attention (MiniCPM3, Youtu): q_proj where the query has no low-rank pair (q_lora_rank None);
 # the names a model lacks are dropped as for DEFAULT_TARGETS.
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
@@ -319,8 +320,8 @@ ARCH_TARGETS = {
     "falcon": _NEOX,
     "bloom": _NEOX,
     "persimmon": _NEOX,
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "gpt_bigcode": ("c_attn", "c_proj", "c_fc"),
+    "gpt2": _GPT2,
+    "gpt_bigcode": _GPT2,
     "opt": _OPT,
     "xglm": _OPT,
     "biogpt": _OPT,
@@ -536,6 +537,12 @@ def _defaults_present(model: nn.Module, names: tuple[str, ...], lm: str | None) 
     return present if present and covered else names
 
 
+def _called_linears(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear / Conv1D layers among `modules` that the model calls (not those READ_BY_WEIGHT)."""
+    by_weight = _read_by_weight(model)
+    return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in by_weight]
+
+
 def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> list[tuple[str, nn.Module]]:
     """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
     head and a task head), a regular expression (a str, full match of the module name) or a list of names, each
@@ -543,9 +550,8 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     modules = [(n, m) for n, m in model.named_modules() if n and m is not head and n.rpartition(".")[2] != "lm_head"]
     if target_modules == "all-linear":
-        tasks, by_weight = tuple(_task_heads(model)), _read_by_weight(model)
-        return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m))
-                and n.partition(".")[0] not in tasks and id(m) not in by_weight]
+        tasks = tuple(_task_heads(model))
+        return [(n, m) for n, m in _called_linears(model, modules) if n.partition(".")[0] not in tasks]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -565,9 +571,7 @@ def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> 
                          "the decoder's linear layers); leave it out, and to train it beside the experts set "
                          f"model.{heads[0]}.requires_grad_(True) before MoLFAdamW (plain AdamW there)")
     if unmatched:
-        by_weight = _read_by_weight(model)
-        linear_names = sorted({n.rpartition(".")[2] for n, m in modules
-                               if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in by_weight})
+        linear_names = sorted({n.rpartition(".")[2] for n, _ in _called_linears(model, modules)})
         experts = _fused_experts(model)
         moe = (f" (its MoE experts, e.g. {experts[0][0]}, are 3-D parameters, not nn.Linear layers, and cannot be "
                "wrapped)") if experts else ""

@@ -14,23 +14,24 @@ from optim_utils import train_step
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
 
 
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def tiny(arch):
     import transformers as tf
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2)
     cfg = {
-        "qwen2": lambda: tf.Qwen2Config(**common),
-        "llama": lambda: tf.LlamaConfig(**common),
-        "mistral": lambda: tf.MistralConfig(**common),
-        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=16),
-        "phi3": lambda: tf.Phi3Config(**common),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
-        "phi": lambda: tf.PhiConfig(**common),
-        "starcoder2": lambda: tf.Starcoder2Config(**common),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
-        "glm4": lambda: tf.Glm4Config(**common),
-        "nemotron": lambda: tf.NemotronConfig(**common),  # an MLP without gate_proj
+        "qwen2": lambda: tf.Qwen2Config(**TINY),
+        "llama": lambda: tf.LlamaConfig(**TINY),
+        "mistral": lambda: tf.MistralConfig(**TINY),
+        "gemma3": lambda: tf.Gemma3TextConfig(**TINY, head_dim=8, sliding_window=16),
+        "phi3": lambda: tf.Phi3Config(**TINY),
+        "qwen3": lambda: tf.Qwen3Config(**TINY, head_dim=8),
+        "phi": lambda: tf.PhiConfig(**TINY),
+        "starcoder2": lambda: tf.Starcoder2Config(**TINY),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**TINY),
+        "glm4": lambda: tf.Glm4Config(**TINY),
+        "nemotron": lambda: tf.NemotronConfig(**TINY),  # an MLP without gate_proj
     }[arch]()
     cls = {"qwen2": tf.Qwen2ForCausalLM, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
            "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
@@ -172,9 +173,8 @@ def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     projections left out), the fresh wrap computes what the model did and every expert gets a gradient."""
     import transformers as tf
     extra, left = NAMED_OTHERWISE[model_type]
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4,
-                  n_positions=64, ffn_dim=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # TINY under the other names some of these configs use (GPT-2 style n_embd, OPT's ffn_dim)
+    common = dict(TINY, head_dim=8, n_embd=32, n_layer=2, n_head=4, n_positions=64, ffn_dim=48)
     cfg = tf.AutoConfig.for_model(model_type)
     for k, v in {**common, **extra}.items():
         if hasattr(cfg, k) or k in extra:
