@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, randomize_lora_B, tiny_qwen2
+from helpers import assert_close, batch, device_for, randomize_lora_B, tiny_qwen2
 from optim_utils import train_step
 
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
@@ -430,12 +430,13 @@ def test_tied_bases_zamba2_molf_e_trains_and_reloads_exactly_and_molf_is_refused
 def test_generate_with_the_kv_cache_equals_the_merged_model(backend):
     """generate() mid-training (an eval callback, a sample print): decoding steps of one token per row go
     through the MoLF layers; greedy tokens equal the merged model's, with and without the cache."""
-    from helpers import randomize_lora_B
-    model = molf.wrap(tiny("llama"), ranks=(2, 8), alphas=(8, 16), train_base=True, dropout=0.1, backend=backend)
+    dev = device_for(backend)
+    model = molf.wrap(tiny("llama").to(dev), ranks=(2, 8), alphas=(8, 16), train_base=True, dropout=0.1,
+                      backend=backend)
     randomize_lora_B(model, std=0.3)
     merged = molf.merge(copy.deepcopy(model)).eval()
     model.eval()
-    ids = batch(n=2, t=5)
+    ids = batch(n=2, t=5).to(dev)
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     out = model.generate(ids, use_cache=True, **greedy)
     assert out.shape == (2, 13)

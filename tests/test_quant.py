@@ -377,8 +377,8 @@ def test_qlora_dpo_reference_is_the_quantized_base_with_the_experts_off(tmp_path
     model = quantized_qwen2(tmp_path, "nf4", vocab=len(tok))
     molf.wrap(model, ranks=(2, 8), alphas=(8, 16), train_base=False, freeze_others=True, backend="eager")
     args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=3e-3, report_to=[], use_cpu=True, max_length=32, save_strategy="no",
-                         disable_tqdm=True, logging_steps=1, seed=0)
+                         learning_rate=3e-3, report_to=[], use_cpu=DEVICE.type == "cpu", max_length=32,
+                         save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
     trainer = MoLFDPOTrainer(model, None, args, train_dataset=preference_pairs(), processing_class=tok,
                              lora_lr=3e-3, backend="eager")
     assert isinstance(trainer.ref_model, ExpertsOffReference)

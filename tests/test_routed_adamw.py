@@ -344,7 +344,7 @@ def triton_and_eager_around(cfg, change, steps=(2, 2)):
     train_base, ranks, alphas, lr, lora_lr = cfg
     out = []
     for backend in ("triton", "eager"):
-        model = wrapped(train_base, ranks, alphas, device=DEVICE if backend == "triton" else "cpu")
+        model = wrapped(train_base, ranks, alphas, device=DEVICE)  # one device: no CPU/GPU near-tie in routing
         opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend=backend)
         ids = batch()
         for i in range(steps[0] + steps[1]):
