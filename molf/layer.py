@@ -337,6 +337,11 @@ ARCH_TARGETS = {
     "youtu": _MLA,
     "qwen3_5": _QWEN3_5,
     "qwen3_5_text": _QWEN3_5,
+    # Zamba2: the shared transformer block's projections (one tensor for every hybrid layer that calls the block:
+    # MoLF-E trains a LoRA per layer) and each hybrid layer's own `linear`; in_proj of its Mamba-2 mixers comes
+    # as for every Mamba-style model. Not the block's own per-layer adapters (*_adapter_list, Linear pairs named
+    # 0 and 1, part of the pretrained model): name them to train them.
+    "zamba2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "linear"),
 }
 
 

@@ -153,7 +153,8 @@ def test_defaults_skip_a_projection_the_architecture_lacks_but_never_wrap_part_o
 # each: (config fields beyond the common ones, the linear layers the defaults leave to the user).
 NAMED_OTHERWISE = {
     "bloom": ({}, set()), "persimmon": ({}, set()), "gpt_bigcode": ({}, set()), "xglm": ({}, set()),
-    "biogpt": ({}, set()), "gpt_neo": ({}, set()), "mpt": ({}, set()), "nanochat": ({}, set()), "lfm2": ({}, set()),
+    "biogpt": ({}, set()), "mpt": ({}, set()), "nanochat": ({}, set()), "lfm2": ({}, set()),
+    "gpt_neo": ({"attention_types": [[["global", "local"], 1]]}, set()),  # one pair of layers
     "opt": ({"word_embed_proj_dim": 16}, {"project_in", "project_out"}),  # between the embeddings and the blocks
     "gptj": ({"rotary_dim": 4}, set()), "codegen": ({"rotary_dim": 4, "n_ctx": 64}, set()),
     "minicpm3": ({"q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
@@ -163,6 +164,9 @@ NAMED_OTHERWISE = {
     "lfm3": ({"num_hidden_layers": 4}, {"g_proj"}),  # layer 2 attends, the others are short convs
     "qwen3_5_text": ({"num_hidden_layers": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                       "linear_key_head_dim": 8, "linear_value_head_dim": 8}, {"in_proj_a", "in_proj_b"}),
+    "zamba2": ({"num_hidden_layers": 4, "hybrid_layer_ids": [1, 3], "layer_types": ["mamba", "hybrid"] * 2,
+                "num_mem_blocks": 1, "mamba_d_state": 8, "mamba_headdim": 8, "n_mamba_heads": 8,
+                "attention_head_dim": 16}, {"0", "1"}),  # its shared block's own adapters (Linear pairs 0 and 1)
 }
 
 
@@ -175,10 +179,8 @@ def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     extra, left = NAMED_OTHERWISE[model_type]
     # TINY under the other names some of these configs use (GPT-2 style n_embd, OPT's ffn_dim)
     common = dict(TINY, head_dim=8, n_embd=32, n_layer=2, n_head=4, n_positions=64, ffn_dim=48)
-    cfg = tf.AutoConfig.for_model(model_type)
-    for k, v in {**common, **extra}.items():
-        if hasattr(cfg, k) or k in extra:
-            setattr(cfg, k, v)
+    known = tf.AutoConfig.for_model(model_type)
+    cfg = tf.AutoConfig.for_model(model_type, **{**{k: v for k, v in common.items() if hasattr(known, k)}, **extra})
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     linears = {n for n, _ in molf.layer._match_targets(model, "all-linear")}
