@@ -165,6 +165,7 @@ def layer_cases(draw):
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(layer_cases())
 @pytest.mark.filterwarnings("ignore:rank .* exceeds min")
+@pytest.mark.timeout(500)  # on a GPU each new shape class compiles its kernels: about 70 compilations here
 def test_fused_layer_properties(nan_empty, monkeypatch, c):
     """Random shapes, ranks, dtypes, bias, frozen or trained base, dropout, input layouts and backward plans:
     output and every gradient equal the float64 formula (without dropout) and the eager backend (same seed)."""
