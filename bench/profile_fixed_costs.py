@@ -4,7 +4,9 @@
     python bench/profile_fixed_costs.py [--rows 25]
 
 For each case: the wall time of N calls (host-bound if it exceeds the GPU time), the CPU time of the host side
-and the GPU time of the kernels from torch.profiler, and the top ops by CPU time. On the CPU it runs a smoke
+and the GPU time of the kernels from torch.profiler, and the top ops by CPU time; for the fused k_proj layer also
+its Python functions by own time (cProfile: molf's wrapper against Triton's launcher) and a run without TMA
+descriptors (MOLF_TMA=0). On the CPU it runs a smoke
 version (interpreter, tiny shapes) so that the script itself stays tested by hand without a GPU.
 """
 import argparse
@@ -73,6 +75,23 @@ def report(name: str, fn, calls: int, rows: int):
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def python_profile(name: str, fn, calls: int, rows: int):
+    """The host side by Python function (cProfile): molf's wrapper against Triton's launcher (JITFunction.run,
+    the Autotuner, TMA descriptors), which torch.profiler shows only as one block of CPU time."""
+    import cProfile
+    import pstats
+    fn()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    sync()
+    print(f"\n== {name}: Python functions by own time, {calls} calls")
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=25)
@@ -83,6 +102,11 @@ def main():
         for backend in ("triton", "eager"):
             report(f"layer fwd+bwd {module} r(16,128) M={M} backend={backend}",
                    layer_case(module, (16, 128), backend, M), a.calls, a.rows)
+    case = layer_case("k_proj", (16, 128), "triton", M)
+    python_profile(f"layer fwd+bwd k_proj r(16,128) M={M} backend=triton", case, a.calls, a.rows)
+    os.environ["MOLF_TMA"] = "0"  # read at each call: the pointer kernels, without descriptors
+    report(f"layer fwd+bwd k_proj r(16,128) M={M} backend=triton MOLF_TMA=0", case, a.calls, a.rows)
+    del os.environ["MOLF_TMA"]
     for setting in ("molf-e", "molf"):
         report(f"optimizer step {setting}", optim_case(setting), a.calls, a.rows)
 

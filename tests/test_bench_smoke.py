@@ -48,7 +48,8 @@ def test_profile_fixed_costs_script_runs():
     out = subprocess.run([sys.executable, "bench/profile_fixed_costs.py", "--calls", "1", "--rows", "1"], cwd=ROOT,
                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stdout.count("\n== ") == 6, out.stdout[-2000:]
+    assert out.stdout.count("\n== ") == 8, out.stdout[-2000:]
+    assert "Python functions by own time" in out.stdout and "Ordered by: internal time" in out.stdout
 
 
 def test_interleaved_script_runs():
