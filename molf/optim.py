@@ -61,7 +61,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         stochastic_rounding: round bf16 parameters stochastically after the update (unbiased: an update
             smaller than half a bf16 ulp still moves the weight in expectation); other dtypes unaffected.
         history_size: how many recent steps of routing and scores are kept on the device for
-            `routing_history()` / `write_routing_jsonl()` (the oldest are dropped beyond it).
+            `routing_history()` / `write_routing_jsonl()` (the oldest are dropped beyond it; the next read warns,
+            saying how many; `history_full` says when the next step would drop one).
 
     After `step()`: `routing` (bool [n_layers, n_experts]) and `scores` (float32, same shape), on the
     parameters' device; layers in `layer_names` order, experts in `expert_names` order.
@@ -112,6 +113,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.routing: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self._history: deque = deque(maxlen=history_size)
+        self._history_dropped = 0  # steps pushed out of a full history before anyone read them
         self.step_betas = betas  # read from the param groups at each step
         self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
         self.stochastic_rounding = stochastic_rounding
@@ -272,8 +274,19 @@ class MoLFAdamW(torch.optim.Optimizer):
                 self._nonfinite += nonfinite
         self.molf_step += 1
         if self._history.maxlen:
+            self._history_dropped += self.history_full
             self._history.append((self.molf_step, self.routing, self.scores))
         return loss
+
+    @property
+    def history_size(self) -> int:
+        """How many recent steps of routing and scores are kept (the constructor's history_size)."""
+        return self._history.maxlen
+
+    @property
+    def history_full(self) -> bool:
+        """True when the next step pushes the oldest kept step out of the history (`history_size` unread steps)."""
+        return 0 < len(self._history) == self._history.maxlen
 
     # -- routing history: kept on the device, one transfer per flush --
     def routing_history(self, clear: bool = False) -> dict:
@@ -291,6 +304,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             scores, routing = torch.empty(0, L, E), torch.empty(0, L, E, dtype=torch.bool)
         if clear:
             self._history.clear()
+        if self._history_dropped:
+            warnings.warn(f"MoLFAdamW: the routing of {self._history_dropped} earlier step(s) was dropped before it "
+                          f"was read: history_size={self._history.maxlen} keeps the last {self._history.maxlen} "
+                          "steps; read routing_history() or write_routing_jsonl() at least that often, or pass a "
+                          "larger history_size", UserWarning, stacklevel=3)
+            self._history_dropped = 0
         self._warn_nonfinite()
         return {"step": steps, "routing": routing, "scores": scores}
 

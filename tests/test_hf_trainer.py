@@ -1,5 +1,6 @@
 """molf under the Hugging Face Trainer: loss goes down, routing JSONL, bitwise resume from a checkpoint."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,36 @@ def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
     assert steps == [1, 2, 3, 4]
     for (n, p), q in zip(full.model.named_parameters(), part.model.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("history_size, logging_steps, flushes", [(3, 8, 4), (10000, 0.25, 5), (0, 1, 9)])
+def test_the_routing_callback_flushes_before_the_history_drops_a_step(tmp_path, history_size, logging_steps,
+                                                                       flushes):
+    """A history_size below logging_steps lost the older steps of each logging interval from the log, silently;
+    a logging_steps ratio (0.25 of the run) flushed every step (each flush is a device-to-host copy); a
+    history_size of 0 kept an empty log without a word."""
+    from transformers import Trainer
+
+    from molf.integrations.hf import RoutingLogCallback
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 4), alphas=(8, 8), train_base=False, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=1e-3, backend="eager", history_size=history_size)
+    calls, write = [], opt.write_routing_jsonl
+    opt.write_routing_jsonl = lambda *a, **k: calls.append(1) or write(*a, **k)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), optimizers=(opt, None),
+                      callbacks=[RoutingLogCallback()])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in seen if "history_size" in str(w.message)]
+    log = (tmp_path / "molf_routing.jsonl").read_text().splitlines()
+    assert len(calls) == flushes
+    if history_size:
+        assert [json.loads(line)["step"] for line in log] == list(range(1, 9)) and not said
+    else:
+        assert log == [] and said == [f"MoLFAdamW(history_size=0) keeps no routing: {tmp_path / 'molf_routing.jsonl'} "
+                                      "gets no records (pass a history_size of at least 1, e.g. the default)"]
 
 
 def test_trainer_with_torch_compile(tmp_path):

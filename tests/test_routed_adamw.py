@@ -158,9 +158,12 @@ def test_routing_history_and_jsonl_match_per_step_routing(tmp_path):
     ids = batch().to(DEVICE)
     per_step = []
     for _ in range(6):
+        assert opt.history_full == (len(per_step) >= 4) and opt.history_size == 4
         train_step(model, opt, ids)
         per_step.append((opt.routing.cpu().clone(), opt.scores.cpu().clone()))
-    h = opt.routing_history()
+    with pytest.warns(UserWarning, match=r"the routing of 2 earlier step\(s\) was dropped before it was read: "
+                                         r"history_size=4 keeps the last 4 steps"):
+        h = opt.routing_history()
     assert h["step"].tolist() == [3, 4, 5, 6]  # the 4 most recent
     for i, s in enumerate(h["step"].tolist()):
         assert torch.equal(h["routing"][i], per_step[s - 1][0])

@@ -42,6 +42,9 @@ class RoutingLogCallback(TrainerCallback):
         checkpoint left them in the log), so that every step appears once."""
         opt = unwrap_optimizer(optimizer)
         path = os.path.join(args.output_dir, self.filename)
+        if opt is not None and opt.history_size == 0 and state.is_world_process_zero:
+            warnings.warn(f"MoLFAdamW(history_size=0) keeps no routing: {path} gets no records (pass a "
+                          "history_size of at least 1, e.g. the default)", UserWarning, stacklevel=2)
         if opt is None or not state.is_world_process_zero or not os.path.isfile(path):
             return
         with open(path) as f:
@@ -66,7 +69,11 @@ class RoutingLogCallback(TrainerCallback):
             opt.routing_history(clear=True)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if args.logging_steps and state.global_step % max(int(args.logging_steps), 1) == 0:
+        """Flush at each logging step (state.logging_steps: a ratio of the run resolved by the Trainer), and
+        before a full history would drop a step (history_size below logging_steps)."""
+        opt = unwrap_optimizer(optimizer)
+        every = state.logging_steps or args.logging_steps
+        if (every and state.global_step % max(int(every), 1) == 0) or (opt is not None and opt.history_full):
             self._flush(args, state, optimizer)
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
