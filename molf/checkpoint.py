@@ -107,28 +107,48 @@ def _save_quantized(model: nn.Module, path) -> str:
     return str(path)
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> str:
+PUSH_KWARGS = ("repo_id", "commit_message", "create_pr", "private", "token")
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
     """Write the merged plain checkpoint and molf's exact state to `path` (see the module docstring); a model
     with quantized bases: the peft adapter and molf's float state. kwargs go to transformers'
-    `save_pretrained` (e.g. max_shard_size)."""
+    `save_pretrained` (e.g. max_shard_size). push_to_hub=True uploads the whole folder once it is written
+    (repo_id, default the folder's name; commit_message, create_pr, private, token), as transformers does."""
     from safetensors.torch import save_model
 
     model = unwrap_model(model)
     layers = molf_layers(model)
     if not layers:
         raise ValueError("save_pretrained: the model has no MoLF layers (use the model's own save_pretrained)")
+    # transformers would push before molf's own files exist: the folder is pushed below, whole
+    hub = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs} if push_to_hub else {}
     if any(m.quantized for _, m in layers):
         os.makedirs(path, exist_ok=True)
-        return _save_quantized(model, path)
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, state_dict=merged_state_dict(model), **kwargs)
-    save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata={"format": "pt", "molf": str(FORMAT_VERSION),
-                                                                   "aliases": json.dumps(_tied_parameters(model))})
-    with open(os.path.join(path, MOLF_CONFIG), "w") as f:
-        json.dump(molf_config(model), f, indent=2)
+        _save_quantized(model, path)
+    else:
+        if not hasattr(model, "save_pretrained"):
+            raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
+        os.makedirs(path, exist_ok=True)
+        model.save_pretrained(path, state_dict=merged_state_dict(model), **kwargs)
+        meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(_tied_parameters(model))}
+        save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata=meta)
+        with open(os.path.join(path, MOLF_CONFIG), "w") as f:
+            json.dump(molf_config(model), f, indent=2)
+    if push_to_hub:
+        _push_folder(path, **hub)
     return str(path)
+
+
+def _push_folder(path, repo_id: str | None = None, commit_message: str | None = None, create_pr: bool = False,
+                 private: bool | None = None, token: str | bool | None = None) -> None:
+    """Upload the saved folder to the Hub (huggingface_hub: the repo made if missing)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id or os.path.basename(os.path.abspath(path)), private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo.repo_id, folder_path=str(path), commit_message=commit_message or
+                      "Upload MoLF model (merged, and molf's state)", create_pr=create_pr)
 
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")

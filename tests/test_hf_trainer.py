@@ -1,6 +1,8 @@
 """molf under the Hugging Face Trainer: loss goes down, routing JSONL, bitwise resume from a checkpoint."""
 import json
+import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,6 +245,39 @@ def test_the_molf_loaders_take_a_hub_repo_id(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is not a folder"):
         molf.load(back, tmp_path / "file")
+
+
+def test_save_pretrained_pushes_the_whole_folder(tmp_path, monkeypatch):
+    """molf.save_pretrained(..., push_to_hub=True) handed the flag to transformers, which pushed the merged model
+    before molf's own files were written: the Hub repo was no molf checkpoint. The folder is now pushed once it
+    is complete. No network here: huggingface_hub's API is stubbed."""
+    import huggingface_hub
+
+    uploads = []
+
+    class Api:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            assert exist_ok
+            return SimpleNamespace(repo_id=f"user/{repo_id}" if "/" not in repo_id else repo_id)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
+            uploads.append((repo_id, sorted(os.listdir(folder_path)), commit_message, create_pr, self.token))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    model = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(4,), backend="eager")
+    molf.save_pretrained(model, tmp_path / "run", push_to_hub=True, token="t", max_shard_size="1GB")
+    molf.save_pretrained(model, tmp_path / "run2", push_to_hub=True, repo_id="org/molf", commit_message="c",
+                         create_pr=True)
+    files = ["config.json", "generation_config.json", "model.safetensors", "molf_config.json",
+             "molf_model.safetensors"]
+    assert [u[:2] for u in uploads] == [("user/run", files), ("org/molf", files)]
+    assert uploads[0][2:] == ("Upload MoLF model (merged, and molf's state)", False, "t")
+    assert uploads[1][2:] == ("c", True, None)
+    molf.save_pretrained(model, tmp_path / "local", repo_id="ignored")  # as transformers: no push, no upload
+    assert len(uploads) == 2
 
 
 def test_evaluation_and_load_best_model_at_end_restore_the_best_checkpoint(tmp_path):
