@@ -36,6 +36,18 @@ def tiny_qwen2(seed=0, dtype=torch.float32, layers=2, hidden=32, inter=48, vocab
     return model.eval()
 
 
+def config_for(model_type: str, **fields):
+    """AutoConfig.for_model, skipping the test where the installed transformers predates the architecture (the GPU
+    machine's image may carry an older transformers than the CPU venv)."""
+    import pytest
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no model type {model_type!r}")
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
 def device_for(backend: str) -> torch.device:
     """Where a test runs `backend`: the Triton kernels on the GPU when there is one (CPU tensors take them only
     under the interpreter, which a GPU machine does not set), everything else on the CPU."""

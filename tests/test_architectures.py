@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, device_for, randomize_lora_B, tiny_qwen2
+from helpers import assert_close, batch, config_for, device_for, randomize_lora_B, tiny_qwen2
 from optim_utils import train_step
 
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
@@ -107,10 +107,10 @@ MOE = {"mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
 @pytest.mark.parametrize("model_type", sorted(MOE))
 def test_moe_experts_are_not_linear_layers_so_the_defaults_are_an_error_naming_what_is(model_type):
     import transformers as tf
-    cfg = tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
-                                  moe_intermediate_size=48, shared_expert_intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts=4,
-                                  num_experts_per_tok=2)
+    cfg = config_for(model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                     moe_intermediate_size=48, shared_expert_intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts=4,
+                     num_experts_per_tok=2)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     experts = r"model\.layers\.0\.mlp\.experts: gate_up_proj \[4, 96, 32\], down_proj \[4, 32, 48\]; 2 such"
     named = re.escape(str(MOE[model_type]))
@@ -132,8 +132,8 @@ def test_defaults_skip_a_projection_the_architecture_lacks_but_never_wrap_part_o
     decoder names its projections otherwise (Wi, Wo, dense): the defaults would wrap q/k/v only, so that stays an
     error."""
     import transformers as tf
-    cfg = tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48, head_dim=8,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = config_for(model_type, vocab_size=64, hidden_size=32, intermediate_size=48, head_dim=8,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     if model_type == "modernbert-decoder":
         with pytest.raises(ValueError, match=r"architecture \(modernbert-decoder\): \['o_proj', 'gate_proj', "
@@ -179,8 +179,8 @@ def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     extra, left = NAMED_OTHERWISE[model_type]
     # TINY under the other names some of these configs use (GPT-2 style n_embd, OPT's ffn_dim)
     common = dict(TINY, head_dim=8, n_embd=32, n_layer=2, n_head=4, n_positions=64, ffn_dim=48)
-    known = tf.AutoConfig.for_model(model_type)
-    cfg = tf.AutoConfig.for_model(model_type, **{**{k: v for k, v in common.items() if hasattr(known, k)}, **extra})
+    known = config_for(model_type)
+    cfg = config_for(model_type, **{**{k: v for k, v in common.items() if hasattr(known, k)}, **extra})
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     linears = {n for n, _ in molf.layer._match_targets(model, "all-linear")}
@@ -196,6 +196,11 @@ def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     randomize_lora_B(model)
     model(ids, labels=ids).loss.backward()
     assert not [n for n, m in molf.layer.molf_layers(model) if any(p.grad is None for p in (*m.lora_A, *m.lora_B))]
+
+
+def test_an_architecture_this_transformers_lacks_is_a_skip_with_the_reason():
+    with pytest.raises(pytest.skip.Exception, match=r"transformers .* has no model type 'no_such_model'"):
+        config_for("no_such_model")
 
 
 def test_target_forms_suffix_regex_and_unmatched_names():
@@ -390,11 +395,11 @@ def test_tied_bases_zamba2_molf_e_trains_and_reloads_exactly_and_molf_is_refused
     missing names). MoLF, whose full expert would be two layers' (its moments advanced twice a step, seen), is
     refused by MoLFAdamW."""
     import transformers as tf
-    cfg = tf.AutoConfig.for_model("zamba2", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=4, vocab_size=64, mamba_d_state=8, mamba_headdim=8,
-                                  n_mamba_heads=8, intermediate_size=48, hybrid_layer_ids=[1, 3],
-                                  layer_types=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1,
-                                  attention_head_dim=16, use_shared_attention_adapter=False)
+    cfg = config_for("zamba2", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=64, mamba_d_state=8, mamba_headdim=8,
+                     n_mamba_heads=8, intermediate_size=48, hybrid_layer_ids=[1, 3],
+                     layer_types=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1,
+                     attention_head_dim=16, use_shared_attention_adapter=False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     q = lambda m, i: m.model.layers[i].shared_transformer.self_attn.q_proj  # noqa: E731
     torch.manual_seed(0)
