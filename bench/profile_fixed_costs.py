@@ -104,9 +104,13 @@ def main():
                    layer_case(module, (16, 128), backend, M), a.calls, a.rows)
     case = layer_case("k_proj", (16, 128), "triton", M)
     python_profile(f"layer fwd+bwd k_proj r(16,128) M={M} backend=triton", case, a.calls, a.rows)
+    before = os.environ.get("MOLF_TMA")
     os.environ["MOLF_TMA"] = "0"  # read at each call: the pointer kernels, without descriptors
     report(f"layer fwd+bwd k_proj r(16,128) M={M} backend=triton MOLF_TMA=0", case, a.calls, a.rows)
-    del os.environ["MOLF_TMA"]
+    if before is None:
+        del os.environ["MOLF_TMA"]
+    else:
+        os.environ["MOLF_TMA"] = before
     for setting in ("molf-e", "molf"):
         report(f"optimizer step {setting}", optim_case(setting), a.calls, a.rows)
 
