@@ -210,6 +210,71 @@ def is_molf_checkpoint(path) -> bool:
     return os.path.isfile(os.path.join(path, MOLF_CONFIG)) and os.path.isfile(os.path.join(path, MOLF_WEIGHTS))
 
 
+EXPERT_KEY = re.compile(r"(.+)\.lora_A\.(\d+)$")
+
+
+def _weight_shapes(path) -> dict[str, tuple[str, list[int]]]:
+    """{key: (file, shape)} of a transformers checkpoint folder's safetensors weights (one file, or the shards
+    its index names), read from the headers only; {} where it has none."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"] if os.path.isfile(os.path.join(path, "model.safetensors")) else []
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), "pt") as f:
+            shapes.update({k: (name, list(f.get_slice(k).get_shape())) for k in f.keys()})
+    return shapes
+
+
+def wrapped_layout_ranks(path) -> dict[str, tuple[int, ...]]:
+    """{layer: ranks} when `path` holds a wrapped model's own state_dict, as `model.save_pretrained` or
+    transformers' Trainer write it for a wrapped model (`<layer>.base.weight`, `<layer>.lora_A.<i>`: a layout
+    that plain `from_pretrained` loads as random layers); {} otherwise. The ranks are read from the shapes."""
+    if not os.path.isdir(path) or is_molf_checkpoint(path):
+        return {}
+    experts: dict[str, dict[int, int]] = {}
+    for key, (_, shape) in _weight_shapes(path).items():
+        hit = EXPERT_KEY.fullmatch(key)
+        if hit and len(shape) == 2:
+            experts.setdefault(hit.group(1), {})[int(hit.group(2))] = shape[0]
+    return {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
+
+
+def _load_wrapped_layout(model: nn.Module, path, ranks: dict[str, tuple[int, ...]]) -> None:
+    """Load a wrapped-layout transformers checkpoint (see wrapped_layout_ranks) into `model`, wrapped alike:
+    every key and shape checked before anything is copied; tied parameters transformers saved once; a quantized
+    base's weights are the loaded base's (only the float tensors are read, as for molf's own checkpoints)."""
+    from safetensors.torch import load_file
+
+    mine = dict(molf_layers(model))
+    differ = {n: (r, tuple(mine[n].ranks) if n in mine else None) for n, r in sorted(ranks.items())
+              if n not in mine or tuple(mine[n].ranks) != r}
+    if differ:
+        name, (saved, have) = next(iter(differ.items()))
+        raise ValueError(f"the checkpoint in {path} was saved from a model wrapped otherwise ({len(differ)} layers "
+                         f"differ): {name} has ranks {saved} there, " +
+                         ("is not a MoLF layer here" if have is None else f"ranks {have} here") +
+                         "; wrap the model with the ranks it was trained with")
+    shapes, state = _weight_shapes(path), model.state_dict()
+    wanted = float_state_dict(model)  # every key but a quantized base's own
+    tied = _tied_parameters(model)
+    missing = [k for k in wanted if k not in shapes and tied.get(k) not in shapes]
+    unexpected = [k for k in shapes if k not in state]
+    bad = [f"{k}: {shapes[k][1]} there, {list(state[k].shape)} here" for k in wanted
+           if k in shapes and shapes[k][1] != list(state[k].shape)]
+    if missing or unexpected or bad:
+        raise ValueError(f"the checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}, shapes {bad[:3]}; nothing was loaded")
+    for name in sorted({file for file, _ in shapes.values()}):  # one shard in memory at a time
+        part = {k: v for k, v in load_file(os.path.join(path, name)).items() if k in wanted}
+        model.load_state_dict(part, strict=False)
+
+
 def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
     """Wrap `model` (the plain model) as `config` (a molf_config.json) describes, in place."""
     from .layer import _set_child, refuse_offloaded
@@ -236,13 +301,19 @@ def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
 
 def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     """Load molf's exact state from a checkpoint folder (or Hub repo id; `hub`: revision, token, cache_dir,
-    ...) into `model`, already wrapped the same way."""
+    ...) into `model`, already wrapped the same way. Also a folder that `model.save_pretrained` or transformers'
+    Trainer wrote for a wrapped model (the wrapped layout): its ranks are checked by shape, but transformers
+    records no alphas, rslora nor which parameters trained: wrap with those of the training run."""
     from safetensors.torch import load_model
 
     path = _local_folder(path, **hub)
+    inner = unwrap_model(model)
+    ranks = wrapped_layout_ranks(path)
+    if ranks:
+        _load_wrapped_layout(inner, path, ranks)
+        return model
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
-    inner = unwrap_model(model)
     config = _config(path)
     _check_scalings(inner, config, path)
     if config.get("quantized_base"):
@@ -310,6 +381,17 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
     import transformers
 
     path = _local_folder(path, **kwargs)
+    ranks = wrapped_layout_ranks(path)
+    if ranks:
+        found = sorted(set(ranks.values()))
+        found = found[0] if len(found) == 1 else found
+        raise ValueError(f"{path} holds a wrapped model as model.save_pretrained (or transformers' Trainer) wrote "
+                         f"it, not a molf checkpoint: {len(ranks)} MoLF layers (ranks {found}), "
+                         "without the alphas, rslora or frozen parameters molf.from_pretrained needs (and plain "
+                         "from_pretrained would leave those layers random). Load it as: model = "
+                         "AutoModelForCausalLM.from_pretrained(<the base model>); molf.wrap(model, <as in training>); "
+                         f"molf.load(model, {str(path)!r}); then molf.save_pretrained(model, <folder>) for a plain "
+                         "merged checkpoint")
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS}); a plain model "
                          "loads with AutoModelForCausalLM.from_pretrained")

@@ -9,6 +9,7 @@ import torch
 
 import molf
 from helpers import Rows, assert_close, tiny_qwen2
+from molf.layer import molf_layers
 
 pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
@@ -92,7 +93,8 @@ def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
     assert losses[-1] < losses[0]
     opt = full.molf_optimizer
     assert isinstance(opt, molf.MoLFAdamW) and opt.molf_step == 6
-    assert opt.param_groups[next(i for i, g in enumerate(opt.param_groups) if g["kind"] == "lora")]["weight_decay"] == 0.01
+    lora = next(g for g in opt.param_groups if g["kind"] == "lora")
+    assert lora["weight_decay"] == 0.01
     records = [json.loads(line) for line in (tmp_path / "full" / "molf_routing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert list(records[-1]["selections"]) == opt.layer_names
@@ -140,6 +142,51 @@ def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
     assert steps == [1, 2, 3, 4]
     for (n, p), q in zip(full.model.named_parameters(), part.model.parameters()):
         assert torch.equal(p, q), n
+    # Its save_model (the wrapped layout) comes back through molf.load into a model wrapped alike; from there
+    # molf.save_pretrained writes the merged checkpoint plain transformers loads. molf.from_pretrained says how.
+    from transformers import AutoModelForCausalLM
+    full.save_model(str(tmp_path / "final"))
+    with pytest.raises(ValueError, match=r"holds a wrapped model as model.save_pretrained \(or transformers' Trainer\) "
+                                         r"wrote it, not a molf checkpoint: 14 MoLF layers \(ranks \(2, 8\)\).*"
+                                         r"molf.wrap\(model, <as in training>\); molf.load\(model, "):
+        molf.from_pretrained(tmp_path / "final")
+    back = molf.load(molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16), train_base=False), tmp_path / "final")
+    for (n, p), q in zip(full.model.named_parameters(), back.parameters()):
+        assert torch.equal(p, q), n
+    molf.save_pretrained(back, tmp_path / "merged")
+    ids = Rows().ids[:2]
+    with torch.no_grad():
+        assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits,
+                     full.model.eval()(ids).logits, 1e-5)
+
+
+def test_molf_load_of_the_wrapped_layout_checks_everything_before_it_copies(tmp_path):
+    """model.save_pretrained on a wrapped model (sharded, tied embeddings saved once): molf.load takes it into a
+    model wrapped with the same ranks, bitwise; other ranks, other targets, an unwrapped model or a checkpoint
+    of another size are ValueErrors that leave the model as it was."""
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), backend="eager")
+    for _, m in molf_layers(model):
+        for b in m.lora_B:
+            torch.nn.init.normal_(b)
+    model.save_pretrained(tmp_path / "wl", max_shard_size="20KB")
+    assert len(json.loads((tmp_path / "wl" / "model.safetensors.index.json").read_text())["weight_map"]) == \
+        len(model.state_dict()) - 1  # lm_head.weight is the embedding's, saved once
+    back = molf.load(molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16)), tmp_path / "wl")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    for (n, p), q in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(p, q), n
+    cases = {"ranks": (molf.wrap(tiny_qwen2(seed=1), ranks=(2, 4), alphas=(8, 16)),
+                       r"\(14 layers differ\).* has ranks \(2, 8\) there, ranks \(2, 4\) here"),
+             "targets": (molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16), target_modules=["q_proj"]),
+                         r"\(12 layers differ\).*is not a MoLF layer here"),
+             "unwrapped": (tiny_qwen2(seed=1), r"\(14 layers differ\)"),
+             "width": (molf.wrap(tiny_qwen2(seed=1, inter=40), ranks=(2, 8), alphas=(8, 16)),
+                       r"shapes \['model.layers.0.mlp")}
+    for case, (other, match) in cases.items():
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            molf.load(other, tmp_path / "wl")
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items()), case
 
 
 @pytest.mark.parametrize("history_size, logging_steps, flushes", [(3, 8, 4), (10000, 0.25, 5), (0, 1, 9)])

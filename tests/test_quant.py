@@ -256,6 +256,22 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
         molf.load(plain, tmp_path / "ckpt")
 
 
+def test_model_save_pretrained_of_a_wrapped_quantized_model_comes_back_through_molf_load(tmp_path):
+    """The wrapped layout transformers writes for a wrapped quantized model (the quantized base's weights and
+    quantization state under base.): molf.load takes the float tensors into a freshly loaded and wrapped
+    quantized model, which then computes the same logits bitwise."""
+    model = quantized_qwen2(tmp_path)
+    molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    ids = batch().to(DEVICE)
+    train(model, molf.MoLFAdamW(model, lr=1e-2), ids, 3)
+    model.save_pretrained(tmp_path / "wl")
+    fresh = quantized_qwen2(tmp_path)
+    molf.wrap(fresh, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    assert not torch.equal(fresh(ids).logits, model(ids).logits)
+    molf.load(fresh, tmp_path / "wl")
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def test_checkpoint_of_a_quantized_model_with_a_bias_trained_by_hand(tmp_path):
     """A base bias unfrozen by hand trains as the full expert: the LoRA adapter cannot hold it, so none is
     written (a warning says so) and molf's state restores the model exactly."""
