@@ -20,7 +20,8 @@ from .kernels._env import column_scales
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _check_experts(ranks: Sequence[int], alphas: Sequence[float], dropout: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _check_experts(ranks: Sequence[int], alphas: Sequence[float],
+                   dropout: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
     if isinstance(ranks, (int, str)) or not isinstance(ranks, Iterable):
         raise TypeError(f"ranks must be a sequence of ints (one per LoRA expert), got {ranks!r}")
     if isinstance(alphas, (int, float, str)) or not isinstance(alphas, Iterable):
@@ -64,7 +65,10 @@ def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, 
         u = nn.functional.linear(xd, a_cat) * s_cols
     lead = y.shape[:-1]
     m = lead.numel()  # not -1: ambiguous when a dimension is 0
-    y2 = torch.addmm(y.reshape(m, y.shape[-1]), u.reshape(m, u.shape[-1]).to(y.dtype), b_cat.t().to(y.dtype))
+    u2, b_t = u.reshape(m, u.shape[-1]), b_cat.t()
+    u2 = u2 if u2.dtype == y.dtype else u2.to(y.dtype)  # a quantized base's y is in x's dtype, the experts in
+    b_t = b_t if b_t.dtype == y.dtype else b_t.to(y.dtype)  # theirs (the checks skip .to's dispatch per call)
+    y2 = torch.addmm(y.reshape(m, y.shape[-1]), u2, b_t)
     return y2.view(*lead, y.shape[-1])
 
 
@@ -143,7 +147,15 @@ class MoLFLinear(nn.Module):
     @property
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the layer computes in: its base weight's, or its experts' over a quantized base."""
-        return self.lora_A[0].dtype if self.quantized else self.base.weight.dtype
+        return self._experts()[0][0].dtype if self.quantized else self.base.weight.dtype
+
+    def _experts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([A_i], [B_i]), read once per call from the ParameterLists' own dicts: indexing a ParameterList costs
+        a few microseconds of Python per element, the largest share of the layer's host work at small shapes."""
+        a, b = self.lora_A._parameters, self.lora_B._parameters
+        if len(a) == len(b) == len(self.ranks):
+            return list(a.values()), list(b.values())
+        return list(self.lora_A), list(self.lora_B)  # a parametrized entry lives outside the dict
 
     @property
     def expert_names(self) -> list[str]:
@@ -156,7 +168,8 @@ class MoLFLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, experts, want: torch.dtype) -> None:
+        """TypeError/ValueError for an input the layer cannot take; want: the compute dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -168,8 +181,7 @@ class MoLFLinear(nn.Module):
         w = self.base.weight
         if torch.is_autocast_enabled(x.device.type):
             return  # every product runs in the autocast dtype
-        want = self._compute_dtype
-        odd = next((p for p in (*self.lora_A, *self.lora_B) if p.dtype != want), None)
+        odd = next((p for p in (*experts[0], *experts[1]) if p.dtype != want), None)
         if odd is not None:
             raise TypeError(f"the layer's LoRA experts are {odd.dtype} but its "
                             f"{'first expert' if self.quantized else 'base weight'} is {want}: a MoLF layer computes "
@@ -179,46 +191,49 @@ class MoLFLinear(nn.Module):
                             "cast the input or run under torch.autocast")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        experts = self._experts()
+        want = experts[0][0].dtype if self.quantized else self.base.weight.dtype  # the compute dtype
+        self._check_input(x, experts, want)
         if not self.experts_enabled:
             return self.base(x)
         impl = "chain"
-        if _backend.resolve(self.backend, x.device, (x.dtype, self._compute_dtype)) == "triton":
+        if _backend.resolve(self.backend, x.device, (x.dtype, want)) == "triton":
             impl = "fused" if self.backend == "triton" else _plan.PLANNER.choose(self, x, self._forward_by)
-        return self._forward_by(impl, x)
+        return self._forward_by(impl, x, experts)
 
-    def _forward_by(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+    def _forward_by(self, impl: str, x: torch.Tensor, experts=None) -> torch.Tensor:
         """The layer by implementation: "fused" (the Triton kernels) or "chain" (torch ops, cuBLAS on a GPU)."""
         seed = dropout_seed(x.device) if self.training and self.dropout > 0 else None
+        lora_A, lora_B = experts or self._experts()
         if self.quantized:
-            return self._quantized_forward_by(impl, x, seed)
+            return self._quantized_forward_by(impl, x, seed, lora_A, lora_B)
+        base = self.base
         if impl == "fused":
             from .kernels import molf_linear as _fused  # imported on first use: triton stays optional
-            return _fused.molf_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                                      self.scalings, seed, self.dropout,
+            return _fused.molf_linear(x, base.weight, base.bias, lora_A, lora_B, self.scalings, seed, self.dropout,
                                       s_cols=self._column_scales(x.device, torch.float32))
         mask = None if seed is None else self._keep_mask(seed, x)
-        s_cols = self._column_scales(x.device, self.lora_A[0].dtype) if len(self.ranks) > 1 else None
-        return lowrank_linear(x, self.base.weight, self.base.bias, list(self.lora_A), list(self.lora_B),
-                              self.scalings, mask, self.dropout, s_cols=s_cols)
+        s_cols = self._column_scales(x.device, lora_A[0].dtype) if len(self.ranks) > 1 else None
+        return lowrank_linear(x, base.weight, base.bias, lora_A, lora_B, self.scalings, mask, self.dropout,
+                              s_cols=s_cols)
 
-    def _quantized_forward_by(self, impl: str, x: torch.Tensor, seed) -> torch.Tensor:
+    def _quantized_forward_by(self, impl: str, x: torch.Tensor, seed, lora_A, lora_B) -> torch.Tensor:
         """A quantized base: the low-rank term in the LoRA dtype, the output in x's dtype (as bitsandbytes
         and peft). "chain": the base through bitsandbytes' own layer. "fused": the base dequantized into a
         transient buffer for the forward GEMM, and again in backward for dx (recomputed, never saved)."""
-        dtype = self.lora_A[0].dtype
+        dtype = lora_A[0].dtype
         xc = x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
         if impl == "fused":
             from .kernels import molf_linear as _fused
             bias = self.base.bias
-            y = _fused.molf_linear(xc, None, None if bias is None else bias.to(dtype), list(self.lora_A),
-                                   list(self.lora_B), self.scalings, seed, self.dropout,
+            y = _fused.molf_linear(xc, None, None if bias is None else bias.to(dtype), lora_A, lora_B,
+                                   self.scalings, seed, self.dropout,
                                    s_cols=self._column_scales(x.device, torch.float32),
                                    weight_fn=lambda dt: quant.dequantize(self.base, dt))
             return y.to(x.dtype)
         mask = None if seed is None else self._keep_mask(seed, xc)
         s_cols = self._column_scales(x.device, dtype) if len(self.ranks) > 1 else None
-        return lowrank_linear(xc, None, None, list(self.lora_A), list(self.lora_B), self.scalings, mask,
+        return lowrank_linear(xc, None, None, lora_A, lora_B, self.scalings, mask,
                               self.dropout, s_cols=s_cols, base_out=self.base(x))
 
     def _keep_mask(self, seed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
