@@ -53,23 +53,27 @@ def lowrank_linear(x, weight, bias, lora_A, lora_B, scalings, mask=None, p=0.0, 
     (against the reference's scaled product and sum per expert: two M x N passes fewer each).
     s_cols: `column_scales` in the LoRA dtype (built here when None). base_out: x W^T + b computed by the
     caller (a quantized base's own layer), else F.linear."""
+    lead = x.shape[:-1]
+    m = lead.numel()  # not -1: ambiguous when a dimension is 0
+    if x.dim() != 2:  # one 2-D view in, one out (each view is an autograd node: host time at small shapes)
+        x = x.reshape(m, x.shape[-1])
+        mask = None if mask is None else mask.reshape(x.shape)
+        base_out = None if base_out is None else base_out.reshape(m, base_out.shape[-1])
     y = nn.functional.linear(x, weight, bias) if base_out is None else base_out
     xd = x if mask is None else x * mask / (1.0 - p)
     if len(lora_A) == 1:
         a_cat, b_cat = lora_A[0], lora_B[0]
         u = nn.functional.linear(xd, a_cat) * scalings[0]
     else:
-        a_cat, b_cat = torch.cat(list(lora_A), 0), torch.cat(list(lora_B), 1)
+        a_cat, b_cat = torch.cat(lora_A, 0), torch.cat(lora_B, 1)
         if s_cols is None:
             s_cols = column_scales([a.shape[0] for a in lora_A], scalings, a_cat.device, a_cat.dtype)
         u = nn.functional.linear(xd, a_cat) * s_cols
-    lead = y.shape[:-1]
-    m = lead.numel()  # not -1: ambiguous when a dimension is 0
-    u2, b_t = u.reshape(m, u.shape[-1]), b_cat.t()
-    u2 = u2 if u2.dtype == y.dtype else u2.to(y.dtype)  # a quantized base's y is in x's dtype, the experts in
+    b_t = b_cat.t()
+    u = u if u.dtype == y.dtype else u.to(y.dtype)  # a quantized base's y is in x's dtype, the experts in
     b_t = b_t if b_t.dtype == y.dtype else b_t.to(y.dtype)  # theirs (the checks skip .to's dispatch per call)
-    y2 = torch.addmm(y.reshape(m, y.shape[-1]), u2, b_t)
-    return y2.view(*lead, y.shape[-1])
+    y = torch.addmm(y, u, b_t)
+    return y if len(lead) == 1 else y.view(*lead, y.shape[-1])
 
 
 META_EXPERTS = ("the LoRA experts are created on the meta device, so they hold no values: after model.to_empty(...) "

@@ -72,10 +72,11 @@ def test_frozen_base_gets_no_grad_and_names():
     assert make_layer(6, 4, (3,), True).expert_names == ["full", "lora_r3"]
 
 
-def test_dropout_only_on_lora_path_and_reproducible():
+@pytest.mark.parametrize("lead", [(10,), (2, 5)])
+def test_dropout_only_on_lora_path_and_reproducible(lead):
     layer = molf.MoLFLinear(nn.Linear(16, 8, dtype=torch.float64), ranks=(4,), alphas=(8,), dropout=0.5,
                             backend="eager").train()
-    x = torch.randn(10, 16, dtype=torch.float64)
+    x = torch.randn(*lead, 16, dtype=torch.float64)
     with torch.no_grad():
         layer.lora_B[0].normal_()
     torch.manual_seed(3)
