@@ -85,7 +85,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         _warn_fp16_moments(layout, state_dtype, eps)
         devices = {p.device for per in layout.experts for ps in per for p in ps}
         if len(devices) > 1:
-            raise ValueError(f"MoLF layers must live on one device, found {sorted(map(str, devices))}")
+            where = {}
+            for name, per in zip(layout.layer_names, layout.experts):
+                first = next((p for ps in per for p in ps), None)  # None: the layer frozen whole
+                if first is not None:
+                    where.setdefault(str(first.device), name)
+            raise ValueError(
+                f"MoLF layers must live on one device, found {len(devices)}: " +
+                ", ".join(f"{d} (e.g. {n})" for d, n in sorted(where.items())) + ". A model split over GPUs by "
+                "device_map='auto' is not supported: load it on one GPU (device_map='cuda:0', or a quantized base "
+                "for MoLF-E), or train on several GPUs with DDP or FSDP2 (README, 'Beyond one GPU')")
         super().__init__(layout.groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._groups_fixed = True  # see add_param_group
         self.layout, self.score, self.top_k, self.backend = layout, score, top_k, backend

@@ -222,6 +222,20 @@ def test_add_param_group_raises(cls):
     assert len(opt.param_groups) == n
 
 
+def test_molf_layers_on_several_devices_are_refused_naming_them():
+    """A model split over devices (device_map="auto" over GPUs; here the CPU and the meta device, the only two
+    a CPU machine has): MoLFAdamW names a layer on each and the ways that are supported."""
+    model = tiny_qwen2(layers=3)
+    model.model.layers[2].to("meta")
+    molf.wrap(model, ranks=(2,), alphas=(4,))
+    model.model.layers[0].requires_grad_(False)  # a layer frozen whole names no device
+    with pytest.raises(ValueError, match=r"MoLF layers must live on one device, found 2: cpu \(e.g. "
+                                         r"model.layers.1.self_attn.q_proj\), meta \(e.g. model.layers.2.self_attn"
+                                         r".q_proj\)\. A model split over GPUs by device_map='auto' is not "
+                                         r"supported: load it on one GPU .* DDP or FSDP2"):
+        molf.MoLFAdamW(model, lr=1e-3)
+
+
 # -- 5. parameters replaced after the optimizer was built --
 
 @pytest.mark.parametrize("backend", BACKENDS)
