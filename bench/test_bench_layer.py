@@ -64,7 +64,9 @@ def test_layer(measure, case, ranks, mode, impl):
         "cublas_chain": lambda: cublas_chain(x, lin.weight, lin.bias, As, Bs, layer.scalings),
         "base": lambda: F.linear(x, lin.weight, lin.bias),
     }[impl]
-    if mode == "layer_fwd":
+    if mode == "layer_fwd":  # inference: eval mode without gradients (molf's planner times the forward alone)
+        layer.eval()
+
         def fn():
             with torch.no_grad():
                 return fwd()

@@ -4,7 +4,10 @@ The chain is F.linear + the skinny low-rank GEMM + one addmm (molf.layer.lowrank
 the fused path is kernels/molf_linear.py. For each layer shape (device, N, K, ranks, dtype, bias, dropout,
 whether the base trains) seen by a layer with backend="auto", both are timed once, forward + backward, at
 the token counts PROBE_M; a call with M tokens takes the choice of the nearest probe (log scale). So molf
-is never slower than the unfused path at the probes, by construction.
+is never slower than the unfused path at the probes, by construction. A layer in eval mode called without
+gradients (evaluation, generation) is planned apart, on the forward alone; a training-mode call without
+gradients (reentrant activation checkpointing's first pass) keeps the forward + backward plan, so that the
+recomputation runs the same implementation.
 
 - MOLF_LAYER_IMPL=fused|chain pins the choice (nothing is measured); "auto" (the default) measures.
 - MOLF_CACHE_DIR: choices are read from and written to `<dir>/layer_plans.json`, keyed by the GPU's name
@@ -98,7 +101,8 @@ def shape_of(layer, x: torch.Tensor) -> dict:
     dtype = autocast_dtype(x.device.type) or x.dtype
     return dict(device=str(x.device), n=layer.out_features, k=layer.in_features, ranks=list(layer.ranks),
                 dtype=str(dtype).replace("torch.", ""), bias=layer.base.bias is not None,
-                dropout=bool(layer.training and layer.dropout > 0), train_base=bool(layer.base.weight.requires_grad))
+                dropout=bool(layer.training and layer.dropout > 0), train_base=bool(layer.base.weight.requires_grad),
+                forward_only=not layer.training and not torch.is_grad_enabled())
 
 
 def _shape_str(shape: dict) -> str:
@@ -122,7 +126,7 @@ class LayerPlanner:
             return pin
         # Per layer, the plan is found by a tuple lookup: no per-call key building for a 196-layer model.
         fast = (x.device, x.dtype, torch.is_autocast_enabled(x.device.type), layer.training,
-                layer.base.weight.requires_grad)
+                layer.base.weight.requires_grad, torch.is_grad_enabled())
         mine = self._by_layer.setdefault(layer, {})
         plan = mine.get(fast)
         if plan is None:
@@ -162,6 +166,9 @@ class LayerPlanner:
                 upstream = {}  # the output gradient per output dtype (under autocast y's dtype is not x's)
 
                 def once(impl, xs=xs, upstream=upstream):
+                    if shape["forward_only"]:
+                        with torch.no_grad():
+                            return run(impl, xs)
                     y = run(impl, xs)
                     if y.dtype not in upstream:
                         upstream[y.dtype] = torch.randn(y.shape, device=y.device, dtype=y.dtype)
@@ -230,6 +237,7 @@ PLANNER = LayerPlanner()
 
 def layer_plan() -> list[dict]:
     """Every layer-shape decision of this process: one row per (shape, probe M) with the implementation
-    chosen, the measured fused and chain times (ms, forward + backward) and the source (measured, a cache
+    chosen, the measured fused and chain times (ms, forward + backward; the forward alone where the shape's
+    forward_only is True: eval mode without gradients) and the source (measured, a cache
     file, or broadcast from rank 0). MOLF_LAYER_IMPL pins bypass it (no rows)."""
     return PLANNER.rows()

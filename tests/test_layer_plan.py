@@ -186,3 +186,32 @@ def test_measurement_runs_both_implementations_under_autocast(planner, monkeypat
     assert y.dtype == torch.float16 and ran == [("fused", 16), ("chain", 16), ("fused", 64), ("chain", 64)]
     assert all(p.grad is None for p in lin.parameters())
     assert molf.layer_plan()[0]["dtype"] == "float16"
+
+
+def test_eval_mode_without_gradients_is_planned_on_the_forward_alone(planner, monkeypatch):
+    """Evaluation and generation (eval mode, no gradients) get a plan of their own, timed on the forward alone;
+    a training-mode call without gradients (reentrant checkpointing's first pass) keeps the forward + backward
+    plan, so its recomputation runs the same implementation."""
+    def calling_timer(fn, *, impl, m):
+        fn()
+        return 1.0 if impl == "fused" else 2.0
+    backwards = []  # the measurement's backward passes (torch.autograd.grad calls)
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backwards.append(1) or real_grad(*a, **k))
+    monkeypatch.setattr(_plan, "PROBE_M", (16,))
+    monkeypatch.setattr(_plan, "_PROBE_UPPER", [])
+    monkeypatch.setattr(_plan, "_PROBE_KEY", {16: "16"})
+    planner.timer = calling_timer
+    lin = layer()
+    x = torch.randn(5, 12, device=DEVICE)
+    with torch.no_grad():
+        lin(x)  # training mode: the forward + backward plan
+    assert planner.measurements == 2 and len(backwards) == 2
+    lin.eval()
+    with torch.no_grad():
+        y = lin(x)  # eval mode, no gradients: a plan of its own, forward only
+    assert planner.measurements == 4 and len(backwards) == 2
+    assert_close(y, expected(lin, x), 1e-5, "eval forward")
+    lin(x)  # eval mode with gradients (no dropout): the same shape as the first, its plan
+    assert planner.measurements == 4 and len(backwards) == 2
+    assert [r["forward_only"] for r in molf.layer_plan()] == [False, True]
