@@ -389,7 +389,8 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
                          f"it, not a molf checkpoint: {len(ranks)} MoLF layers (ranks {found}), "
                          "without the alphas, rslora or frozen parameters molf.from_pretrained needs (and plain "
                          "from_pretrained would leave those layers random). Load it as: model = "
-                         "AutoModelForCausalLM.from_pretrained(<the base model>); molf.wrap(model, <as in training>); "
+                         "AutoModelForCausalLM.from_pretrained(<the base model, or this folder: molf.load fills the "
+                         "layers it leaves random>); molf.wrap(model, <as in training>); "
                          f"molf.load(model, {str(path)!r}); then molf.save_pretrained(model, <folder>) for a plain "
                          "merged checkpoint")
     if not is_molf_checkpoint(path):

@@ -171,10 +171,13 @@ def test_molf_load_of_the_wrapped_layout_checks_everything_before_it_copies(tmp_
     model.save_pretrained(tmp_path / "wl", max_shard_size="20KB")
     assert len(json.loads((tmp_path / "wl" / "model.safetensors.index.json").read_text())["weight_map"]) == \
         len(model.state_dict()) - 1  # lm_head.weight is the embedding's, saved once
-    back = molf.load(molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16)), tmp_path / "wl")
-    assert back.lm_head.weight is back.model.embed_tokens.weight
-    for (n, p), q in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(p, q), n
+    from transformers import AutoModelForCausalLM
+    own = AutoModelForCausalLM.from_pretrained(tmp_path / "wl")  # the folder's own model: its MoLF layers random
+    for base in (tiny_qwen2(seed=1), own):
+        back = molf.load(molf.wrap(base, ranks=(2, 8), alphas=(8, 16)), tmp_path / "wl")
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+        for (n, p), q in zip(model.state_dict().items(), back.state_dict().values()):
+            assert torch.equal(p, q), n
     cases = {"ranks": (molf.wrap(tiny_qwen2(seed=1), ranks=(2, 4), alphas=(8, 16)),
                        r"\(14 layers differ\).* has ranks \(2, 8\) there, ranks \(2, 4\) here"),
              "targets": (molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16), target_modules=["q_proj"]),
