@@ -1,6 +1,7 @@
 """Compile every Triton kernel of molf for a real GPU target (no GPU needed): run as a script, without
 TRITON_INTERPRET. Catches what the interpreter cannot: type errors and unsupported ops in the CUDA backend.
-Prints one line per compiled variant; exits non-zero on the first failure."""
+Prints one line per compiled variant; exits non-zero on the first failure. Also checks that the generic product,
+specialised as the launcher does it, keeps its software pipelining (its shared memory holds every stage)."""
 import os
 import sys
 
@@ -91,9 +92,55 @@ def variants():
         dict(BLOCK=128), {}
 
 
+def specialised(fn, values, constexprs):
+    """The kernel as Triton's launcher specialises it for these arguments: ints equal to 1 become constants,
+    other ints and the pointers (strings: their type) are marked divisible by 16 where they are."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(raw(fn).arg_names):
+        v = values.get(name)
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif isinstance(v, str):
+            sig[name], attrs[(i,)] = v, [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=raw(fn), signature=sig, constexprs=consts, attrs=attrs)
+
+
+def pipelined_variants():
+    """(name, source, options, minimal shared memory): the generic product at Qwen2.5-1.5B q_proj shapes (M 8192,
+    K = N = 1536, R = 128, bf16) in the config MOLF_AUTOTUNE=0 keeps, as launched. Software pipelining keeps
+    num_stages tiles of A and B in shared memory; a change that defeats it (a load cp.async cannot take)
+    leaves one, and the kernel waits on every load."""
+    M, K, N, R = 8192, 1536, 1536, 128
+    c = L._configs()[3]
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    need = c.num_stages * (bm * bk + bk * bn) * 2
+    common = dict(a1="*bf16", b1="*bf16", a2="*bf16", b2="*bf16", c="*bf16", seed_ptr="*i64", bias="*bf16",
+                  colscale="*fp32", k_split=K, s_a2m=0, s_a2r=0, s_b2r=0, s_b2n=0, s_cs=0, p_drop=0.0, inv_keep=1.0)
+    flags = dict(HAS_SECOND=False, DROP=0, HAS_BIAS=False, IEEE=False, SPLIT_K=False, **c.kwargs)
+    u = dict(common, M=M, M_BUCKET=M, N=R, K=K, R=0, s_a1m=K, s_a1k=1, s_b1k=1, s_b1n=K, s_cm=R, s_cn=1)
+    dw = dict(common, M=N, M_BUCKET=N, N=K, K=M, R=0, s_a1m=1, s_a1k=N, s_b1k=K, s_b1n=1, s_cm=K, s_cn=1)
+    opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+    yield "_mm2 u = x A^T", specialised(L._mm2_kernel, u, dict(flags, HAS_SCALE=True)), opts, need
+    yield "_mm2 dW = g^T x", specialised(L._mm2_kernel, dw, dict(flags, HAS_SCALE=False)), opts, need
+
+
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     target = GPUTarget("cuda", arch, 32)
     for name, fn, sig, cx, opts in variants():
         k = compile_one(fn, sig, cx, target, **opts)
         print(f"ok sm_{arch} {name}: {len(k.asm['ptx'])} chars of PTX")
+    for name, src, opts, need in pipelined_variants():
+        k = triton.compile(src, target=target, options=opts)
+        if k.metadata.shared < need:
+            sys.exit(f"{name}: {k.metadata.shared} bytes of shared memory, {need} for {opts['num_stages']} "
+                     "pipeline stages: the loads are not software-pipelined")
+        print(f"pipelined sm_{arch} {name}: {k.metadata.shared} bytes of shared memory")

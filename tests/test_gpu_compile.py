@@ -19,3 +19,4 @@ def test_all_kernels_compile_for_sm90(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     compiled = [ln for ln in r.stdout.splitlines() if ln.startswith("ok sm_90")]
     assert len(compiled) == 47, r.stdout
+    assert sum(ln.startswith("pipelined sm_90") for ln in r.stdout.splitlines()) == 2, r.stdout
