@@ -213,21 +213,40 @@ def is_molf_checkpoint(path) -> bool:
 EXPERT_KEY = re.compile(r"(.+)\.lora_A\.(\d+)$")
 
 
+def _weight_files(path) -> list[str]:
+    """A transformers checkpoint folder's weight files: safetensors (one file, or the shards its index names),
+    else PyTorch pickles (`pytorch_model.bin`, as transformers 4 writes with save_safetensors=False)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return sorted(set(json.load(f).get("weight_map", {}).values()))
+        if os.path.isfile(os.path.join(path, single)):
+            return [single]
+    return []
+
+
+def _read_weights(file: str) -> dict[str, torch.Tensor]:
+    """One weight file's tensors on the CPU (a pickle memory-mapped: only what is used is read)."""
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
 def _weight_shapes(path) -> dict[str, tuple[str, list[int]]]:
-    """{key: (file, shape)} of a transformers checkpoint folder's safetensors weights (one file, or the shards
-    its index names), read from the headers only; {} where it has none."""
+    """{key: (file, shape)} of a transformers checkpoint folder's weights, from the safetensors headers (or the
+    memory-mapped pickles); {} where it has none."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f).get("weight_map", {}).values()))
-    else:
-        files = ["model.safetensors"] if os.path.isfile(os.path.join(path, "model.safetensors")) else []
     shapes = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), "pt") as f:
-            shapes.update({k: (name, list(f.get_slice(k).get_shape())) for k in f.keys()})
+    for name in _weight_files(path):
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, "pt") as f:
+                shapes.update({k: (name, list(f.get_slice(k).get_shape())) for k in f.keys()})
+        else:
+            shapes.update({k: (name, list(v.shape)) for k, v in _read_weights(file).items()})
     return shapes
 
 
@@ -237,8 +256,12 @@ def wrapped_layout_ranks(path) -> dict[str, tuple[int, ...]]:
     that plain `from_pretrained` loads as random layers); {} otherwise. The ranks are read from the shapes."""
     if not os.path.isdir(path) or is_molf_checkpoint(path):
         return {}
+    try:
+        shapes = _weight_shapes(path)
+    except Exception:  # an unreadable file (legacy pickle, corrupt): not taken for the wrapped layout
+        return {}
     experts: dict[str, dict[int, int]] = {}
-    for key, (_, shape) in _weight_shapes(path).items():
+    for key, (_, shape) in shapes.items():
         hit = EXPERT_KEY.fullmatch(key)
         if hit and len(shape) == 2:
             experts.setdefault(hit.group(1), {})[int(hit.group(2))] = shape[0]
@@ -249,8 +272,6 @@ def _load_wrapped_layout(model: nn.Module, path, ranks: dict[str, tuple[int, ...
     """Load a wrapped-layout transformers checkpoint (see wrapped_layout_ranks) into `model`, wrapped alike:
     every key and shape checked before anything is copied; tied parameters transformers saved once; a quantized
     base's weights are the loaded base's (only the float tensors are read, as for molf's own checkpoints)."""
-    from safetensors.torch import load_file
-
     mine = dict(molf_layers(model))
     differ = {n: (r, tuple(mine[n].ranks) if n in mine else None) for n, r in sorted(ranks.items())
               if n not in mine or tuple(mine[n].ranks) != r}
@@ -271,7 +292,7 @@ def _load_wrapped_layout(model: nn.Module, path, ranks: dict[str, tuple[int, ...
         raise ValueError(f"the checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, shapes {bad[:3]}; nothing was loaded")
     for name in sorted({file for file, _ in shapes.values()}):  # one shard in memory at a time
-        part = {k: v for k, v in load_file(os.path.join(path, name)).items() if k in wanted}
+        part = {k: v for k, v in _read_weights(os.path.join(path, name)).items() if k in wanted}
         model.load_state_dict(part, strict=False)
 
 

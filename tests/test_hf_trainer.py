@@ -161,9 +161,9 @@ def test_a_plain_trainer_with_molf_adamw_and_the_routing_callback(tmp_path):
 
 
 def test_molf_load_of_the_wrapped_layout_checks_everything_before_it_copies(tmp_path):
-    """model.save_pretrained on a wrapped model (sharded, tied embeddings saved once): molf.load takes it into a
-    model wrapped with the same ranks, bitwise; other ranks, other targets, an unwrapped model or a checkpoint
-    of another size are ValueErrors that leave the model as it was."""
+    """model.save_pretrained on a wrapped model (sharded, tied embeddings saved once; also a pytorch_model.bin):
+    molf.load takes it into a model wrapped with the same ranks, bitwise; other ranks, other targets, an unwrapped
+    model or a checkpoint of another size are ValueErrors that leave the model as it was."""
     model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), backend="eager")
     for _, m in molf_layers(model):
         for b in m.lora_B:
@@ -190,6 +190,19 @@ def test_molf_load_of_the_wrapped_layout_checks_everything_before_it_copies(tmp_
         with pytest.raises(ValueError, match=match):
             molf.load(other, tmp_path / "wl")
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items()), case
+    # transformers 4 with save_safetensors=False: pytorch_model.bin (tied weights saved once there too)
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"},
+               tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds a wrapped model"):
+        molf.from_pretrained(tmp_path / "bin")
+    back = molf.load(molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16)), tmp_path / "bin")
+    for (n, p), q in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(p, q), n
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")  # unreadable: not taken for the layout
+    with pytest.raises(ValueError, match="is not a molf checkpoint"):
+        molf.from_pretrained(tmp_path / "bin")
 
 
 @pytest.mark.parametrize("history_size, logging_steps, flushes", [(3, 8, 4), (10000, 0.25, 5), (0, 1, 9)])
