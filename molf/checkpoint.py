@@ -250,26 +250,27 @@ def _weight_shapes(path) -> dict[str, tuple[str, list[int]]]:
     return shapes
 
 
-def wrapped_layout_ranks(path) -> dict[str, tuple[int, ...]]:
-    """{layer: ranks} when `path` holds a wrapped model's own state_dict, as `model.save_pretrained` or
-    transformers' Trainer write it for a wrapped model (`<layer>.base.weight`, `<layer>.lora_A.<i>`: a layout
-    that plain `from_pretrained` loads as random layers); {} otherwise. The ranks are read from the shapes."""
+def wrapped_layout(path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[int, ...]]]:
+    """(the weights' shapes as _weight_shapes gives them, {layer: ranks}) when `path` holds a wrapped model's own
+    state_dict, as `model.save_pretrained` or transformers' Trainer write it for a wrapped model
+    (`<layer>.base.weight`, `<layer>.lora_A.<i>`: a layout that plain `from_pretrained` loads as random layers);
+    ({}, {}) otherwise. The ranks are read from the shapes."""
     if not os.path.isdir(path) or is_molf_checkpoint(path):
-        return {}
+        return {}, {}
     try:
         shapes = _weight_shapes(path)
     except Exception:  # an unreadable file (legacy pickle, corrupt): not taken for the wrapped layout
-        return {}
+        return {}, {}
     experts: dict[str, dict[int, int]] = {}
     for key, (_, shape) in shapes.items():
         hit = EXPERT_KEY.fullmatch(key)
         if hit and len(shape) == 2:
             experts.setdefault(hit.group(1), {})[int(hit.group(2))] = shape[0]
-    return {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
+    return shapes, {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
 
 
-def _load_wrapped_layout(model: nn.Module, path, ranks: dict[str, tuple[int, ...]]) -> None:
-    """Load a wrapped-layout transformers checkpoint (see wrapped_layout_ranks) into `model`, wrapped alike:
+def _load_wrapped_layout(model: nn.Module, path, shapes, ranks: dict[str, tuple[int, ...]]) -> None:
+    """Load a wrapped-layout transformers checkpoint (see wrapped_layout) into `model`, wrapped alike:
     every key and shape checked before anything is copied; tied parameters transformers saved once; a quantized
     base's weights are the loaded base's (only the float tensors are read, as for molf's own checkpoints)."""
     mine = dict(molf_layers(model))
@@ -281,7 +282,7 @@ def _load_wrapped_layout(model: nn.Module, path, ranks: dict[str, tuple[int, ...
                          f"differ): {name} has ranks {saved} there, " +
                          ("is not a MoLF layer here" if have is None else f"ranks {have} here") +
                          "; wrap the model with the ranks it was trained with")
-    shapes, state = _weight_shapes(path), model.state_dict()
+    state = model.state_dict()
     wanted = float_state_dict(model)  # every key but a quantized base's own
     tied = _tied_parameters(model)
     missing = [k for k in wanted if k not in shapes and tied.get(k) not in shapes]
@@ -329,9 +330,9 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
 
     path = _local_folder(path, **hub)
     inner = unwrap_model(model)
-    ranks = wrapped_layout_ranks(path)
+    shapes, ranks = wrapped_layout(path)
     if ranks:
-        _load_wrapped_layout(inner, path, ranks)
+        _load_wrapped_layout(inner, path, shapes, ranks)
         return model
     if not is_molf_checkpoint(path):
         raise ValueError(f"{path} is not a molf checkpoint (no {MOLF_CONFIG} and {MOLF_WEIGHTS})")
@@ -402,7 +403,7 @@ def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) ->
     import transformers
 
     path = _local_folder(path, **kwargs)
-    ranks = wrapped_layout_ranks(path)
+    _, ranks = wrapped_layout(path)
     if ranks:
         found = sorted(set(ranks.values()))
         found = found[0] if len(found) == 1 else found
