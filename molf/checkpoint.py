@@ -33,17 +33,23 @@ FORMAT_VERSION = 1
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """model.state_dict() with every MoLF layer as the plain nn.Linear `merge` would give (name.weight =
-    W + sum_i s_i B_i A_i, name.bias = b): the keys of the unwrapped model. The model is not changed."""
+def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """model.state_dict() (or `state_dict`, the wrapped model's full one: gathered from FSDP2's shards) with every
+    MoLF layer as the plain nn.Linear `merge` would give (name.weight = W + sum_i s_i B_i A_i, name.bias = b):
+    the keys of the unwrapped model. The model is not changed."""
     # every path to a layer: a block used at several places (shared) has its keys under each of them
     layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoLFLinear)]
     prefixes = tuple(f"{n}." for n, _ in layers)
-    out = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    sd = model.state_dict() if state_dict is None else state_dict
+    out = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
     for name, m in layers:
-        out[f"{name}.weight"] = m.merged_weight()
+        own = None
+        if state_dict is not None:
+            keys = ["base.weight", "base.bias"] + [f"lora_{ab}.{i}" for ab in "AB" for i in range(len(m.ranks))]
+            own = {k: sd[f"{name}.{k}"] for k in keys if f"{name}.{k}" in sd}
+        out[f"{name}.weight"] = m.merged_weight(own)
         if m.base.bias is not None:
-            out[f"{name}.bias"] = m.base.bias.detach()
+            out[f"{name}.bias"] = m.base.bias.detach() if own is None else own["base.bias"]
     return out
 
 
@@ -110,12 +116,16 @@ def _save_quantized(model: nn.Module, path) -> str:
 PUSH_KWARGS = ("repo_id", "commit_message", "create_pr", "private", "token")
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
+def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool = False,
+                    state_dict: dict | None = None, **kwargs) -> str:
     """Write the merged plain checkpoint and molf's exact state to `path` (see the module docstring); a model
     with quantized bases: the peft adapter and molf's float state. kwargs go to transformers'
     `save_pretrained` (e.g. max_shard_size). push_to_hub=True uploads the whole folder once it is written
-    (repo_id, default the folder's name; commit_message, create_pr, private, token), as transformers does."""
-    from safetensors.torch import save_model
+    (repo_id, default the folder's name; commit_message, create_pr, private, token), as transformers does.
+    state_dict: the wrapped model's full state dict to write instead of its parameters' values (a model sharded
+    by FSDP2: gather it with get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    cpu_offload=True)) on every rank, then save on rank 0); the model gives the layout."""
+    from safetensors.torch import save_file, save_model
 
     model = unwrap_model(model)
     layers = molf_layers(model)
@@ -123,21 +133,52 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
         raise ValueError("save_pretrained: the model has no MoLF layers (use the model's own save_pretrained)")
     # transformers would push before molf's own files exist: the folder is pushed below, whole
     hub = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs} if push_to_hub else {}
+    if state_dict is not None:
+        state_dict = _check_full_state_dict(model, state_dict)
     if any(m.quantized for _, m in layers):
+        if state_dict is not None:
+            raise ValueError("save_pretrained: state_dict= is not supported for quantized bases (the peft adapter "
+                             "is read from the model's own LoRA tensors); save a model that holds its full tensors")
         os.makedirs(path, exist_ok=True)
         _save_quantized(model, path)
     else:
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
         os.makedirs(path, exist_ok=True)
-        model.save_pretrained(path, state_dict=merged_state_dict(model), **kwargs)
-        meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(_tied_parameters(model))}
-        save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata=meta)
+        model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
+        aliases = _tied_parameters(model)
+        meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}
+        if state_dict is None:
+            save_model(model, os.path.join(path, MOLF_WEIGHTS), metadata=meta)
+        else:  # tied names stored once, as save_model does for the model's own tensors
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k not in aliases},
+                      os.path.join(path, MOLF_WEIGHTS), metadata=meta)
         with open(os.path.join(path, MOLF_CONFIG), "w") as f:
             json.dump(molf_config(model), f, indent=2)
     if push_to_hub:
         _push_folder(path, **hub)
     return str(path)
+
+
+def _check_full_state_dict(model: nn.Module, state_dict) -> dict:
+    """state_dict, checked against the model's keys and shapes (a DTensor parameter: its full shape); a
+    ValueError naming the first key that does not fit, before anything is written."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of the wrapped model's tensors, got {type(state_dict).__name__}")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    aliases = _tied_parameters(model)
+    missing = [k for k in want if k not in state_dict and k not in aliases]
+    unexpected = [k for k in state_dict if k not in want]
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(a full state dict of the wrapped model is needed: FSDP2's get_model_state_dict with "
+                         "full_state_dict=True, on rank 0)")
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"state_dict[{k!r}] has shape {got}, the model's is {want[k]} (a shard? gather the "
+                             "full state dict: get_model_state_dict(..., full_state_dict=True))")
+    return state_dict
 
 
 def _push_folder(path, repo_id: str | None = None, commit_message: str | None = None, create_pr: bool = False,

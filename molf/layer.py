@@ -258,13 +258,21 @@ class MoLFLinear(nn.Module):
         return self._s_cols[key]
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
+    def merged_weight(self, state: dict | None = None) -> torch.Tensor:
         """W + sum_i s_i B_i A_i, accumulated in fp32 (or W's dtype if wider) and rounded once to W's dtype
-        (a quantized W: dequantized, the result in the LoRA dtype, no longer quantized)."""
-        w, dtype = self.base.weight, self._compute_dtype
+        (a quantized W: dequantized, the result in the LoRA dtype, no longer quantized). `state`: W, A_i, B_i
+        from this layer's own state dict (keys base.weight, lora_A.i, lora_B.i: full tensors gathered from
+        FSDP2's shards) instead of its parameters."""
+        if state is not None:
+            w = state["base.weight"]
+            lora_A = [state[f"lora_A.{i}"] for i in range(len(self.ranks))]
+            lora_B = [state[f"lora_B.{i}"] for i in range(len(self.ranks))]
+            dtype = w.dtype
+        else:
+            w, dtype, lora_A, lora_B = self.base.weight, self._compute_dtype, self.lora_A, self.lora_B
         acc = torch.promote_types(dtype, torch.float32)
-        delta = quant.dequantize(self.base, acc) if self.quantized else w.to(acc, copy=True)
-        for s, a, b in zip(self.scalings, self.lora_A, self.lora_B):
+        delta = quant.dequantize(self.base, acc) if state is None and self.quantized else w.to(acc, copy=True)
+        for s, a, b in zip(self.scalings, lora_A, lora_B):
             delta.addmm_(b.to(acc), a.to(acc), alpha=s)
         return delta.to(dtype)
 

@@ -17,6 +17,8 @@ from ._layout import build_layout
 from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
 from .kernels._env import to_device
 
+MOLF_META = ("molf_step", "molf_seed", "molf_score", "molf_top_k")  # the optimizer's own entries in its state dict
+
 
 @dataclass
 class StepPlan:
@@ -83,6 +85,29 @@ class MoLFAdamW(torch.optim.Optimizer):
         stochastic_rounding = _checks.flag("stochastic_rounding", stochastic_rounding)
         history_size = _checks.integer("history_size", history_size, low=0)
         _warn_fp16_moments(layout, state_dtype, eps)
+        super().__init__(layout.groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._groups_fixed = True  # see add_param_group
+        self.score, self.top_k, self.backend, self.state_dtype = score, top_k, backend, state_dtype
+        self._model, self._layout_args = model, (lr, lora_lr, weight_decay, hp["lora_weight_decay"])
+        self._bind(layout)
+        self._warned_bypassed: set[str] = set()
+        self._warned_unfrozen = False
+        self.routing: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self._history: deque = deque(maxlen=history_size)
+        self._history_dropped = 0  # steps pushed out of a full history before anyone read them
+        self.step_betas = betas  # read from the param groups at each step
+        self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
+        self.stochastic_rounding = stochastic_rounding
+        # Non-finite scores seen so far (experts x steps), on the device: read only where history is flushed.
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # _bind moves it
+        self._warned_nonfinite = False
+        # Drawn from torch's RNG once: runs seeded alike round alike; per step, seed + step (resumes exactly).
+        self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
+
+    def _bind(self, layout) -> None:
+        """Take `layout` (the model's MoLF layers and trainable parameters, as build_layout reads them): the
+        parameters this optimizer steps, its device, and everything cached from them."""
         devices = {p.device for per in layout.experts for ps in per for p in ps}
         if len(devices) > 1:
             where = {}
@@ -95,11 +120,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 ", ".join(f"{d} (e.g. {n})" for d, n in sorted(where.items())) + ". A model split over GPUs by "
                 "device_map='auto' is not supported: load it on one GPU (device_map='cuda:0', or a quantized base "
                 "for MoLF-E), or train on several GPUs with DDP or FSDP2 (README, 'Beyond one GPU')")
-        super().__init__(layout.groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self._groups_fixed = True  # see add_param_group
-        self.layout, self.score, self.top_k, self.backend = layout, score, top_k, backend
-        self.state_dtype = state_dtype
-        self.layer_names, self.expert_names = layout.layer_names, layout.expert_names
+        self.layout, self.layer_names, self.expert_names = layout, layout.layer_names, layout.expert_names
         self.device = devices.pop() if devices else torch.device("cpu")
         # The full expert's lr is its weight's group (its bias's where every weight is frozen); a LoRA expert's
         # is the lora group. An expert with no trainable parameter anywhere has no group: it never scores.
@@ -110,27 +131,34 @@ class MoLFAdamW(torch.optim.Optimizer):
                               for name in self.expert_names]
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._plans: dict[tuple[bool, ...], StepPlan] = {}
-        self._warned_bypassed: set[str] = set()
-        self._warned_unfrozen = False
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
-        self._dtypes = tuple({p.dtype for p, _ in self._flat} | ({state_dtype} if state_dtype else set()))
+        self._dtypes = tuple({p.dtype for p, _ in self._flat} | ({self.state_dtype} if self.state_dtype else set()))
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
-        self.routing: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self._history: deque = deque(maxlen=history_size)
-        self._history_dropped = 0  # steps pushed out of a full history before anyone read them
-        self.step_betas = betas  # read from the param groups at each step
-        self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
-        self.stochastic_rounding = stochastic_rounding
-        # Non-finite scores seen so far (experts x steps), on the device: read only where history is flushed.
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._warned_nonfinite = False
-        # Drawn from torch's RNG once: runs seeded alike round alike; per step, seed + step (resumes exactly).
-        self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
+        if hasattr(self, "_nonfinite"):
+            self._nonfinite = self._nonfinite.to(self.device)
+
+    def _rebind(self) -> str | None:
+        """Before the first step (no state yet), re-read the model's parameters where they were replaced: FSDP2's
+        fully_shard after the optimizer was built (transformers' Trainer and accelerate.prepare build it first,
+        then point its param groups at the sharded parameters), load_state_dict(assign=True), to_empty. As
+        torch.optim, which keeps no state before its first step. None when done, else why not (nothing changed)."""
+        if any(self.state.values()):
+            return "MoLFAdamW has stepped since (its moments belong to the old tensor)"
+        layout = build_layout(self._model, *self._layout_args)
+        now = [(g["kind"], len(g["params"])) for g in layout.groups]
+        before = [(g["kind"], len(g["params"])) for g in self.param_groups]
+        if now != before:
+            return (f"the model's trainable parameters now fill the param groups (kind, size) {now}, not {before} "
+                    "(frozen or unfrozen since)")
+        for group, new in zip(self.param_groups, layout.groups):  # the groups' hyperparameters are kept
+            group["params"] = new["params"]
+        self.state.clear()
+        self._bind(layout)
+        return None
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --
     def _warn_bypassed(self, counts: list[int]) -> None:
@@ -181,15 +209,19 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _check_params_not_replaced(self):
         """Every step (one identity and one device check per parameter): a parameter replaced in its module
-        after the optimizer was built would otherwise train a detached tensor silently, and one moved to
-        another device would meet state and tables left on the old one."""
+        after the optimizer's first step would otherwise train a detached tensor silently (before it, the new
+        one is taken: _rebind), and one moved to another device would meet state and tables left on the old one."""
         dev = self.device
         for mod, attr, p in self.layout.slots:
             if mod._parameters.get(attr) is not p:
+                why = self._rebind()
+                if why is None:  # before the first step: the model's new parameters are taken
+                    return self._check_params_not_replaced()
                 raise RuntimeError(
                     f"the parameter {self.layout.names[id(p)]} was replaced after MoLFAdamW was created (by "
-                    "load_state_dict(assign=True), fully_shard, to_empty, ...): this optimizer would train a stale "
-                    "tensor. Create the optimizer after loading, sharding or moving the model.")
+                    f"load_state_dict(assign=True), fully_shard, to_empty, ...) and {why}: this optimizer would "
+                    "train a stale tensor. Replace parameters before the first step, or create the optimizer "
+                    "after loading, sharding or moving the model.")
             if p.device != dev:
                 raise RuntimeError(
                     f"the parameter {self.layout.names[id(p)]} is on {p.device}, but MoLFAdamW was created for "
@@ -367,9 +399,11 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["molf_step"] = self.molf_step
-        sd["molf_seed"] = self._seed_base
-        sd["molf_score"], sd["molf_top_k"] = self.score, self.top_k  # flat, as molf_step (for DCP's flattening)
+        meta = dict(molf_step=self.molf_step, molf_seed=self._seed_base, molf_score=self.score, molf_top_k=self.top_k)
+        sd.update(meta)
+        # torch.distributed.checkpoint's get_optimizer_state_dict (FSDP2 checkpoints: accelerate, the Trainer) keeps
+        # only "state" and "param_groups": the same entries in the first group survive it
+        sd["param_groups"][0].update(meta)
         return sd
 
     def _check_state_dict(self, state_dict) -> None:
@@ -411,18 +445,25 @@ class MoLFAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """As torch's, but checked first (a state dict of another model or optimizer raises a ValueError naming
         the parameter, and nothing changes), moments keep `state_dtype` (torch would cast them to the
-        parameter's dtype) and step counters live on the parameter's device."""
+        parameter's dtype) and step counters live on the parameter's device. The routing history kept for
+        `routing_history()` is cleared: it described the replaced state's steps (read it first to keep it)."""
         self._check_state_dict(state_dict)
         saved = state_dict["state"]
+        meta = {**state_dict["param_groups"][0], **state_dict} if state_dict["param_groups"] else state_dict
         super().load_state_dict(state_dict)
-        self.molf_step = int(state_dict.get("molf_step", 0))
-        saved_routing = (state_dict.get("molf_score", self.score), state_dict.get("molf_top_k", self.top_k))
+        for g in self.param_groups:
+            for k in MOLF_META:
+                g.pop(k, None)
+        self.molf_step = int(meta.get("molf_step", 0))
+        self._history.clear()  # the replaced state's steps (torch.distributed.checkpoint steps once before loading)
+        self._history_dropped = 0
+        saved_routing = (meta.get("molf_score", self.score), meta.get("molf_top_k", self.top_k))
         if saved_routing != (self.score, self.top_k):
             warnings.warn(f"the optimizer state was saved routing with score={saved_routing[0]!r}, "
                           f"top_k={saved_routing[1]}; this optimizer routes with score={self.score!r}, "
                           f"top_k={self.top_k} (kept: pass the saved ones to MoLFAdamW to continue that run)",
                           UserWarning, stacklevel=2)
-        self._seed_base = int(state_dict.get("molf_seed", self._seed_base))
+        self._seed_base = int(meta.get("molf_seed", self._seed_base))
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):

@@ -105,12 +105,11 @@ def run(rank, world, initfile, mode, backend, outdir, nccl=False):
                 molf.merge(plain)
                 with torch.no_grad():
                     result["merged_logits"], result["sharded_logits"] = plain(ids_cpu).logits, sharded_logits
+            # The optimizer built before fully_shard (as the Trainer and accelerate.prepare do): it takes the
+            # sharded parameters at its first step and trains as one built after.
             model4, inner4, opt4 = make(mode, world, backend, shard_before_optimizer=False)
-            try:
-                steps(model4, opt4, ids, 1)
-                result["stale_error"] = None
-            except RuntimeError as e:
-                result["stale_error"] = str(e)
+            late = torch.stack(steps(model4, opt4, ids, 10))
+            result.update(late_shard_routes=late, late_shard_params=full_params(inner4))
     except Exception:
         result["error"] = traceback.format_exc()
     result = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}

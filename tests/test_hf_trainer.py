@@ -278,6 +278,34 @@ def test_checkpoints_load_exactly_as_plain_models_and_with_the_molf_loader(tmp_p
                 assert torch.equal(p, q) and p.requires_grad == q.requires_grad, n
 
 
+def test_save_pretrained_from_a_given_full_state_dict(tmp_path):
+    """state_dict= (FSDP2: the full state dict gathered on rank 0, the model holding shards) is what is written,
+    merged and unmerged; the model gives only the layout. One that does not fit the model (a shard's shape, a
+    missing key) raises before anything is written."""
+    from transformers import AutoModelForCausalLM
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=True, backend="eager")
+    trained = molf.wrap(tiny_qwen2(seed=3), ranks=(2, 8), alphas=(8, 16), train_base=True, backend="eager")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # the LoRA Bs nonzero: the merge has something to add
+    full = {k: v.clone() for k, v in trained.state_dict().items()}
+    molf.save_pretrained(model, tmp_path / "ckpt", state_dict=full)
+    ids = Rows().ids[:2]
+    loaded = molf.from_pretrained(tmp_path / "ckpt", backend="eager").eval()
+    for (n, p), q in zip(trained.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), n
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert_close(plain(ids).logits, trained.eval()(ids).logits, 1e-5, "merged from the state dict")
+    key = "model.layers.0.self_attn.q_proj.lora_A.1"
+    for bad, said in (({**full, key: full[key][:4]}, rf"state_dict\['{key}'\] has shape \(4, 32\), the model's "
+                                                     r"is \(8, 32\) \(a shard\?"),
+                      ({k: v for k, v in full.items() if k != key}, rf"missing \['{key}'\]")):
+        with pytest.raises(ValueError, match=said):
+            molf.save_pretrained(model, tmp_path / "bad", state_dict=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_the_molf_loaders_take_a_hub_repo_id(tmp_path, monkeypatch):
     """A checkpoint pushed to the Hub (push_to_hub of a MoLFTrainer output) loads by its repo id, as transformers'
     from_pretrained does; it used to be "not a molf checkpoint". No network here: the download is stubbed."""

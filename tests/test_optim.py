@@ -365,8 +365,82 @@ def test_loading_a_state_saved_with_another_score_or_top_k_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(sd)
-        del sd["molf_score"], sd["molf_top_k"]  # a state dict from before molf recorded them
+        for d in (sd, sd["param_groups"][0]):  # a state dict from before molf recorded them
+            del d["molf_score"], d["molf_top_k"]
         other.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_parameters_replaced_before_the_first_step_are_taken(backend):
+    """transformers' Trainer under FSDP2 builds the optimizer, then accelerate shards the model (new parameters)
+    and points the param groups at them; load_state_dict(assign=True) and to_empty replace parameters too.
+    Before the first step (no state) MoLFAdamW takes the model's new parameters, as torch.optim would: the run
+    equals one whose optimizer was built after, and the groups' hyperparameters (set since) are kept."""
+    model = wrapped(*MOLF[:3], backend=backend)
+    later = copy.deepcopy(model)
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
+    for g in opt.param_groups:
+        g["lr"] *= 0.5  # as a scheduler's first step would
+    old = dict(model.named_parameters())
+    sd = {k: v for k, v in copy.deepcopy(model.state_dict()).items() if "embed" not in k and "lm_head" not in k}
+    model.load_state_dict(sd, assign=True, strict=False)  # the tied embedding left alone: assign unties it
+    assert all(p is not old[n] for n, p in model.named_parameters() if "embed" not in n)
+    ref = make_opt(molf.MoLFAdamW, later, 1e-3, 1e-3, backend=backend)
+    for g in ref.param_groups:
+        g["lr"] *= 0.5
+    ids = batch()
+    for _ in range(4):
+        train_step(model, opt, ids)
+        train_step(later, ref, ids)
+        assert torch.equal(opt.routing.cpu(), ref.routing.cpu())
+    assert torch.equal(flat_params(model), flat_params(later))
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    assert opt.molf_step == 4 and len(opt.state) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_parameters_replaced_before_the_first_step_but_frozen_since_raise():
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
+    sd = {k: v for k, v in copy.deepcopy(model.state_dict()).items() if "layers.0.self_attn.q_proj" in k}
+    model.load_state_dict(sd, assign=True, strict=False)
+    model.model.layers[1].mlp.up_proj.lora_B[0].requires_grad_(False)
+    train_ids = batch()
+    model(train_ids, labels=train_ids).loss.backward()
+    with pytest.raises(RuntimeError, match=r"q_proj.base.weight \(expert full\) was replaced after MoLFAdamW was "
+                                           r"created .* and the "
+                                           r"model's trainable parameters now fill the param groups \(kind, size\) "
+                                           r".*\(frozen or unfrozen since\)"):
+        opt.step()
+
+
+def test_state_dict_through_torch_distributed_checkpoint_keeps_the_step_and_routing_log():
+    """get/set_optimizer_state_dict (accelerate's FSDP2 checkpoints) keep only "state" and "param_groups", and
+    set_ calls step() once with zero gradients and lr 0 on an optimizer without state before loading. The
+    step count, seed, score and top_k travel in the first param group; the extra step's routing record is
+    dropped with the replaced state; the run continues as an uninterrupted one."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, score="pfn")
+    ids = batch()
+    for _ in range(3):
+        train_step(model, opt, ids)
+    osd = get_optimizer_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"}
+    resumed = copy.deepcopy(model)
+    opt2 = make_opt(molf.MoLFAdamW, resumed, 1e-3, 1e-3, score="pfn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same score and top_k: no warning
+        set_optimizer_state_dict(resumed, opt2, copy.deepcopy(osd))
+    assert opt2.molf_step == 3 and opt2.routing_history()["step"].numel() == 0
+    assert all("molf_step" not in g for g in opt2.param_groups)
+    opt.routing_history(clear=True)
+    for _ in range(2):
+        train_step(model, opt, ids)
+        train_step(resumed, opt2, ids)
+        assert torch.equal(opt.routing, opt2.routing)
+    assert torch.equal(flat_params(model), flat_params(resumed))
+    assert opt2.routing_history()["step"].tolist() == [4, 5]
 
 
 def test_train_merge_save_reload_same_logits(tmp_path):

@@ -1,5 +1,7 @@
-"""One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT` (tests/test_distributed.py): MoLFTrainer
-under DDP on gloo, as a user's script launched by torchrun or accelerate runs it."""
+"""One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (tests/test_distributed.py): MoLFTrainer
+on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", or "fsdp2": the Trainer's
+fsdp_config={"version": 2}, with which transformers builds the optimizer before accelerate shards the model
+and points the optimizer at the shards; then a second run resumes from the step-2 checkpoint."""
 import os
 import sys
 
@@ -13,16 +15,46 @@ from helpers import Rows, exit_rank_without_finalizing, tiny_qwen2  # noqa: E402
 from molf.integrations.hf import MoLFTrainer  # noqa: E402
 
 
-if __name__ == "__main__":
-    out = sys.argv[1]
+def force_fsdp_on_cpu_ranks():
+    """accelerate turns FSDP on only for GPU-type distributed states (multi-GPU, NPU, ...), never for gloo CPU
+    ranks: there it silently trains with DDP. Set the state it sets on GPUs, so that the Trainer's FSDP2 path
+    (accelerate's fully_shard, its optimizer switch, its state-dict gathering and checkpoints) runs here."""
+    import accelerate.state as st
+    init = st.AcceleratorState.__init__
+
+    def forced(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == st.DistributedType.MULTI_CPU:
+            self.distributed_type = st.DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            st.PartialState._shared_state["distributed_type"] = self.distributed_type
+    st.AcceleratorState.__init__ = forced
+
+
+def train(out, mode, resume=None):
     model = molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager")
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3,
                              logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True, ddp_backend="gloo")
+                             dataloader_num_workers=0, disable_tqdm=True, ddp_backend="gloo",
+                             **(fsdp if mode == "fsdp2" else {}))
     trainer = MoLFTrainer(model=model, args=args, train_dataset=Rows(), backend="eager")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     opt = trainer.molf_optimizer
-    torch.save({"world": int(os.environ["WORLD_SIZE"]), "step": opt.molf_step, "routing": opt.routing,
-                "params": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])},
-               os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in trainer.model.parameters()]
+    sharded = sum(hasattr(p, "full_tensor") for p in trainer.model.parameters())
+    return {"world": int(os.environ["WORLD_SIZE"]), "step": opt.molf_step, "routing": opt.routing, "sharded": sharded,
+            "n_params": len(params), "fsdp": trainer.is_fsdp_enabled,
+            "params": torch.cat([p.detach().flatten() for p in params])}
+
+
+if __name__ == "__main__":
+    out, mode = sys.argv[1], sys.argv[2]
+    if mode == "fsdp2":
+        force_fsdp_on_cpu_ranks()
+    result = train(out, mode)
+    if mode == "fsdp2":
+        resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
+        result.update({f"resumed_{k}": v for k, v in resumed.items()})
+    torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
     exit_rank_without_finalizing()  # the results are on disk

@@ -202,14 +202,18 @@ class MoLFTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        checkpoint.save_pretrained(model, output_dir, is_main_process=True)
+        # under FSDP2 (FULL_STATE_DICT) the Trainer passes the full state dict it gathered: the model holds shards
+        checkpoint.save_pretrained(model, output_dir, is_main_process=True,
+                                   state_dict=state_dict if self.is_fsdp_enabled else None)
         tok = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tok is not None:
             tok.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
-        if checkpoint.is_molf_checkpoint(resume_from_checkpoint) and checkpoint.molf_layers(target):
+        # FSDP: the Trainer's own sharded checkpoint (save_fsdp_model) loads into the shards
+        if not self.is_fsdp_enabled and checkpoint.is_molf_checkpoint(resume_from_checkpoint) \
+                and checkpoint.molf_layers(target):
             checkpoint.load(target, resume_from_checkpoint)
             return
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -217,7 +221,7 @@ class MoLFTrainer(Trainer):
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if best and checkpoint.is_molf_checkpoint(best) and checkpoint.molf_layers(model):
+        if not self.is_fsdp_enabled and best and checkpoint.is_molf_checkpoint(best) and checkpoint.molf_layers(model):
             checkpoint.load(model, best)
             return
         return super()._load_best_model()
