@@ -142,10 +142,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._nonfinite = self._nonfinite.to(self.device)
 
     def _rebind(self) -> str | None:
-        """Before the first step (no state yet), re-read the model's parameters where they were replaced: FSDP2's
-        fully_shard after the optimizer was built (transformers' Trainer and accelerate.prepare build it first,
-        then point its param groups at the sharded parameters), load_state_dict(assign=True), to_empty. As
-        torch.optim, which keeps no state before its first step. None when done, else why not (nothing changed)."""
+        """Before the first step (no state yet), re-read the model's parameters where they were replaced or
+        moved: FSDP2's fully_shard after the optimizer was built (transformers' Trainer and accelerate.prepare
+        build it first, then point its param groups at the sharded parameters), accelerate.prepare's move to the
+        GPU, load_state_dict(assign=True), to_empty. As torch.optim, which keeps no state before its first step.
+        None when done, else why not (nothing changed)."""
         if any(self.state.values()):
             return "MoLFAdamW has stepped since (its moments belong to the old tensor)"
         layout = build_layout(self._model, *self._layout_args)
@@ -207,26 +208,34 @@ class MoLFAdamW(torch.optim.Optimizer):
         """The stochastic-rounding seed of the step being taken (a host int: no device read)."""
         return (self._seed_base + self.molf_step) % (2 ** 31 - 1)
 
-    def _check_params_not_replaced(self):
-        """Every step (one identity and one device check per parameter): a parameter replaced in its module
-        after the optimizer's first step would otherwise train a detached tensor silently (before it, the new
-        one is taken: _rebind), and one moved to another device would meet state and tables left on the old one."""
+    def _check_params_not_replaced(self, rebound: bool = False):
+        """Every step (one identity and one device check per parameter): a parameter replaced in its module or
+        moved to another device after the optimizer's first step would otherwise train a detached tensor
+        silently, or meet state and tables left on the old device. Before the first step the model's parameters
+        as they are now are taken (_rebind): accelerate.prepare moves the model after the optimizer is built,
+        FSDP2 replaces its parameters."""
         dev = self.device
         for mod, attr, p in self.layout.slots:
-            if mod._parameters.get(attr) is not p:
-                why = self._rebind()
-                if why is None:  # before the first step: the model's new parameters are taken
-                    return self._check_params_not_replaced()
+            replaced = mod._parameters.get(attr) is not p
+            if not replaced and p.device == dev:
+                continue
+            why = None if rebound else self._rebind()
+            if why is None and not rebound:
+                return self._check_params_not_replaced(rebound=True)
+            name = self.layout.names[id(p)]
+            if replaced:
                 raise RuntimeError(
-                    f"the parameter {self.layout.names[id(p)]} was replaced after MoLFAdamW was created (by "
-                    f"load_state_dict(assign=True), fully_shard, to_empty, ...) and {why}: this optimizer would "
-                    "train a stale tensor. Replace parameters before the first step, or create the optimizer "
-                    "after loading, sharding or moving the model.")
-            if p.device != dev:
-                raise RuntimeError(
-                    f"the parameter {self.layout.names[id(p)]} is on {p.device}, but MoLFAdamW was created for "
-                    f"parameters on {dev}: the model was moved after the optimizer was created. Create the "
-                    "optimizer after moving the model.")
+                    f"the parameter {name} was replaced after MoLFAdamW was created (by load_state_dict("
+                    f"assign=True), fully_shard, to_empty, ...) and {why}: this optimizer would train a stale "
+                    "tensor. Replace parameters before the first step, or create the optimizer after loading, "
+                    "sharding or moving the model.")
+            if rebound:
+                raise RuntimeError(f"the parameter {name} is on {p.device} but the MoLF layers' experts on {dev}: "
+                                   "MoLFAdamW steps the trainable parameters of one device; move the whole model")
+            raise RuntimeError(
+                f"the parameter {name} is on {p.device}, but MoLFAdamW was created for parameters on {dev} and "
+                f"{why}: the model was moved after that. Move the model before the first step, or create the "
+                "optimizer after moving it.")
 
     def _warn_unfrozen(self) -> None:
         """Warn (once) when parameters frozen at build time have gradients: unfrozen since, they are not trained."""

@@ -541,6 +541,48 @@ def test_model_moved_after_the_optimizer_raises():
         opt.step()
 
 
+def test_a_device_change_before_the_first_step_is_taken():
+    """accelerate.prepare(model, opt) moves the model to the GPU after the optimizer was built (the same Parameter
+    objects, new storage): before its first step MoLFAdamW takes the parameters where they are now, as torch.optim
+    does. Here the optimizer is made to believe it was built on another device (a CPU machine has one)."""
+    model = wrapped(*MOLF[:3])
+    twin = copy.deepcopy(model)
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
+    ref = make_opt(molf.MoLFAdamW, twin, 1e-3, 1e-3)
+    opt.device = torch.device("meta")
+    for _ in range(3):
+        train_step(model, opt, batch())
+        train_step(twin, ref, batch())
+    assert opt.device == torch.device("cpu") and torch.equal(opt.routing, ref.routing)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_parameters_left_on_another_device_than_the_experts_raise():
+    model = wrapped(*MOLF[:3])
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
+    model.model.norm.to("meta")  # a trainable parameter outside the MoLF layers, alone on another device
+    with pytest.raises(RuntimeError, match=r"model.norm.weight is on meta but the MoLF layers' experts on cpu: "
+                                           r"MoLFAdamW steps the trainable parameters of one device"):
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a second device to move the model to")
+def test_accelerate_prepare_moves_the_model_after_the_optimizer_is_built():
+    from accelerate import Accelerator
+    model = wrapped(*MOLF[:3], device="cpu")
+    twin = copy.deepcopy(model).cuda()
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
+    ref = make_opt(molf.MoLFAdamW, twin, 1e-3, 1e-3)
+    model, popt = Accelerator().prepare(model, opt)
+    assert next(model.parameters()).is_cuda
+    for _ in range(3):
+        train_step(model, popt, batch())
+        train_step(twin, ref, batch())
+        assert torch.equal(opt.routing, ref.routing)
+    assert opt.device.type == "cuda"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
 # -- 9. layer edge cases agree on both backends --
 
 @pytest.mark.parametrize("k, n", [(0, 5), (4, 0)])
