@@ -568,7 +568,7 @@ def test_parameters_left_on_another_device_than_the_experts_raise():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: a second device to move the model to")
 def test_accelerate_prepare_moves_the_model_after_the_optimizer_is_built():
-    from accelerate import Accelerator
+    Accelerator = pytest.importorskip("accelerate").Accelerator
     model = wrapped(*MOLF[:3], device="cpu")
     twin = copy.deepcopy(model).cuda()
     opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3)
