@@ -58,16 +58,16 @@ class _Launch:
 
     def refresh(self) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
-        False when the tables must be built again: a parameter's size changed, or moments or step counters
-        were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a small
+        False when the tables must be built again: a parameter's size or dtype changed, or moments or step
+        counters were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a small
         constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity check."""
         cols = self.current()
         ptrs = [[t.data_ptr() for t in c] for c in cols]
         if ptrs == self.col_ptrs:
             return True
-        if ptrs[2:] != self.col_ptrs[2:] or (ptrs[0] != self.col_ptrs[0]
-                                            and [p.numel() for p in cols[0]] != self.table.numels):
-            return False
+        if ptrs[2:] != self.col_ptrs[2:] or (ptrs[0] != self.col_ptrs[0] and (
+                [p.numel() for p in cols[0]] != self.table.numels or any(p.dtype != self.p_dtype for p in cols[0]))):
+            return False  # model.half() after a step moves the parameters into another dtype: launches regrouped
         cols = cols[:4]
         if [g.numel() for g in cols[1]] != self.table.numels:
             cols = self.columns(cols)  # raises, naming the parameter

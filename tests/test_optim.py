@@ -414,6 +414,27 @@ def test_parameters_replaced_before_the_first_step_but_frozen_since_raise():
         opt.step()
 
 
+def test_model_cast_to_another_dtype_after_a_step_keeps_training_alike_on_both_backends():
+    """model.half() after a step keeps the Parameter objects but moves their storage into float16: the triton
+    tables (one launch per dtype combination) must be regrouped, not repointed (they read float16 storage as
+    float32 before: heap corruption under the interpreter, out-of-bounds reads on a GPU). The moments stay
+    float32, as with the eager backend."""
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = wrapped(*MOLF[:3], backend=backend)
+        opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
+        train_step(model, opt, batch())
+        model.half()
+        routes = []
+        for _ in range(3):
+            train_step(model, opt, batch())
+            routes.append(opt.routing.clone())
+        assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+        runs[backend] = torch.stack(routes), flat_params(model)
+    assert torch.equal(runs["eager"][0], runs["triton"][0])
+    assert runs["triton"][1].isfinite().all() and rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-3
+
+
 def test_state_dict_through_torch_distributed_checkpoint_keeps_the_step_and_routing_log():
     """get/set_optimizer_state_dict (accelerate's FSDP2 checkpoints) keep only "state" and "param_groups", and
     set_ calls step() once with zero gradients and lr 0 on an optimizer without state before loading. The
