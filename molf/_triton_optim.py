@@ -59,8 +59,9 @@ class _Launch:
     def refresh(self) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
         False when the tables must be built again: a parameter's size or dtype changed, or moments or step
-        counters were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a small
-        constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity check."""
+        counters were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a
+        small constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity
+        check (parameters also a dtype check)."""
         cols = self.current()
         ptrs = [[t.data_ptr() for t in c] for c in cols]
         if ptrs == self.col_ptrs:

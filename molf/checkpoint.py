@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import quant
+from ._dist import DTensor
 from .layer import MoLFLinear, molf_layers, unwrap_model
 
 MOLF_CONFIG = "molf_config.json"
@@ -174,6 +175,10 @@ def _check_full_state_dict(model: nn.Module, state_dict) -> dict:
                          "(a full state dict of the wrapped model is needed: FSDP2's get_model_state_dict with "
                          "full_state_dict=True, on rank 0)")
     for k, v in state_dict.items():
+        if DTensor and isinstance(v, DTensor):
+            raise ValueError(f"state_dict[{k!r}] is a DTensor (this rank's shard of it): pass the full state dict, "
+                             "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                             "cpu_offload=True)) called on every rank, and save on rank 0")
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"state_dict[{k!r}] has shape {got}, the model's is {want[k]} (a shard? gather the "

@@ -56,6 +56,8 @@ def test_routing_identical_on_ranks_and_equal_to_one_process(tmp_path, single_pr
         assert r0["lora_sharded"] and r1["lora_sharded"]
         assert rel_err(r0["merged_logits"], r0["sharded_logits"]) <= 1e-5
         assert torch.equal(r0["late_shard_routes"], ref_routes) and torch.equal(r0["late_shard_params"], r0["params"])
+        assert "is a DTensor (this rank's shard of it)" in (r0["dtensor_save_error"] or "")
+        assert not (tmp_path / "shards0").exists()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
