@@ -115,16 +115,18 @@ def test_molf_trainer_under_torchrun_ddp(ddp_trainer_run):
     assert not any(isinstance(m, molf.MoLFLinear) for m in plain.modules())
 
 
-def test_molf_trainer_under_fsdp2(tmp_path, ddp_trainer_run):
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_molf_trainer_under_fsdp2(tmp_path, ddp_trainer_run, state_dict_type):
     """MoLFTrainer with fsdp_config={"version": 2} (accelerate's FSDP2, forced on for gloo CPU ranks: see
     trainer_worker.py). transformers builds the optimizer before accelerate shards the model: MoLFAdamW takes
-    the shards at its first step (it refused them before) and trains as under DDP, same routing. Checkpoints:
-    the merged plain model and molf's state written from the state dict the Trainer gathers (not from the
-    shards), the Trainer's FSDP files beside them; a run resumed from step 2 (optimizer state through
-    torch.distributed.checkpoint) ends equal, its routing log at steps 3 and 4."""
+    the shards at its first step (it refused them before) and trains as under DDP, same routing. A run resumed
+    from step 2 (the Trainer's FSDP files; the optimizer state through torch.distributed.checkpoint) ends equal,
+    its routing log at steps 3 and 4. trainer.save_model writes the merged plain model and molf's state from the
+    gathered full state dict (not from the shards), also under SHARDED_STATE_DICT, where the Trainer writes
+    nothing; FULL_STATE_DICT checkpoints hold them too."""
     from transformers import AutoModelForCausalLM
     _, (d0, _) = ddp_trainer_run
-    r0, r1 = torchrun_trainer(tmp_path, "fsdp2")
+    r0, r1 = torchrun_trainer(tmp_path, f"fsdp2:{state_dict_type}")
     assert r0["fsdp"] and r0["sharded"] == r0["n_params"] > 0  # every parameter a DTensor
     assert r0["step"] == r1["step"] == 4
     assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
@@ -133,14 +135,17 @@ def test_molf_trainer_under_fsdp2(tmp_path, ddp_trainer_run):
     assert r0["resumed_step"] == 4 and torch.equal(r0["resumed_routing"], r0["routing"])
     assert torch.equal(r0["resumed_params"], r0["params"])
     assert logged_steps(tmp_path / "resumed" / "molf_routing.jsonl") == [3, 4]
+    full = state_dict_type == "FULL_STATE_DICT"
     ckpt = tmp_path / "checkpoint-4"
-    assert (ckpt / "pytorch_model_fsdp.bin").is_file()
-    trained = molf.from_pretrained(ckpt, backend="eager")
-    assert torch.equal(torch.cat([p.detach().flatten() for p in trained.parameters()]), r0["params"])
-    plain = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert (ckpt / ("pytorch_model_fsdp.bin" if full else "pytorch_model_fsdp_0")).exists()
+    assert (ckpt / "config.json").is_file() == full
     ids = batch()
-    with torch.no_grad():
-        assert rel_err(plain(ids).logits, trained(ids).logits) <= 1e-5
+    for folder in [tmp_path / "final"] + [ckpt] * full:
+        trained = molf.from_pretrained(folder, backend="eager")
+        assert torch.equal(torch.cat([p.detach().flatten() for p in trained.parameters()]), r0["params"])
+        plain = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            assert rel_err(plain(ids).logits, trained(ids).logits) <= 1e-5
 
 
 def test_fsdp1_and_wrapping_after_sharding_are_refused(tmp_path):

@@ -1,7 +1,8 @@
 """One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (tests/test_distributed.py): MoLFTrainer
-on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", or "fsdp2": the Trainer's
-fsdp_config={"version": 2}, with which transformers builds the optimizer before accelerate shards the model
-and points the optimizer at the shards; then a second run resumes from the step-2 checkpoint."""
+on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", or "fsdp2[:STATE_DICT_TYPE]": the
+Trainer's fsdp_config={"version": 2, "state_dict_type": ...}, with which transformers builds the optimizer before
+accelerate shards the model and points the optimizer at the shards; then a second run resumes from the step-2
+checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
 import os
 import sys
 
@@ -33,13 +34,16 @@ def force_fsdp_on_cpu_ranks():
 
 def train(out, mode, resume=None):
     model = molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager")
-    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+                                        "state_dict_type": mode.partition(":")[2] or "FULL_STATE_DICT"})
     args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3,
                              logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0,
                              dataloader_num_workers=0, disable_tqdm=True, ddp_backend="gloo",
-                             **(fsdp if mode == "fsdp2" else {}))
+                             **(fsdp if mode.startswith("fsdp2") else {}))
     trainer = MoLFTrainer(model=model, args=args, train_dataset=Rows(), backend="eager")
     trainer.train(resume_from_checkpoint=resume)
+    if resume is None:
+        trainer.save_model(os.path.join(out, "final"))  # every rank, as scripts call it
     opt = trainer.molf_optimizer
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in trainer.model.parameters()]
     sharded = sum(hasattr(p, "full_tensor") for p in trainer.model.parameters())
@@ -50,10 +54,10 @@ def train(out, mode, resume=None):
 
 if __name__ == "__main__":
     out, mode = sys.argv[1], sys.argv[2]
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         force_fsdp_on_cpu_ranks()
     result = train(out, mode)
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
         result.update({f"resumed_{k}": v for k, v in resumed.items()})
     torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))

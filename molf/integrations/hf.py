@@ -194,6 +194,18 @@ class MoLFTrainer(Trainer):
                                        eps=a.adam_epsilon, **kw)
         return self.optimizer
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's; under FSDP with SHARDED_STATE_DICT, where the Trainer writes nothing here (its
+        checkpoints hold the shards), the full state dict is gathered (call it on every rank, as the Trainer's
+        own gathering under FULL_STATE_DICT needs) and rank 0 writes the merged model and molf's state."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if _internal_call or not self.is_fsdp_enabled or "FULL_STATE_DICT" in str(plugin.state_dict_type) \
+                or not checkpoint.molf_layers(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            return super().save_model(output_dir, _internal_call)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self._save(output_dir, state_dict=full)
+
     # Checkpoints: a plain merged model (loads with from_pretrained) plus molf's exact state (resume, molf loader).
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
