@@ -205,6 +205,8 @@ class MoLFTrainer(Trainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         self._save(output_dir, state_dict=full)
+        if self.args.push_to_hub:  # as the Trainer's save_model, when the user calls it
+            self.push_to_hub(commit_message="Model save")
 
     # Checkpoints: a plain merged model (loads with from_pretrained) plus molf's exact state (resume, molf loader).
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
