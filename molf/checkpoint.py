@@ -79,14 +79,15 @@ def _quantized_prefixes(model: nn.Module) -> tuple[str, ...]:
                  if n and quant.quant_kind(m) is not None)
 
 
-def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """model.state_dict() without the quantized layers' weights and quantization state (their biases kept)."""
+def float_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """model.state_dict() (or the given full one) without the quantized layers' weights and quantization state
+    (their biases kept)."""
     prefixes = _quantized_prefixes(model)
-    return {k: v for k, v in model.state_dict().items()
-            if not k.startswith(prefixes) or any(k == p + "bias" for p in prefixes)}
+    sd = model.state_dict() if state_dict is None else state_dict
+    return {k: v for k, v in sd.items() if not k.startswith(prefixes) or any(k == p + "bias" for p in prefixes)}
 
 
-def _save_quantized(model: nn.Module, path) -> str:
+def _save_quantized(model: nn.Module, path, state_dict: dict | None = None) -> str:
     from safetensors.torch import save_file
 
     from .export import export_peft, trained_base_parameters
@@ -98,11 +99,14 @@ def _save_quantized(model: nn.Module, path) -> str:
             if os.path.exists(os.path.join(path, stale)):
                 os.remove(os.path.join(path, stale))
     else:
-        export_peft(model, path)
+        export_peft(model, path, state_dict=state_dict)
     tensors, aliases, first = {}, {}, {}
-    for k, v in float_state_dict(model).items():  # tied tensors (embeddings) stored once, their other names aliased
+    tied = _tied_parameters(model) if state_dict is not None else {}  # a gathered state dict holds copies
+    for k, v in float_state_dict(model, state_dict).items():  # tied tensors stored once, other names aliased
         key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
-        if v.numel() and key in first:
+        if k in tied:
+            aliases[k] = tied[k]
+        elif v.numel() and key in first:
             aliases[k] = first[key]
         else:
             first[key] = k
@@ -137,11 +141,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
     if state_dict is not None:
         state_dict = _check_full_state_dict(model, state_dict)
     if any(m.quantized for _, m in layers):
-        if state_dict is not None:
-            raise ValueError("save_pretrained: state_dict= is not supported for quantized bases (the peft adapter "
-                             "is read from the model's own LoRA tensors); save a model that holds its full tensors")
         os.makedirs(path, exist_ok=True)
-        _save_quantized(model, path)
+        _save_quantized(model, path, state_dict)
     else:
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
@@ -166,15 +167,16 @@ def _check_full_state_dict(model: nn.Module, state_dict) -> dict:
     ValueError naming the first key that does not fit, before anything is written."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of the wrapped model's tensors, got {type(state_dict).__name__}")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    aliases = _tied_parameters(model)
-    missing = [k for k in want if k not in state_dict and k not in aliases]
-    unexpected = [k for k in state_dict if k not in want]
+    # a quantized layer's packed weight and quantization state are not molf's to write: not checked
+    want = {k: tuple(v.shape) for k, v in float_state_dict(model).items()}
+    aliases, given = _tied_parameters(model), float_state_dict(model, state_dict)
+    missing = [k for k in want if k not in given and k not in aliases]
+    unexpected = [k for k in given if k not in want]
     if missing or unexpected:
         raise ValueError(f"state_dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
                          "(a full state dict of the wrapped model is needed: FSDP2's get_model_state_dict with "
                          "full_state_dict=True, on rank 0)")
-    for k, v in state_dict.items():
+    for k, v in given.items():
         if DTensor and isinstance(v, DTensor):
             raise ValueError(f"state_dict[{k!r}] is a DTensor (this rank's shard of it): pass the full state dict, "
                              "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "

@@ -21,7 +21,8 @@ def trained_base_parameters(layers: list[tuple[str, MoLFLinear]]) -> list[str]:
 
 
 @torch.no_grad()
-def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
+def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                state_dict: dict | None = None) -> str:
     """Write a peft LoRA adapter holding every MoLF layer's experts as one LoRA of rank R = sum r_i.
 
     A = [A_1; ...; A_E], B = [s_1 B_1, ..., s_E B_E] and lora_alpha = R without rsLoRA, so peft's own
@@ -29,7 +30,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     Trainable parameters outside the MoLF layers (embeddings, norms: MoLF-E without freeze_others) are
     saved through peft's `modules_to_save` (tied embeddings with `ensure_weight_tying`), so the adapter
     reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
-    not a LoRA adapter.
+    not a LoRA adapter. state_dict: the wrapped model's full state dict to take the values from (FSDP2: gathered
+    from the shards, see save_pretrained); the model gives the layout.
     """
     model = unwrap_model(model)
     layers = molf_layers(model)
@@ -58,15 +60,19 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
                              "layers; peft cannot save it as a module (freeze its own parameters, or merge and "
                              "save the full model)")
     rank = ranks.pop()
+    def value(key, p):
+        return p.detach() if state_dict is None else state_dict[key]
     tensors = {}
     for name, m in layers:
-        a = torch.cat([x.detach() for x in m.lora_A], 0)
-        b = torch.cat([s * x.detach().float() for s, x in zip(m.scalings, m.lora_B)], 1).to(m.lora_B[0].dtype)
+        lora_A = [value(f"{name}.lora_A.{i}", x) for i, x in enumerate(m.lora_A)]
+        lora_B = [value(f"{name}.lora_B.{i}", x) for i, x in enumerate(m.lora_B)]
+        a = torch.cat(lora_A, 0)
+        b = torch.cat([s * x.float() for s, x in zip(m.scalings, lora_B)], 1).to(lora_B[0].dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
     for own in owners.values():
-        for mod_name, pname, p in own:
-            tensors[f"base_model.model.{mod_name}.{pname}"] = p.detach().cpu().clone()  # safetensors: no sharing
+        for mod_name, pname, p in own:  # safetensors: no sharing
+            tensors[f"base_model.model.{mod_name}.{pname}"] = value(f"{mod_name}.{pname}".lstrip("."), p).cpu().clone()
     targets = [n for n, _ in layers]  # full names: exactly the wrapped layers, also after a partial wrap
     cfg = getattr(model, "config", None)
     base_name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None

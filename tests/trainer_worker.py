@@ -1,8 +1,8 @@
 """One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (tests/test_distributed.py): MoLFTrainer
-on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", or "fsdp2[:STATE_DICT_TYPE]": the
-Trainer's fsdp_config={"version": 2, "state_dict_type": ...}, with which transformers builds the optimizer before
-accelerate shards the model and points the optimizer at the shards; then a second run resumes from the step-2
-checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
+on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", "fsdp2[:STATE_DICT_TYPE]" or
+"fsdp2-nf4" (MoLF-E over a 4-bit base): the Trainer's fsdp_config={"version": 2, "state_dict_type": ...}, with which
+transformers builds the optimizer before accelerate shards the model and points the optimizer at the shards; then a
+second run resumes from the step-2 checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
 import os
 import sys
 
@@ -32,8 +32,20 @@ def force_fsdp_on_cpu_ranks():
     st.AcceleratorState.__init__ = forced
 
 
+def build(out, mode):
+    """MoLF on a tiny Qwen2; "...-nf4": MoLF-E on one loaded with a 4-bit BitsAndBytesConfig."""
+    if mode.endswith("-nf4"):
+        from pathlib import Path
+
+        from test_quant import quantized_qwen2
+        # written by each rank before the process group exists (transformers then saves on rank 0 only)
+        base = quantized_qwen2(Path(sys.argv[1]) / f"float-rank{os.environ['RANK']}")
+        return molf.wrap(base, ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
+    return molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager")
+
+
 def train(out, mode, resume=None):
-    model = molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager")
+    model = build(out, mode)
     fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
                                         "state_dict_type": mode.partition(":")[2] or "FULL_STATE_DICT"})
     args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3,
@@ -45,8 +57,9 @@ def train(out, mode, resume=None):
     if resume is None:
         trainer.save_model(os.path.join(out, "final"))  # every rank, as scripts call it
     opt = trainer.molf_optimizer
-    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in trainer.model.parameters()]
-    sharded = sum(hasattr(p, "full_tensor") for p in trainer.model.parameters())
+    float_params = [p for p in trainer.model.parameters() if p.is_floating_point()]  # not 4-bit packed weights
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in float_params]
+    sharded = sum(hasattr(p, "full_tensor") for p in float_params)
     return {"world": int(os.environ["WORLD_SIZE"]), "step": opt.molf_step, "routing": opt.routing, "sharded": sharded,
             "n_params": len(params), "fsdp": trainer.is_fsdp_enabled,
             "params": torch.cat([p.detach().flatten() for p in params])}
@@ -58,7 +71,10 @@ if __name__ == "__main__":
         force_fsdp_on_cpu_ranks()
     result = train(out, mode)
     if mode.startswith("fsdp2"):
-        resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
-        result.update({f"resumed_{k}": v for k, v in resumed.items()})
+        try:
+            resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
+            result.update({f"resumed_{k}": v for k, v in resumed.items()})
+        except ValueError as e:  # a 4-bit base: refused, saying why
+            result["resume_error"] = str(e)
     torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
     exit_rank_without_finalizing()  # the results are on disk
