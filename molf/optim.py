@@ -100,7 +100,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.molf_step = 0  # steps taken (kept in the state dict, so routing logs continue after a resume)
         self.stochastic_rounding = stochastic_rounding
         # Non-finite scores seen so far (experts x steps), on the device: read only where history is flushed.
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # _bind moves it
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # _rebind moves it
         self._warned_nonfinite = False
         # Drawn from torch's RNG once: runs seeded alike round alike; per step, seed + step (resumes exactly).
         self._seed_base = int(torch.randint(0, 2 ** 30, (1,)).item()) if stochastic_rounding else 0
@@ -138,8 +138,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
-        if hasattr(self, "_nonfinite"):
-            self._nonfinite = self._nonfinite.to(self.device)
 
     def _rebind(self) -> str | None:
         """Before the first step (no state yet), re-read the model's parameters where they were replaced or
@@ -159,6 +157,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             group["params"] = new["params"]
         self.state.clear()
         self._bind(layout)
+        self._nonfinite = self._nonfinite.to(self.device)
         return None
 
     # -- planning (host side, cached per pattern of which parameters have gradients) --

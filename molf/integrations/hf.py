@@ -202,9 +202,7 @@ class MoLFTrainer(Trainer):
         if _internal_call or not self.is_fsdp_enabled or "FULL_STATE_DICT" in str(plugin.state_dict_type) \
                 or not checkpoint.molf_layers(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
             return super().save_model(output_dir, _internal_call)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        self._save(output_dir, state_dict=full)
+        self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))  # as under FULL_STATE_DICT
         if self.args.push_to_hub:  # as the Trainer's save_model, when the user calls it
             self.push_to_hub(commit_message="Model save")
 
