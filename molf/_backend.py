@@ -31,12 +31,17 @@ def triton_available() -> bool:
     return _TRITON
 
 
+def requested(backend: str) -> str:
+    """The backend asked for: MOLF_BACKEND overrides "auto"."""
+    if backend == "auto":
+        return check_backend(os.environ.get("MOLF_BACKEND", "auto"), "MOLF_BACKEND")
+    return backend
+
+
 def resolve(backend: str, device: torch.device, dtypes=()) -> str:
     """The backend that runs on `device` for tensors of `dtypes`: MOLF_BACKEND overrides "auto"; "auto" takes
     torch ops where the kernels lack the dtype (float64), "triton" raises a TypeError there."""
-    if backend == "auto":
-        env = os.environ.get("MOLF_BACKEND", "auto")
-        backend = check_backend(env, "MOLF_BACKEND")
+    backend = requested(backend)
     if backend == "auto":
         fits = all(d in KERNEL_DTYPES for d in dtypes)
         return "triton" if device.type == "cuda" and triton_available() and fits else "eager"

@@ -8,6 +8,7 @@ from itertools import accumulate
 
 import torch
 
+from . import _backend
 from ._dist import local
 from ._math import EPS_SCORE
 from .kernels import routed_adamw as K
@@ -93,9 +94,19 @@ class TritonRoutedAdamW:
         self.plan = None
         self.betas = None  # the pair betas64 holds (a scheduler may change it)
 
-    def _build(self, plan):
-        """Per-tensor tables for the step plan: host work O(tensors)."""
+    def _build(self, plan) -> bool:
+        """Per-tensor tables for the step plan: host work O(tensors). False (nothing built) where a tensor has a
+        dtype the kernels lack and the backend is "auto" (model.double() after the optimizer was built)."""
         opt, dev, block = self.opt, self.opt.device, self.block
+        combos = {}
+        for i, p in enumerate(plan.params):
+            key = (p.dtype, p.grad.dtype, opt.state[p]["exp_avg"].dtype)
+            if any(k not in K.TORCH_TO_TL for k in key):
+                if _backend.requested(opt.backend) == "auto":
+                    return False
+                raise TypeError(f"the triton backend supports float32/float16/bfloat16 tensors, got {key} for "
+                                f"{opt.param_name(p)}")
+            combos.setdefault(key, []).append(i)
         # Global block numbering in plan order. MoLF tensors come first with non-decreasing owners, so each
         # expert's blocks are one run: it starts at its first tensor (an expert without gradients: empty run).
         first = list(accumulate([cdiv(local(p).numel(), block) for p in plan.params], initial=0))
@@ -103,13 +114,6 @@ class TritonRoutedAdamW:
         owners = plan.owner[: plan.n_molf]
         seg = [first[bisect_left(owners, o)] for o in range(plan.inv_n.numel() + 1)]
         self.seg_start = to_device(seg, torch.int64, dev)
-        combos = {}
-        for i, p in enumerate(plan.params):
-            key = (p.dtype, p.grad.dtype, opt.state[p]["exp_avg"].dtype)
-            if any(k not in K.TORCH_TO_TL for k in key):
-                raise TypeError(f"the triton backend supports float32/float16/bfloat16 tensors, got {key} for "
-                                f"{opt.param_name(p)}")
-            combos.setdefault(key, []).append(i)
         self.launches = [_Launch(opt, plan, ids, block, dev, first) for ids in combos.values()]
         steps = [opt.state[p]["step"] for p in plan.params]
         for p, st in zip(plan.params, steps):
@@ -121,14 +125,18 @@ class TritonRoutedAdamW:
         self.sums = torch.zeros(plan.inv_n.shape, dtype=torch.float32, device=dev)
         self.bias_corr = torch.empty(max(len(plan.params), 1), 2, dtype=torch.float32, device=dev)
         self.plan = plan
+        return True
 
-    def _prepare(self, plan):
-        """Tables for this step: built when the plan changed, pointers refreshed when storage moved."""
-        if plan is not self.plan or not all(ln.refresh() for ln in self.launches):
-            self._build(plan)
+    def prepare(self, plan) -> bool:
+        """Tables for this step: built when the plan changed, pointers refreshed when storage moved. False where
+        the kernels cannot take this step's dtypes under backend "auto" (the caller takes torch ops)."""
+        if plan is self.plan and all(ln.refresh() for ln in self.launches):
+            return True
+        self.plan = None
+        return self._build(plan)
 
     def moments_and_sums(self, plan):
-        self._prepare(plan)
+        """Moments and per-expert score sums of the tables `prepare` built for `plan`."""
         opt = self.opt
         b1, b2 = opt.step_betas
         if self.betas != (b1, b2):

@@ -134,10 +134,15 @@ class MoLFAdamW(torch.optim.Optimizer):
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
-        self._dtypes = tuple({p.dtype for p, _ in self._flat} | ({self.state_dtype} if self.state_dtype else set()))
+        self._dtypes = self._dtypes_now()
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
+
+    def _dtypes_now(self) -> tuple[torch.dtype, ...]:
+        """The dtypes the step computes in (parameters, moments): they pick the backend under "auto"."""
+        moments = {st["exp_avg"].dtype for st in self.state.values() if st}
+        return tuple({p.dtype for p, _ in self._flat} | moments | ({self.state_dtype} if self.state_dtype else set()))
 
     def _rebind(self) -> str | None:
         """Before the first step (no state yet), re-read the model's parameters where they were replaced or
@@ -307,6 +312,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
         impl = self._backend_impl()
+        if impl.name == "triton" and not impl.prepare(plan):  # model.double() since, backend "auto": torch ops
+            self._dtypes = self._dtypes_now()
+            impl = self._backend_impl()
         lrs = [0.0 if g is None else self.param_groups[g]["lr"] for g in self._expert_group]
         # The CPU's C loops take the whole step in one call where no collective sits between sums and routing.
         done = impl.routed_step(plan, lrs) if impl.name == "eager" and self._reduce_group is None else None

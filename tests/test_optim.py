@@ -435,6 +435,38 @@ def test_model_cast_to_another_dtype_after_a_step_keeps_training_alike_on_both_b
     assert runs["triton"][1].isfinite().all() and rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-3
 
 
+def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypatch):
+    """backend="auto" takes torch ops where the kernels lack the dtype; the optimizer picked its backend from the
+    dtypes at construction, so model.double() after a step met the triton tables' TypeError. Now the step
+    falls back to the eager backend and trains as an eager optimizer does. "auto" picks the kernels on a GPU
+    only: here the CPU (Triton's interpreter) stands in for one; backend="triton" still raises, naming a
+    parameter."""
+    from molf import _backend
+    real = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda backend, device, dtypes=(): real(
+        backend, torch.device("cuda") if backend == "auto" else device, dtypes))
+    runs = {}
+    for backend in ("eager", "auto", "triton"):
+        model = wrapped(*MOLF[:3], backend="eager")
+        opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
+        train_step(model, opt, batch())
+        assert opt._impl.name == ("eager" if backend == "eager" else "triton")
+        model.double()
+        if backend == "triton":
+            with pytest.raises(TypeError, match=r"the triton backend supports float32/float16/bfloat16 tensors, "
+                                                r"got \(torch.float64, torch.float64, torch.float32\) for model\.layers"):
+                train_step(model, opt, batch())
+            continue
+        routes = []
+        for _ in range(3):
+            train_step(model, opt, batch())
+            routes.append(opt.routing.clone())
+        assert opt._impl.name == "eager"
+        runs[backend] = torch.stack(routes), flat_params(model)
+    assert torch.equal(runs["auto"][0], runs["eager"][0])
+    assert rel_err(runs["auto"][1], runs["eager"][1]) <= 1e-5  # the first step ran on the kernels
+
+
 def test_state_dict_through_torch_distributed_checkpoint_keeps_the_step_and_routing_log():
     """get/set_optimizer_state_dict (accelerate's FSDP2 checkpoints) keep only "state" and "param_groups", and
     set_ calls step() once with zero gradients and lr 0 on an optimizer without state before loading. The
