@@ -139,6 +139,29 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
 
+    # What _bind derives from the parameters' identities (id-keyed tables, plans, device tables, a process group):
+    # not pickled or deep-copied, read again from the copied model by __setstate__.
+    _BOUND = ("layout", "layer_names", "expert_names", "device", "_expert_group", "_group_of", "_plans", "_flat",
+              "_dtypes", "_reduce_group", "_impl")
+
+    def __getstate__(self) -> dict:
+        """copy.deepcopy and pickle: the optimizer with its model (deep-copy them together, `copy.deepcopy((model,
+        opt))`, and the copy steps the copied model). Hooks and a step method patched by an LR scheduler stay
+        behind, as torch.optim's own __getstate__ leaves them (a scheduler's wrapper would step the original)."""
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._BOUND and k != "step" and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also torch.optim's load_state_dict, with "state" and "param_groups" alone
+        if "_model" not in state:
+            return
+        layout = build_layout(self._model, *self._layout_args)
+        now = [[id(p) for p in g["params"]] for g in layout.groups]
+        if now != [[id(p) for p in g["params"]] for g in self.param_groups]:
+            raise RuntimeError("the copied MoLFAdamW's param groups are not its copied model's trainable parameters "
+                               "(the model's parameters were replaced or frozen while it was being copied)")
+        self._bind(layout)
+
     def _dtypes_now(self) -> tuple[torch.dtype, ...]:
         """The dtypes the step computes in (parameters, moments): they pick the backend under "auto"."""
         moments = {st["exp_avg"].dtype for st in self.state.values() if st}

@@ -1,5 +1,6 @@
 """MoLFAdamW (eager backend) against the reference, torch.optim.AdamW and float64 formulas."""
 import copy
+import io
 import math
 import warnings
 
@@ -453,8 +454,8 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
         assert opt._impl.name == ("eager" if backend == "eager" else "triton")
         model.double()
         if backend == "triton":
-            with pytest.raises(TypeError, match=r"the triton backend supports float32/float16/bfloat16 tensors, "
-                                                r"got \(torch.float64, torch.float64, torch.float32\) for model\.layers"):
+            with pytest.raises(TypeError, match=r"the triton backend supports float32/float16/bfloat16 tensors, got "
+                                                r"\(torch.float64, torch.float64, torch.float32\) for model\.layers"):
                 train_step(model, opt, batch())
             continue
         routes = []
@@ -465,6 +466,42 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
         runs[backend] = torch.stack(routes), flat_params(model)
     assert torch.equal(runs["auto"][0], runs["eager"][0])
     assert rel_err(runs["auto"][1], runs["eager"][1]) <= 1e-5  # the first step ran on the kernels
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_deepcopy_and_pickle_of_model_and_optimizer_continue_as_the_original(backend):
+    """copy.deepcopy((model, opt)) and a pickle round trip (torch.save of both) give a pair that trains as the
+    original does, bitwise; the copies step their own model. torch.optim's __getstate__ keeps only defaults,
+    state and param groups: the copy had no molf_step, layout or plans (AttributeError at its first step). An
+    LR scheduler's patched step stays behind (it would step the original)."""
+    model = wrapped(*MOLF_E[:3], backend=backend, device=device_for(backend))
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, score="pfn", backend=backend)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ids = [batch() for _ in range(4)]
+    for i in range(2):
+        train_step(model, opt, ids[i], sched)
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    buf.seek(0)
+    pairs = {"original": (model, opt), "deepcopy": copy.deepcopy((model, opt)),
+             "pickle": torch.load(buf, weights_only=False)}
+    before = flat_params(model)
+    for name in ("deepcopy", "pickle"):
+        m, o = pairs[name]
+        assert o.molf_step == 2 and "step" not in o.__dict__ and o._model is m
+        assert all(p is q for p, q in zip(o.param_groups[0]["params"], o.layout.groups[0]["params"]))
+        train_step(m, o, ids[2])
+        assert opt.molf_step == 2 and torch.equal(flat_params(model), before), f"{name}: the original moved"
+    runs = {}
+    for name, (m, o) in pairs.items():
+        routes = []
+        for i in range(2, 4) if name == "original" else range(3, 4):
+            train_step(m, o, ids[i])
+            routes.append(o.routing.clone())
+        runs[name] = routes[-1], flat_params(m), o.molf_step
+    for name in ("deepcopy", "pickle"):
+        assert torch.equal(runs[name][0], runs["original"][0]) and runs[name][2] == 4
+        assert torch.equal(runs[name][1], runs["original"][1]), name
 
 
 def test_state_dict_through_torch_distributed_checkpoint_keeps_the_step_and_routing_log():
