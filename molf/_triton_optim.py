@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import accumulate
+from operator import itemgetter
 
 import torch
 
@@ -17,6 +18,10 @@ from .kernels._utils import cdiv
 from .kernels.multi_tensor import TensorTable
 
 
+_PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_M, _V, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+
+
 class _Launch:
     """One dtype combination (param, grad, state): its tensors' rows (pointers, numel, first block, the
     global block where its score partials go, owner expert, param group, tensor id). O(tensors) to build."""
@@ -24,24 +29,28 @@ class _Launch:
     def __init__(self, opt, plan, ids, block, device, first_global):
         self.opt, self.ids = opt, ids
         self.dtensors = [plan.params[i] for i in ids]
+        self.whole = len(ids) == len(plan.params)  # then ids is range(len(plan.params))
         self.sharded = any(local(p) is not p for p in self.dtensors)
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
         cols = self.current()
         self.table = TensorTable(self.columns(cols), block, device)
-        self.col_ptrs = [[t.data_ptr() for t in c] for c in cols]
+        self.col_ptrs = [list(map(_PTR, c)) for c in cols]
         self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
         self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
         self.group = to_device([plan.group[i] for i in self.ids], torch.int32, device)
         self.tensor_id = to_device(self.ids, torch.int32, device)
 
-    def current(self):
+    def current(self, grads=None, states=None):
         """[params, grads, exp_avgs, exp_avg_sqs, step counters] as they are now, local tensors (FSDP2: this
-        rank's shards)."""
-        ps, state = self.dtensors, self.opt.state
-        sts = [state[p] for p in ps]
-        cols = [ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
-                [st["step"] for st in sts]]
+        rank's shards). grads, states: this step's, of every parameter of the plan, as the optimizer read them
+        (else read here)."""
+        ps = self.dtensors
+        if states is None:
+            grads, states = [p.grad for p in ps], [self.opt.state[p] for p in ps]
+        elif not self.whole:
+            grads, states = [grads[i] for i in self.ids], [states[i] for i in self.ids]
+        cols = [ps, grads, list(map(_M, states)), list(map(_V, states)), list(map(_STEP, states))]
         return [[local(t) for t in c] for c in cols] if self.sharded else cols
 
     def columns(self, cols):
@@ -57,24 +66,24 @@ class _Launch:
                     f"on {st['exp_avg'].device}: the moments must have the parameter's shape and device")
         return cols
 
-    def refresh(self) -> bool:
+    def refresh(self, grads, states) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).
         False when the tables must be built again: a parameter's size or dtype changed, or moments or step
         counters were replaced by hand (the rebuild checks them and takes the new step pointers). O(tensors), a
         small constant: one data_ptr() per tensor; moved gradients or parameters add a size and a contiguity
         check (parameters also a dtype check)."""
-        cols = self.current()
-        ptrs = [[t.data_ptr() for t in c] for c in cols]
+        cols = self.current(grads, states)
+        ptrs = [list(map(_PTR, c)) for c in cols]
         if ptrs == self.col_ptrs:
             return True
         if ptrs[2:] != self.col_ptrs[2:] or (ptrs[0] != self.col_ptrs[0] and (
-                [p.numel() for p in cols[0]] != self.table.numels or any(p.dtype != self.p_dtype for p in cols[0]))):
+                list(map(_NUMEL, cols[0])) != self.table.numels or any(p.dtype != self.p_dtype for p in cols[0]))):
             return False  # model.half() after a step moves the parameters into another dtype: launches regrouped
         cols = cols[:4]
-        if [g.numel() for g in cols[1]] != self.table.numels:
+        if list(map(_NUMEL, cols[1])) != self.table.numels:
             cols = self.columns(cols)  # raises, naming the parameter
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
-        if not all(t.is_contiguous() for c in moved for t in c):
+        if not all(all(map(_CONTIGUOUS, c)) for c in moved):
             self.table.pointers(cols)  # raises, with the strides
         self.col_ptrs = ptrs
         self.table.repoint(cols, [x for row in zip(*ptrs[:4]) for x in row])
@@ -127,10 +136,11 @@ class TritonRoutedAdamW:
         self.plan = plan
         return True
 
-    def prepare(self, plan) -> bool:
-        """Tables for this step: built when the plan changed, pointers refreshed when storage moved. False where
-        the kernels cannot take this step's dtypes under backend "auto" (the caller takes torch ops)."""
-        if plan is self.plan and all(ln.refresh() for ln in self.launches):
+    def prepare(self, plan, grads, states) -> bool:
+        """Tables for this step (grads, states: of plan.params, as the optimizer read them this step): built when
+        the plan changed, pointers refreshed when storage moved. False where the kernels cannot take this
+        step's dtypes under backend "auto" (the caller takes torch ops)."""
+        if plan is self.plan and all(ln.refresh(grads, states) for ln in self.launches):
             return True
         self.plan = None
         return self._build(plan)

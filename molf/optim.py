@@ -8,6 +8,8 @@ import math
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_not
 
 import torch
 
@@ -205,9 +207,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                           "experts never apply (only the full expert trains there); leave these layers out of "
                           "target_modules", UserWarning, stacklevel=6)  # the caller of step()
 
-    def _plan(self) -> StepPlan:
+    def _plan(self) -> tuple[StepPlan, list]:
+        """The plan of this step's pattern of gradients (cached per pattern), and the gradients of its params."""
         lay, flat = self.layout, self._flat
-        key = tuple(p.grad is not None for p, _ in flat)
+        grads = [p.grad for p, _ in flat]
+        key = tuple(map(is_not, grads, repeat(None)))
         plan = self._plans.get(key)
         if plan is None:
             with_grad = [(p, o) for (p, o), has in zip(flat, key) if has]
@@ -229,7 +233,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 inv_n=to_device(inv, torch.float32, self.device).view(n_layers, n_experts),
                 no_grad=to_device([c == 0 for c in counts], torch.bool, self.device).view(n_layers, n_experts))
             self._plans[key] = plan
-        return plan
+        return plan, [g for g in grads if g is not None]
 
     def rounding_seed(self) -> int:
         """The stochastic-rounding seed of the step being taken (a host int: no device read)."""
@@ -285,16 +289,19 @@ class MoLFAdamW(torch.optim.Optimizer):
                 "or give them an optimizer of their own")
         super().add_param_group(param_group)
 
-    def _state(self, p) -> bool:
-        """Create p's state (step, moments) if it has none; True when it did."""
-        st = self.state[p]
-        if st:
-            return False
-        dt = self.state_dtype or p.dtype
-        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        return True
+    def _states(self, params) -> tuple[list[dict], bool]:
+        """The state of each parameter (step, moments), created where there is none; and whether any was."""
+        state = self.state
+        sts = [state[p] for p in params]
+        if all(sts):
+            return sts, False
+        for p, st in zip(params, sts):
+            if not st:
+                dt = self.state_dtype or p.dtype
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return sts, True
 
     def _backend_impl(self):
         name = _backend.resolve(self.backend, self.device, self._dtypes)
@@ -330,12 +337,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         if not self._warned_unfrozen:
             self._warn_unfrozen()
         self.step_betas = self._group_betas()
-        plan = self._plan()
-        created = [self._state(p) for p in plan.params]
-        if self._impl is not None and any(created):  # state made anew (opt.state cleared): tables rebuilt
+        plan, grads = self._plan()
+        states, created = self._states(plan.params)
+        if self._impl is not None and created:  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
         impl = self._backend_impl()
-        if impl.name == "triton" and not impl.prepare(plan):  # model.double() since, backend "auto": torch ops
+        if impl.name == "triton" and not impl.prepare(plan, grads, states):  # model.double() since, "auto": torch ops
             self._dtypes = self._dtypes_now()
             impl = self._backend_impl()
         lrs = [0.0 if g is None else self.param_groups[g]["lr"] for g in self._expert_group]

@@ -436,6 +436,31 @@ def test_model_cast_to_another_dtype_after_a_step_keeps_training_alike_on_both_b
     assert runs["triton"][1].isfinite().all() and rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-3
 
 
+def test_two_dtype_launches_refresh_their_own_rows_when_gradients_move():
+    """A float16 norm weight among float32 parameters: the triton step runs one launch per dtype combination,
+    each over a subset of the step's tensors, and refreshes its rows' pointers from the gradients and states
+    the optimizer read (fresh gradient storage every step) without rebuilding. It trains as the eager step."""
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = wrapped(*MOLF[:3], backend=backend)
+        model.model.norm.half()
+        opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
+        routes = []
+        for i in range(4):
+            train_step(model, opt, batch())
+            routes.append(opt.routing.clone())
+            if backend == "triton":
+                if i == 1:
+                    launches = opt._impl.launches
+                    assert sorted(len(ln.ids) for ln in launches)[0] == 1 and len(launches) == 2
+                elif i > 1:
+                    assert opt._impl.launches is launches, "the tables were rebuilt"
+        assert model.model.norm.weight.dtype == torch.float16
+        runs[backend] = torch.stack(routes), flat_params(model)
+    assert torch.equal(runs["eager"][0], runs["triton"][0])
+    assert rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-5
+
+
 def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypatch):
     """backend="auto" takes torch ops where the kernels lack the dtype; the optimizer picked its backend from the
     dtypes at construction, so model.double() after a step met the triton tables' TypeError. Now the step
