@@ -431,7 +431,7 @@ def test_model_cast_to_another_dtype_after_a_step_keeps_training_alike_on_both_b
             train_step(model, opt, batch())
             routes.append(opt.routing.clone())
         assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
-        runs[backend] = torch.stack(routes), flat_params(model)
+        runs[backend] = torch.stack(routes).cpu(), flat_params(model).cpu()  # the backends may sit on two devices
     assert torch.equal(runs["eager"][0], runs["triton"][0])
     assert runs["triton"][1].isfinite().all() and rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-3
 
@@ -456,7 +456,7 @@ def test_two_dtype_launches_refresh_their_own_rows_when_gradients_move():
                 elif i > 1:
                     assert opt._impl.launches is launches, "the tables were rebuilt"
         assert model.model.norm.weight.dtype == torch.float16
-        runs[backend] = torch.stack(routes), flat_params(model)
+        runs[backend] = torch.stack(routes).cpu(), flat_params(model).cpu()  # the backends may sit on two devices
     assert torch.equal(runs["eager"][0], runs["triton"][0])
     assert rel_err(runs["triton"][1], runs["eager"][1]) <= 1e-5
 
@@ -473,7 +473,7 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
         backend, torch.device("cuda") if backend == "auto" else device, dtypes))
     runs = {}
     for backend in ("eager", "auto", "triton"):
-        model = wrapped(*MOLF[:3], backend="eager")
+        model = wrapped(*MOLF[:3], backend="eager", device=device_for("triton"))  # the GPU where there is one
         opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
         train_step(model, opt, batch())
         assert opt._impl.name == ("eager" if backend == "eager" else "triton")
@@ -488,7 +488,7 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
             train_step(model, opt, batch())
             routes.append(opt.routing.clone())
         assert opt._impl.name == "eager"
-        runs[backend] = torch.stack(routes), flat_params(model)
+        runs[backend] = torch.stack(routes).cpu(), flat_params(model).cpu()  # the backends may sit on two devices
     assert torch.equal(runs["auto"][0], runs["eager"][0])
     assert rel_err(runs["auto"][1], runs["eager"][1]) <= 1e-5  # the first step ran on the kernels
 
