@@ -70,8 +70,9 @@ def test_nccl_routing_identical_on_ranks(tmp_path, mode):
     assert torch.equal(r0["resumed_routes"], r0["routes"][5:])
 
 
-def torchrun_trainer(out, mode):
-    """tests/trainer_worker.py under torchrun (2 ranks, gloo): each rank's results."""
+def launch(out, mode, accelerate=None):
+    """tests/trainer_worker.py on 2 ranks (gloo), launched by torchrun, or by `accelerate launch` with the options
+    `accelerate` (a list): (exit code, log)."""
     import os
     import signal
     import subprocess
@@ -79,15 +80,25 @@ def torchrun_trainer(out, mode):
 
     worker = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            str(WORLD), worker, str(out), mode], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if accelerate is None:
+        launcher = ["torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
+    else:  # a free port (port 0): launches side by side (pytest -n) must not meet on accelerate's default one
+        launcher = ["accelerate.commands.launch", "--num_processes", str(WORLD), "--num_machines", "1",
+                    "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", *accelerate]
+    run = subprocess.Popen([sys.executable, "-m", *launcher, worker, str(out), mode], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = run.communicate(timeout=300)
     finally:
-        if run.poll() is None:  # a hung rendezvous: the ranks too, not only torchrun
+        if run.poll() is None:  # a hung rendezvous: the ranks too, not only the launcher
             os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 0, log[-3000:]
+    return run.returncode, log
+
+
+def trainer_ranks(out, mode, accelerate=None):
+    """Each rank's results of tests/trainer_worker.py (launched as `launch` does)."""
+    code, log = launch(out, mode, accelerate)
+    assert code == 0, log[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -99,7 +110,7 @@ def logged_steps(path):
 @pytest.fixture(scope="module")
 def ddp_trainer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    return out, torchrun_trainer(out, "ddp")
+    return out, trainer_ranks(out, "ddp")
 
 
 def test_molf_trainer_under_torchrun_ddp(ddp_trainer_run):
@@ -126,7 +137,7 @@ def test_molf_trainer_under_fsdp2(tmp_path, ddp_trainer_run, state_dict_type):
     nothing; FULL_STATE_DICT checkpoints hold them too."""
     from transformers import AutoModelForCausalLM
     _, (d0, _) = ddp_trainer_run
-    r0, r1 = torchrun_trainer(tmp_path, f"fsdp2:{state_dict_type}")
+    r0, r1 = trainer_ranks(tmp_path, f"fsdp2:{state_dict_type}")
     assert r0["fsdp"] and r0["sharded"] == r0["n_params"] > 0  # every parameter a DTensor
     assert r0["step"] == r1["step"] == 4
     assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
@@ -159,7 +170,7 @@ def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
     from safetensors.torch import load_file
     from test_quant import quantized_qwen2
-    r0, r1 = torchrun_trainer(tmp_path, "fsdp2-nf4")
+    r0, r1 = trainer_ranks(tmp_path, "fsdp2-nf4")
     assert r0["fsdp"] and r0["sharded"] == r0["n_params"] > 0 and r0["step"] == 4
     assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
     assert "resuming FSDP2 with a bitsandbytes-quantized base is not supported" in r0["resume_error"]
@@ -173,6 +184,43 @@ def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path):
         adapter = load_file(folder / "adapter_model.safetensors")
         assert torch.equal(adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
                            torch.cat(list(q.lora_A), 0))
+
+
+FSDP_OPTIONS = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+
+
+@pytest.mark.parametrize("setup", ["ddp", "fsdp2"])
+def test_molf_trainer_under_accelerate_launch(tmp_path, ddp_trainer_run, setup):
+    """`accelerate launch` itself around the script (2 ranks, gloo; `--multi_gpu` starts torchrun's launcher on a
+    machine without GPUs too), its options reaching the Trainer through the environment only, as in a user's run:
+    DDP equals the torchrun run bitwise; `--use_fsdp --fsdp_version 2` shards every parameter (forced on for CPU
+    ranks, see trainer_worker.py), routes as DDP and resumes from step 2 to the same end."""
+    _, (d0, _) = ddp_trainer_run
+    options = ["--multi_gpu"] if setup == "ddp" else [*FSDP_OPTIONS, "--fsdp_version", "2"]
+    r0, r1 = trainer_ranks(tmp_path, "launcher", accelerate=options)
+    assert r0["world"] == WORLD and r0["step"] == r1["step"] == 4 and r0["fsdp"] == (setup == "fsdp2")
+    assert r0["sharded"] == (r0["n_params"] if setup == "fsdp2" else 0)
+    assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
+    assert torch.equal(r0["routing"], d0["routing"]) and rel_err(r0["params"], d0["params"]) <= 1e-5
+    if setup == "ddp":
+        assert torch.equal(r0["params"], d0["params"])
+    else:
+        assert r0["resumed_step"] == 4 and torch.equal(r0["resumed_params"], r0["params"])
+        assert logged_steps(tmp_path / "resumed" / "molf_routing.jsonl") == [3, 4]
+    assert logged_steps(tmp_path / "molf_routing.jsonl") == [1, 2, 3, 4]
+    trained = molf.from_pretrained(tmp_path / "final", backend="eager")
+    assert torch.equal(torch.cat([p.detach().flatten() for p in trained.parameters()]), r0["params"])
+
+
+def test_accelerate_launch_with_fsdp1_is_refused(tmp_path):
+    """`accelerate launch --use_fsdp` without --fsdp_version 2 (accelerate's default is FSDP1): every rank stops
+    when MoLFTrainer is built, saying to use FSDP2, before a step."""
+    code, log = launch(tmp_path, "launcher", accelerate=FSDP_OPTIONS)
+    assert code != 0
+    assert "FSDP1: the Trainer would shard the model with FullyShardedDataParallel" in log
+    assert "accelerate launch --use_fsdp --fsdp_version 2" in log
+    assert not (tmp_path / "checkpoint-2").exists() and not (tmp_path / "molf_routing.jsonl").exists()
 
 
 def test_fsdp1_and_wrapping_after_sharding_are_refused(tmp_path):

@@ -1,8 +1,10 @@
-"""One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (tests/test_distributed.py): MoLFTrainer
-on gloo, as a user's script launched by torchrun or accelerate runs it. MODE "ddp", "fsdp2[:STATE_DICT_TYPE]" or
-"fsdp2-nf4" (MoLF-E over a 4-bit base): the Trainer's fsdp_config={"version": 2, "state_dict_type": ...}, with which
-transformers builds the optimizer before accelerate shards the model and points the optimizer at the shards; then a
-second run resumes from the step-2 checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
+"""One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (or `accelerate launch ...`;
+tests/test_distributed.py): MoLFTrainer on gloo, as a user's script launched by torchrun or accelerate runs it. MODE
+"ddp", "fsdp2[:STATE_DICT_TYPE]" or "fsdp2-nf4" (MoLF-E over a 4-bit base): the Trainer's fsdp_config={"version": 2,
+"state_dict_type": ...}, with which transformers builds the optimizer before accelerate shards the model and points
+the optimizer at the shards; "launcher": TrainingArguments without FSDP options, the set-up `accelerate launch`
+gives through the environment (DDP, or FSDP with --use_fsdp). Under FSDP a second run resumes from the step-2
+checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
 import os
 import sys
 
@@ -67,10 +69,10 @@ def train(out, mode, resume=None):
 
 if __name__ == "__main__":
     out, mode = sys.argv[1], sys.argv[2]
-    if mode.startswith("fsdp2"):
+    if mode.startswith("fsdp2") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         force_fsdp_on_cpu_ranks()
     result = train(out, mode)
-    if mode.startswith("fsdp2"):
+    if result["fsdp"]:
         try:
             resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
             result.update({f"resumed_{k}": v for k, v in resumed.items()})
