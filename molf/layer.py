@@ -404,6 +404,11 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
 
+# nn.Linear subclasses whose own forward computes x W^T + b in other ops (read in their source; a test checks that
+# the installed transformers still computes F.linear's values): molf wraps them as nn.Linear.
+LINEAR_FORWARDS = {"transformers.models.falcon.modeling_falcon.FalconLinear"}  # x @ W.T, then + b
+
+
 def _unsupported(name: str, m: nn.Module) -> str | None:
     """Why module `m` cannot be a MoLF base (None if it can)."""
     kind = type(m)
@@ -428,7 +433,8 @@ def _unsupported(name: str, m: nn.Module) -> str | None:
                 "wraps nn.Linear layers only; convert the model's Conv1D layers to nn.Linear first")
     if not isinstance(m, nn.Linear):
         return f"{name} is a {kind.__name__}, not an nn.Linear"
-    if kind is not nn.Linear and kind.forward is not nn.Linear.forward:
+    if kind is not nn.Linear and kind.forward is not nn.Linear.forward and \
+            f"{kind.__module__}.{kind.__qualname__}" not in LINEAR_FORWARDS:
         return (f"{name} is a {kind.__module__}.{kind.__name__}, a subclass of nn.Linear with its own forward: "
                 "molf would replace that forward; wrap a model with plain nn.Linear layers there")
     return None

@@ -11,7 +11,13 @@ import molf
 from helpers import assert_close, batch, config_for, device_for, randomize_lora_B, tiny_qwen2
 from optim_utils import train_step
 
-ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron"]
+ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron",
+         "falcon"]
+# Decoders that name their projections as Llama does, built from their configs by model type (skipped where the
+# installed transformers lacks one): the same checks as ARCHS.
+SAME_NAMES = ["gemma", "gemma2", "olmo", "olmo2", "olmo3", "granite", "smollm3", "cohere", "cohere2", "exaone",
+              "exaone4", "ernie4_5", "seed_oss", "hunyuan_v1_dense", "helium", "stablelm", "glm", "ministral",
+              "vaultgemma", "bitnet"]
 
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -20,6 +26,11 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 def tiny(arch):
     import transformers as tf
+    if arch in SAME_NAMES:
+        known = config_for(arch)
+        cfg = config_for(arch, **{k: v for k, v in dict(TINY, head_dim=8).items() if hasattr(known, k)})
+        torch.manual_seed(0)
+        return tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     cfg = {
         "qwen2": lambda: tf.Qwen2Config(**TINY),
         "llama": lambda: tf.LlamaConfig(**TINY),
@@ -32,16 +43,17 @@ def tiny(arch):
         "gpt_neox": lambda: tf.GPTNeoXConfig(**TINY),
         "glm4": lambda: tf.Glm4Config(**TINY),
         "nemotron": lambda: tf.NemotronConfig(**TINY),  # an MLP without gate_proj
+        "falcon": lambda: tf.FalconConfig(**TINY),  # FalconLinear layers (see test_falcon_linear_is_a_linear)
     }[arch]()
     cls = {"qwen2": tf.Qwen2ForCausalLM, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
            "gemma3": tf.Gemma3ForCausalLM, "phi3": tf.Phi3ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
            "phi": tf.PhiForCausalLM, "starcoder2": tf.Starcoder2ForCausalLM, "gpt_neox": tf.GPTNeoXForCausalLM,
-           "glm4": tf.Glm4ForCausalLM, "nemotron": tf.NemotronForCausalLM}[arch]
+           "glm4": tf.Glm4ForCausalLM, "nemotron": tf.NemotronForCausalLM, "falcon": tf.FalconForCausalLM}[arch]
     torch.manual_seed(0)
     return cls(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + SAME_NAMES)
 def test_default_targets_wrap_every_linear_but_the_head(arch):
     model = tiny(arch)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
@@ -255,6 +267,28 @@ def test_linear_subclasses_wrapped_when_they_behave_as_one():
         molf.wrap(odd, ranks=(2,), alphas=(4,), target_modules="all-linear")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_falcon_linear_is_a_linear(bias):
+    """molf wraps the nn.Linear subclasses of LINEAR_FORWARDS as nn.Linear (their forward computes x W^T + b in
+    other ops; before, Falcon's FalconLinear was refused, so no Falcon model could be wrapped): their installed
+    forward still gives F.linear's values, and each wraps as an nn.Linear (Falcon's training and checkpoints: the
+    "falcon" cases of ARCHS)."""
+    import importlib
+    for path in molf.layer.LINEAR_FORWARDS:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        torch.manual_seed(0)
+        lin, x = cls(12, 5, bias=bias), torch.randn(3, 7, 12)
+        with torch.no_grad():
+            assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias), 1e-6, path)
+        model = nn.Sequential()
+        model.add_module("dense", lin)
+        molf.wrap(model, ranks=(2,), alphas=(4,), target_modules=["dense"], backend="eager")
+        assert isinstance(model.dense, molf.MoLFLinear) and model.dense.base is lin
+        with torch.no_grad():
+            assert_close(model(x), nn.functional.linear(x, lin.weight, lin.bias), 1e-6, f"{path} wrapped")
+
+
 @pytest.mark.parametrize("how", ["forward hook", "forward pre-hook", "backward hook", "weight_norm", "parametrize",
                                  "replaced forward"])
 @pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
@@ -369,7 +403,7 @@ def test_copy_of_a_wrapped_model_is_independent():
     assert clone.model.layers[0].self_attn.q_proj.weight is not model.model.layers[0].self_attn.q_proj.weight
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + SAME_NAMES)
 def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, tmp_path):
     from transformers import AutoModelForCausalLM
     model = molf.wrap(tiny(arch), ranks=(4,), alphas=(8,), backend="eager").train()
