@@ -46,8 +46,7 @@ def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[
     for name, m in layers:
         own = None
         if state_dict is not None:
-            keys = ["base.weight", "base.bias"] + [f"lora_{ab}.{i}" for ab in "AB" for i in range(len(m.ranks))]
-            own = {k: sd[f"{name}.{k}"] for k in keys if f"{name}.{k}" in sd}
+            own = {k: sd[f"{name}.{k}"] for k, _ in m.named_parameters() if f"{name}.{k}" in sd}
         out[f"{name}.weight"] = m.merged_weight(own)
         if m.base.bias is not None:
             out[f"{name}.bias"] = m.base.bias.detach() if own is None else own["base.bias"]
