@@ -14,10 +14,15 @@ from optim_utils import train_step
 ARCHS = ["qwen2", "qwen3", "llama", "mistral", "gemma3", "phi3", "phi", "starcoder2", "gpt_neox", "glm4", "nemotron",
          "falcon"]
 # Decoders that name their projections as Llama does, built from their configs by model type (skipped where the
-# installed transformers lacks one): the same checks as ARCHS.
-SAME_NAMES = ["gemma", "gemma2", "olmo", "olmo2", "olmo3", "granite", "smollm3", "cohere", "cohere2", "exaone",
-              "exaone4", "ernie4_5", "seed_oss", "hunyuan_v1_dense", "helium", "stablelm", "glm", "ministral",
-              "vaultgemma", "bitnet"]
+# installed transformers lacks one), with the fields some need beyond TINY: the same checks as ARCHS.
+SAME_NAMES = dict.fromkeys(["gemma", "gemma2", "olmo", "olmo2", "olmo3", "granite", "smollm3", "cohere", "cohere2",
+                            "exaone", "exaone4", "ernie4_5", "seed_oss", "hunyuan_v1_dense", "helium", "stablelm",
+                            "glm", "ministral", "vaultgemma", "bitnet"], {})
+# Gemma 4: per-layer inputs (their small gate and projections stay out of the defaults, as in peft), full-attention
+# layers with a wider head, the last two layers reusing the keys and values of the first two
+SAME_NAMES["gemma4_text"] = dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, num_hidden_layers=4,
+                                 sliding_window=16, per_layer_config={"01": {"head_dim": 16}, "03": {"head_dim": 16}},
+                                 num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -27,8 +32,9 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 def tiny(arch):
     import transformers as tf
     if arch in SAME_NAMES:
-        known = config_for(arch)
-        cfg = config_for(arch, **{k: v for k, v in dict(TINY, head_dim=8).items() if hasattr(known, k)})
+        known = config_for(arch).to_dict()  # (hasattr raises on Gemma 4's per-layer head_dim)
+        fields = {k: v for k, v in dict(TINY, head_dim=8).items() if k in known}
+        cfg = config_for(arch, **{**fields, **SAME_NAMES[arch]})
         torch.manual_seed(0)
         return tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     cfg = {
@@ -53,7 +59,7 @@ def tiny(arch):
     return cls(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS + SAME_NAMES)
+@pytest.mark.parametrize("arch", ARCHS + list(SAME_NAMES))
 def test_default_targets_wrap_every_linear_but_the_head(arch):
     model = tiny(arch)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
@@ -62,7 +68,8 @@ def test_default_targets_wrap_every_linear_but_the_head(arch):
         want = model(ids).logits
     molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
     wrapped = {n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear)}
-    assert wrapped == linears, f"not wrapped: {sorted(linears - wrapped)}"
+    left = {"gemma4_text": {"per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"}}
+    assert {n.rpartition(".")[2] for n in linears - wrapped} == left.get(arch, set()), sorted(linears - wrapped)
     assert isinstance(model.lm_head, nn.Linear)
     with torch.no_grad():
         assert_close(model(ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
@@ -108,6 +115,34 @@ def test_multimodal_defaults_wrap_the_language_model_only(tmp_path):
     molf.save_pretrained(model, tmp_path)
     back = molf.from_pretrained(tmp_path, backend="eager").eval()
     assert {n for n, _ in molf.layer.molf_layers(back)} == lm
+
+
+def test_gemma4_multimodal_defaults_wrap_the_language_model_only(tmp_path):
+    """Gemma 4 loads as Gemma4ForConditionalGeneration: the defaults are its language model's projections (its
+    vision tower's q/k/v/o_proj and gate/up/down_proj are modules holding a `linear`, left alone)."""
+    import transformers as tf
+    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=32, hidden_size_per_layer_input=8,
+                intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=64, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8)
+    cfg = config_for("gemma4", text_config=text, vision_config=vision, image_token_id=299, boi_token_id=297,
+                     eoi_token_id=298, audio_token_id=296, boa_token_id=295, eoa_token_index=294, video_token_id=293)
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(cfg).eval()
+    ids = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    lm = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".language_model.layers." in n
+          and ".per_layer_" not in n}
+    tower = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".vision_tower." in n}
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    assert {n for n, _ in molf.layer.molf_layers(model)} == lm and len(lm) == 14 and tower
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
+    molf.save_pretrained(model, tmp_path)
+    back = molf.from_pretrained(tmp_path, backend="eager").eval()
+    assert type(back) is type(model) and {n for n, _ in molf.layer.molf_layers(back)} == lm
 
 
 MOE = {"mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
@@ -403,7 +438,7 @@ def test_copy_of_a_wrapped_model_is_independent():
     assert clone.model.layers[0].self_attn.q_proj.weight is not model.model.layers[0].self_attn.q_proj.weight
 
 
-@pytest.mark.parametrize("arch", ARCHS + SAME_NAMES)
+@pytest.mark.parametrize("arch", ARCHS + list(SAME_NAMES))
 def test_trained_checkpoint_loads_as_a_plain_model_and_exactly_with_molf(arch, tmp_path):
     from transformers import AutoModelForCausalLM
     model = molf.wrap(tiny(arch), ranks=(4,), alphas=(8,), backend="eager").train()
