@@ -337,6 +337,9 @@ _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_
 # per-head gates in_proj_a / in_proj_b (num_v_heads outputs, below a LoRA's rank; serving stacks load adapters
 # for them only since mid-2026): name them to train them.
 _QWEN3_5 = DEFAULT_TARGETS + ("in_proj_qkv", "in_proj_z", "out_proj")
+# OLMo-hybrid's Gated DeltaNet layers name q/k/v/o as attention does and add the output gate g_proj (value_dim
+# outputs, the role of Qwen3.5's in_proj_z); not its per-head a_proj / b_proj.
+_OLMO_HYBRID = DEFAULT_TARGETS + ("g_proj",)
 ARCH_TARGETS = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "glm": _GLM,
@@ -364,6 +367,7 @@ ARCH_TARGETS = {
     "youtu": _MLA,
     "qwen3_5": _QWEN3_5,
     "qwen3_5_text": _QWEN3_5,
+    "olmo_hybrid": _OLMO_HYBRID,
     # Zamba2: the shared transformer block's projections (one tensor for every hybrid layer that calls the block:
     # MoLF-E trains a LoRA per layer) and each hybrid layer's own `linear`; in_proj of its Mamba-2 mixers comes
     # as for every Mamba-style model. Not the block's own per-layer adapters (*_adapter_list, Linear pairs named

@@ -209,6 +209,7 @@ NAMED_OTHERWISE = {
     "youtu": ({"q_lora_rank": None, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
                "v_head_dim": 8, "head_dim": 4}, set()),  # no low-rank query pair: q_proj
     "lfm3": ({"num_hidden_layers": 4}, {"g_proj"}),  # layer 2 attends, the others are short convs
+    "olmo_hybrid": ({}, {"a_proj", "b_proj"}),  # Gated DeltaNet, then attention; its per-head gates left out
     "qwen3_5_text": ({"num_hidden_layers": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                       "linear_key_head_dim": 8, "linear_value_head_dim": 8}, {"in_proj_a", "in_proj_b"}),
     "zamba2": ({"num_hidden_layers": 4, "hybrid_layer_ids": [1, 3], "layer_types": ["mamba", "hybrid"] * 2,
