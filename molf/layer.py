@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import warnings
@@ -585,6 +586,19 @@ def _called_linears(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> l
     return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in by_weight]
 
 
+def _log_left_out(model: nn.Module, chosen: list, lm: str | None) -> None:
+    """Say (at INFO, on the `molf` logger) which linear layers "all-linear" would wrap but the defaults do not."""
+    picked = {id(m) for _, m in chosen}
+    left = [n for n, m in _match_targets(model, "all-linear") if id(m) not in picked and n.startswith(lm or "")]
+    if left:
+        names = sorted({n.rpartition(".")[2] for n in left})
+        arch = getattr(getattr(model, "config", None), "model_type", "?")
+        logging.getLogger("molf").info(
+            "molf.wrap: the default targets of this architecture (%s) wrap %d linear layers and leave out %d (%s, "
+            "e.g. %s): name them in target_modules, or pass 'all-linear', to train them", arch, len(chosen),
+            len(left), ", ".join(names), left[0])
+
+
 def _match_targets(model: nn.Module, target_modules, defaults: bool = False) -> list[tuple[str, nn.Module]]:
     """The modules target_modules names (peft's conventions): "all-linear" (every linear but the output
     head and a task head), a regular expression (a str, full match of the module name) or a list of names, each
@@ -707,6 +721,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
         raise ValueError(problems[0] + more)
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} selects no linear layer of the model")
+    if defaults:
+        _log_left_out(model, chosen, lm)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=re.escape(META_EXPERTS[:40]))  # said once below, not per layer
         for name, lin in chosen:

@@ -1,6 +1,7 @@
 """wrap on real architectures built tiny from configs: every target wrapped or a clear refusal, never a
 partial wrap; targets as peft names them; drop-in attributes."""
 import copy
+import logging
 import re
 
 import pytest
@@ -60,16 +61,21 @@ def tiny(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS + list(SAME_NAMES))
-def test_default_targets_wrap_every_linear_but_the_head(arch):
+def test_default_targets_wrap_every_linear_but_the_head(arch, caplog):
+    """...and the linear layers they leave out are named on the `molf` logger (INFO)."""
     model = tiny(arch)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     ids = batch()
     with torch.no_grad():
         want = model(ids).logits
-    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    with caplog.at_level(logging.INFO, logger="molf"):
+        molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
     wrapped = {n for n, m in model.named_modules() if isinstance(m, molf.MoLFLinear)}
-    left = {"gemma4_text": {"per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"}}
-    assert {n.rpartition(".")[2] for n in linears - wrapped} == left.get(arch, set()), sorted(linears - wrapped)
+    left = {"gemma4_text": {"per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"}}.get(arch)
+    assert {n.rpartition(".")[2] for n in linears - wrapped} == (left or set()), sorted(linears - wrapped)
+    said = [r.getMessage() for r in caplog.records if "default targets" in r.getMessage()]
+    assert len(said) == bool(left) and (not left or f"leave out {len(linears - wrapped)} ({', '.join(sorted(left))}"
+                                        in said[0]), said
     assert isinstance(model.lm_head, nn.Linear)
     with torch.no_grad():
         assert_close(model(ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
@@ -219,7 +225,7 @@ NAMED_OTHERWISE = {
 
 
 @pytest.mark.parametrize("model_type", sorted(NAMED_OTHERWISE))
-def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
+def test_architectures_named_otherwise_wrap_with_their_defaults(model_type, caplog):
     """Was an error ("the default target_modules ... match no module"): the defaults now name each decoder
     block's linear layers (per-head gates, Qwen3.5's in_proj_a/b and LFM3's g_proj, and OPT's embedding
     projections left out), the fresh wrap computes what the model did and every expert gets a gradient."""
@@ -235,10 +241,13 @@ def test_architectures_named_otherwise_wrap_with_their_defaults(model_type):
     ids = batch()
     with torch.no_grad():
         want = model(ids).logits
-    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    with caplog.at_level(logging.INFO, logger="molf"):
+        molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
     wrapped = {n for n, _ in molf.layer.molf_layers(model)}
     assert wrapped <= linears and {n.rpartition(".")[2] for n in linears - wrapped} == left
     assert len(wrapped) >= 4 * cfg.num_hidden_layers
+    said = [r.getMessage() for r in caplog.records if "default targets" in r.getMessage()]
+    assert len(said) == bool(left) and (not left or f"({', '.join(sorted(left))}, e.g." in said[0]), said
     with torch.no_grad():
         assert_close(model(ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
     randomize_lora_B(model)
