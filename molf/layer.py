@@ -549,10 +549,13 @@ def refuse_offloaded(model: nn.Module) -> None:
                          "with MoLF-E to fit it)")
 
 
+LANGUAGE_MODELS = ("language_model", "text_model")  # Gemma-3 4B+, Llava, Qwen-VL, ...; Idefics2/3, SmolVLM
+
+
 def _language_model_prefix(model: nn.Module) -> str | None:
-    """"<name>." of a multimodal model's language model (Gemma-3 4B+, Llava, Qwen2-VL: a submodule named
-    `language_model`), None for a plain language model."""
-    return next((n + "." for n, _ in model.named_modules() if n.rpartition(".")[2] == "language_model"), None)
+    """"<name>." of a multimodal model's language model (a submodule named as in LANGUAGE_MODELS), None for a
+    plain language model."""
+    return next((n + "." for n, _ in model.named_modules() if n.rpartition(".")[2] in LANGUAGE_MODELS), None)
 
 
 TASK_HEADS = ("score", "classifier", "qa_outputs")

@@ -123,6 +123,30 @@ def test_multimodal_defaults_wrap_the_language_model_only(tmp_path):
     assert {n for n, _ in molf.layer.molf_layers(back)} == lm
 
 
+@pytest.mark.parametrize("model_type", ["idefics3", "smolvlm"])
+def test_vlm_whose_language_model_is_text_model_wraps_only_it(model_type, tmp_path):
+    """Idefics3 and SmolVLM name their language model `text_model`: the defaults are its projections (before: its
+    SigLIP tower's q/k/v_proj were wrapped too, not its out_proj, fc1, fc2: half of its attention, silently)."""
+    import transformers as tf
+    text = dict(TINY, head_dim=8, model_type="llama")
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    cfg = config_for(model_type, text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(cfg).eval()
+    ids = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    lm = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".text_model." in n}
+    molf.wrap(model, ranks=(4,), alphas=(8,), backend="eager")
+    assert {n for n, _ in molf.layer.molf_layers(model)} == lm and len(lm) == 14
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, want, 1e-6, "a fresh wrap computes what the model did")
+    molf.save_pretrained(model, tmp_path)
+    back = molf.from_pretrained(tmp_path, backend="eager")
+    assert type(back) is type(model) and {n for n, _ in molf.layer.molf_layers(back)} == lm
+
+
 def test_gemma4_multimodal_defaults_wrap_the_language_model_only(tmp_path):
     """Gemma 4 loads as Gemma4ForConditionalGeneration: the defaults are its language model's projections (its
     vision tower's q/k/v/o_proj and gate/up/down_proj are modules holding a `linear`, left alone)."""
