@@ -658,7 +658,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     wrapped). A default name the model lacks (no gate_proj) is dropped when the others cover every linear layer; a
     mixture-of-experts model has no defaults (its experts are 3-D parameters, not linear layers): name them.
     Every layer named must be wrappable: a quantized layer, a Conv1D, an nn.Linear subclass with its own
-    forward or a linear with hooks or parametrizations of its own is an error, never silently skipped.
+    forward (but those of LINEAR_FORWARDS: Falcon's) or a linear with hooks or parametrizations of its own is an
+    error, never silently skipped.
     `freeze_others=True` also freezes every parameter outside the wrapped linears (embeddings, norms, ...), so
     that only the MoLF experts train (MoLF-E's option); a classifier's or QA model's new head (`score`,
     `classifier`, `qa_outputs`) stays trainable.
