@@ -342,9 +342,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self._impl is not None and created:  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
         impl = self._backend_impl()
-        if impl.name == "triton" and not impl.prepare(plan, grads, states):  # model.double() since, "auto": torch ops
+        if not impl.prepare(plan, grads, states):  # triton under "auto", model.double() since: torch ops
             self._dtypes = self._dtypes_now()
             impl = self._backend_impl()
+            impl.prepare(plan, grads, states)
         lrs = [0.0 if g is None else self.param_groups[g]["lr"] for g in self._expert_group]
         # The CPU's C loops take the whole step in one call where no collective sits between sums and routing.
         done = impl.routed_step(plan, lrs) if impl.name == "eager" and self._reduce_group is None else None
@@ -535,6 +536,8 @@ class EagerRoutedAdamW:
         self.host_routing = opt.device.type == "cpu"
         self._tables: dict[int, _cpu.Table] = {}  # per plan (id): the native CPU loops' rows
         self._tab = None  # this step's table, from moments_and_sums to update
+        self._cols = None  # this step's columns, from prepare to routed_step or moments_and_sums
+        self.sharded = any(local(p) is not p for p, _ in opt._flat)  # FSDP2: the ops take the local shards
 
     @staticmethod
     def _score_sums(ms, vs, score: str) -> list[torch.Tensor]:
@@ -584,12 +587,14 @@ class EagerRoutedAdamW:
         return torch.tensor([[g["lr"], g["weight_decay"], g["eps"]] for g in self.opt.param_groups],
                             dtype=torch.float64)
 
-    def _columns(self, plan: StepPlan):
-        opt = self.opt
-        sts = [opt.state[p] for p in plan.params]
-        ps = [local(p) for p in plan.params]
-        ms, vs = [local(s["exp_avg"]) for s in sts], [local(s["exp_avg_sq"]) for s in sts]
-        return ps, [local(p.grad) for p in plan.params], ms, vs, [s["step"] for s in sts]
+    def prepare(self, plan: StepPlan, grads: list, states: list) -> bool:
+        """This step's columns (parameters, gradients, moments, step counters; FSDP2: the local shards) from the
+        gradients and states of plan.params as the optimizer read them this step."""
+        cols = [plan.params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]]
+        if self.sharded:
+            cols = [[local(t) for t in c] for c in cols]
+        self._cols = (*cols, [s["step"] for s in states])
+        return True
 
     def routed_step(self, plan: StepPlan, expert_lrs: list[float]):
         """The whole step in one call of the C loops (molf/_cpu.py routed_step_: a few layers at a time, so
@@ -599,9 +604,10 @@ class EagerRoutedAdamW:
         opt = self.opt
         if not self.host_routing or opt.stochastic_rounding or not _cpu.available():
             return None
-        tab = self._native_table(plan, *self._columns(plan))
+        tab = self._native_table(plan, *self._cols)
         if tab is None or len(tab.rows) != len(plan.params) or not tab.ordered:
             return None
+        self._cols = None  # taken: the gradients are not kept past the step (zero_grad frees them)
         hp = self._group_hyperparameters()
         beta1, beta2 = opt.step_betas
         return _cpu.routed_step_(tab, hp, beta1, beta2, opt.score == "pfn", plan.inv_n, plan.no_grad, expert_lrs,
@@ -610,7 +616,7 @@ class EagerRoutedAdamW:
     def moments_and_sums(self, plan: StepPlan) -> torch.Tensor:
         opt = self.opt
         beta1, beta2 = opt.step_betas
-        ps, gs, ms, vs, steps = self._columns(plan)
+        (ps, gs, ms, vs, steps), self._cols = self._cols, None  # taken, as in routed_step
         tab = self._tab = self._native_table(plan, ps, gs, ms, vs, steps)
         n = plan.inv_n.numel()
         if tab is not None:
