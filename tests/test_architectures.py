@@ -242,7 +242,7 @@ NAMED_OTHERWISE = {
     "olmo_hybrid": ({}, {"a_proj", "b_proj"}),  # Gated DeltaNet, then attention; its per-head gates left out
     "qwen3_5_text": ({"num_hidden_layers": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                       "linear_key_head_dim": 8, "linear_value_head_dim": 8}, {"in_proj_a", "in_proj_b"}),
-    "zamba2": ({"num_hidden_layers": 4, "hybrid_layer_ids": [1, 3], "layer_types": ["mamba", "hybrid"] * 2,
+    "zamba2": ({"num_hidden_layers": 4, "hybrid_layer_ids": [1, 3], "layer_types": ["linear_attention", "hybrid"] * 2,
                 "num_mem_blocks": 1, "mamba_d_state": 8, "mamba_headdim": 8, "n_mamba_heads": 8,
                 "attention_head_dim": 16}, {"0", "1"}),  # its shared block's own adapters (Linear pairs 0 and 1)
 }
@@ -501,7 +501,7 @@ def test_tied_bases_zamba2_molf_e_trains_and_reloads_exactly_and_molf_is_refused
     cfg = config_for("zamba2", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=4, vocab_size=64, mamba_d_state=8, mamba_headdim=8,
                      n_mamba_heads=8, intermediate_size=48, hybrid_layer_ids=[1, 3],
-                     layer_types=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1,
+                     layer_types=["linear_attention", "hybrid"] * 2, num_mem_blocks=1,
                      attention_head_dim=16, use_shared_attention_adapter=False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     q = lambda m, i: m.model.layers[i].shared_transformer.self_attn.q_proj  # noqa: E731
