@@ -573,11 +573,10 @@ def _hit(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _defaults_present(model: nn.Module, names: tuple[str, ...], lm: str | None) -> tuple[str, ...]:
+def _defaults_present(names: tuple[str, ...], linears: list[str]) -> tuple[str, ...]:
     """The default target names, less those the model lacks when the rest already cover every linear layer
-    (Nemotron's and Apertus' MLPs have no gate_proj); all of them otherwise, so that an architecture whose
-    projections are named differently is an error rather than a partial wrap."""
-    linears = [n for n, _ in _match_targets(model, "all-linear") if lm is None or n.startswith(lm)]
+    (`linears`, the language model's; Nemotron's and Apertus' MLPs have no gate_proj); all of them otherwise, so
+    that an architecture whose projections are named differently is an error rather than a partial wrap."""
     present = tuple(k for k in names if any(_hit(n, k) for n in linears))
     covered = all(any(_hit(n, k) for k in present) for n in linears)
     return present if present and covered else names
@@ -589,10 +588,11 @@ def _called_linears(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> l
     return [(n, m) for n, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in by_weight]
 
 
-def _log_left_out(model: nn.Module, chosen: list, lm: str | None) -> None:
-    """Say (at INFO, on the `molf` logger) which linear layers "all-linear" would wrap but the defaults do not."""
+def _log_left_out(model: nn.Module, chosen: list, linears: list[tuple[str, nn.Module]]) -> None:
+    """Say (at INFO, on the `molf` logger) which of `linears` (the language model's, as "all-linear" finds them)
+    the defaults do not wrap."""
     picked = {id(m) for _, m in chosen}
-    left = [n for n, m in _match_targets(model, "all-linear") if id(m) not in picked and n.startswith(lm or "")]
+    left = [n for n, m in linears if id(m) not in picked]
     if left:
         names = sorted({n.rpartition(".")[2] for n in left})
         arch = getattr(getattr(model, "config", None), "model_type", "?")
@@ -686,7 +686,8 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if defaults:
         if msg := _experts_problem(model):
             raise ValueError(msg)
-        target_modules = _defaults_present(model, default_targets(model), lm)
+        lm_linears = [(n, m) for n, m in _match_targets(model, "all-linear") if n.startswith(lm or "")]
+        target_modules = _defaults_present(default_targets(model), [n for n, _ in lm_linears])
     if not isinstance(target_modules, (str, Iterable)):
         raise TypeError(f"target_modules must be None, 'all-linear', a regular expression or a sequence of module "
                         f"names, got {target_modules!r}")
@@ -726,7 +727,7 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} selects no linear layer of the model")
     if defaults:
-        _log_left_out(model, chosen, lm)
+        _log_left_out(model, chosen, lm_linears)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=re.escape(META_EXPERTS[:40]))  # said once below, not per layer
         for name, lin in chosen:
