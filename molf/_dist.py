@@ -2,6 +2,8 @@
 found and refused."""
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 
 try:
@@ -10,9 +12,19 @@ except ImportError:  # torch without the public DTensor API
     DTensor, Shard = (), ()
 
 
+_M, _V, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a (possibly sharded) tensor; in-place ops on it update the DTensor."""
     return t.to_local() if DTensor and isinstance(t, DTensor) else t
+
+
+def state_columns(params, grads, states, sharded: bool) -> list[list]:
+    """A step's columns [params, grads, exp_avgs, exp_avg_sqs, step counters] from the parameters, their gradients
+    and their optimizer states; where `sharded` (FSDP2), the rank-local tensors."""
+    cols = [params, grads, list(map(_M, states)), list(map(_V, states)), list(map(_STEP, states))]
+    return [[local(t) for t in c] for c in cols] if sharded else cols
 
 
 def shard_group(params):

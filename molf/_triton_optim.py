@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import accumulate
-from operator import itemgetter
 
 import torch
 
 from . import _backend
-from ._dist import local
+from ._dist import local, state_columns
 from ._math import EPS_SCORE
 from .kernels import routed_adamw as K
 from .kernels._env import to_device
@@ -19,7 +18,6 @@ from .kernels.multi_tensor import TensorTable
 
 
 _PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
-_M, _V, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
 
 
 class _Launch:
@@ -50,8 +48,7 @@ class _Launch:
             grads, states = [p.grad for p in ps], [self.opt.state[p] for p in ps]
         elif not self.whole:
             grads, states = [grads[i] for i in self.ids], [states[i] for i in self.ids]
-        cols = [ps, grads, list(map(_M, states)), list(map(_V, states)), list(map(_STEP, states))]
-        return [[local(t) for t in c] for c in cols] if self.sharded else cols
+        return state_columns(ps, grads, states, self.sharded)
 
     def columns(self, cols):
         """The table's columns: `current()`'s cols but the step counters, checked: the kernels index every column

@@ -14,7 +14,7 @@ from operator import is_not
 import torch
 
 from . import _backend, _checks, _cpu
-from ._dist import local, shard_group
+from ._dist import local, shard_group, state_columns
 from ._layout import build_layout
 from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
 from .kernels._env import to_device
@@ -590,10 +590,7 @@ class EagerRoutedAdamW:
     def prepare(self, plan: StepPlan, grads: list, states: list) -> bool:
         """This step's columns (parameters, gradients, moments, step counters; FSDP2: the local shards) from the
         gradients and states of plan.params as the optimizer read them this step."""
-        cols = [plan.params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]]
-        if self.sharded:
-            cols = [[local(t) for t in c] for c in cols]
-        self._cols = (*cols, [s["step"] for s in states])
+        self._cols = state_columns(plan.params, grads, states, self.sharded)
         return True
 
     def routed_step(self, plan: StepPlan, expert_lrs: list[float]):
