@@ -149,9 +149,13 @@ def builtin_tokenizer(texts, vocab_size: int = 8192):
 
 
 def _encode(tok, records):
-    """(prompt ids, completion ids + eos) per record; records without completion tokens are skipped."""
-    rows = []
-    for rec in records:
+    """(rows, moved, skipped): per record (prompt ids, completion ids + eos), the text prompt + completion
+    tokenized once, so training sees exactly that text. Where the prompt's last token merges with the completion's
+    first (a prompt ending in a space: "is " + "Paris" is "is" + " Paris"), the merged token starts the completion
+    (`moved` counts those; cutting at the prompt's own token count dropped the merged text from the example).
+    Records whose completion has no tokens are `skipped`."""
+    rows, moved, skipped = [], 0, 0
+    for i, rec in enumerate(records):
         if "messages" in rec:
             if not getattr(tok, "chat_template", None):
                 raise TrainError("chat 'messages' data needs a tokenizer with a chat template (--model with one)")
@@ -160,15 +164,31 @@ def _encode(tok, records):
             if not full.startswith(prompt_text):
                 raise TrainError("the chat template renders the conversation without its prompt as a prefix: cannot "
                                  "mask the loss to the last message")
-            prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
-            completion = tok(full, add_special_tokens=False)["input_ids"][len(prompt):]
-        else:
-            prompt = tok(rec["prompt"], add_special_tokens=True)["input_ids"]  # "" (plain text): the specials only
-            completion = tok(rec["prompt"] + rec["completion"], add_special_tokens=True)["input_ids"][len(prompt):]
-        if not completion:
+            specials = False  # the template writes them
+        else:  # plain text: prompt "", the specials only
+            prompt_text, full, specials = rec["prompt"], rec["prompt"] + rec["completion"], True
+        prompt = tok(prompt_text, add_special_tokens=specials)["input_ids"]
+        ids = tok(full, add_special_tokens=specials)["input_ids"]
+        cut = len(prompt)
+        if ids[:cut] != prompt:
+            cut = _completion_start(tok, full, len(prompt_text), specials, i)
+            moved += 1
+        if cut >= len(ids):
+            skipped += 1
             continue
-        rows.append((prompt, completion + [tok.eos_token_id]))
-    return rows
+        rows.append((ids[:cut], ids[cut:] + [tok.eos_token_id]))
+    return rows, moved, skipped
+
+
+def _completion_start(tok, text, prompt_chars, specials, index):
+    """The index of the first token of `text` holding a character past the prompt's `prompt_chars`."""
+    try:
+        spans = tok(text, add_special_tokens=specials, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # Python tokenizers give no character offsets
+        raise TrainError(f"example {index}: the prompt's last token merges with the completion's first (does the "
+                         "prompt end in a space?) and this tokenizer gives no character offsets to find where the "
+                         "completion starts: load a fast tokenizer, or end the prompt where a token ends") from None
+    return next((t for t, (_, end) in enumerate(spans) if end > prompt_chars), len(spans))
 
 
 def truncate(rows, max_length: int):
@@ -668,7 +688,12 @@ def _run(cfg: TrainConfig, device, work, log):
     records = read_records(cfg.data) if cfg.data else synthetic_facts(cfg.n_facts, cfg.seed)
     dtype = _dtype(cfg, device)
     model, tok, builtin = _load(cfg, records, device, dtype)
-    rows = _encode(tok, records)
+    rows, moved, skipped = _encode(tok, records)
+    if moved:
+        log(f"molf train: {moved} example(s) whose prompt's last token merges with the completion's first (a prompt "
+            "ending in a space?): the completion starts at the merged token")
+    if skipped:
+        log(f"molf train: {skipped} example(s) with an empty completion skipped")
     max_length = cfg.max_length or getattr(model.config, "max_position_embeddings", None)
     if max_length:
         rows, cut, dropped = truncate(rows, max_length)

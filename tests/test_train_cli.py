@@ -50,13 +50,65 @@ def test_loss_is_masked_to_the_completion(tmp_path, chat_model, fmt):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(chat_model)
     recs = read_records(write_jsonl(tmp_path / "d.jsonl", RECORDS[fmt]))
-    (prompt, completion), = _encode(tok, recs[:1])
+    ((prompt, completion),), moved, skipped = _encode(tok, recs[:1])
+    assert (moved, skipped) == (0, 0)
     text = tok.decode(completion[:-1])
     want = {"pairs": "; -- 0", "text": "hello there, friend number 0", "messages": "Valdor.<|im_end|>\n"}[fmt]
     assert text == want and completion[-1] == tok.eos_token_id
     assert tok.decode(prompt) == {"pairs": "SELECT name FROM users WHERE id = 0", "text": "",
                                   "messages": "<|im_start|>user\ncapital of Kalo 0?<|im_end|>\n"
                                               "<|im_start|>assistant\n"}[fmt]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_prompt_whose_last_token_merges_with_the_completion_keeps_the_whole_text(chat_model, bos):
+    """A prompt ending in a space ("... is " + "Valdor."): byte-level BPE writes the text as "... is" + " Valdor.",
+    so the prompt's own tokens are not a prefix of the whole text's. The rows were cut at the prompt's token
+    count: "Valdor" vanished from the example (trained on "... is ."), and a completion merged whole into one
+    token with its prompt dropped the example, both silently. Now the merged token starts the completion."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    if bos:  # a tokenizer that writes a BOS token first (Llama's): it has no characters and stays in the prompt
+        start = tok.convert_tokens_to_ids("<|im_start|>")
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                      special_tokens=[("<|im_start|>", start)])
+    recs = [{"prompt": "The capital city of Kalo is ", "completion": "Valdor. hello there"},
+            {"prompt": "The capital city of Kalo is", "completion": " Valdor."},  # the usual split: unchanged
+            {"prompt": "hello there, friend", "completion": ""},
+            {"prompt": "", "completion": "hello there"},
+            {"prompt": "The capital city of Kalo is V", "completion": "aldor."}]
+    rows, moved, skipped = _encode(tok, recs)
+    assert (moved, skipped) == (2, 1) and len(rows) == 4
+    first = [tok.convert_ids_to_tokens(tok.convert_tokens_to_ids("<|im_start|>"))] if bos else []
+    for (prompt, completion), rec in zip(rows, [recs[0], recs[1], recs[3], recs[4]]):
+        assert completion[-1] == tok.eos_token_id
+        assert tok.decode(prompt + completion[:-1], skip_special_tokens=True) == rec["prompt"] + rec["completion"]
+        assert tok.convert_ids_to_tokens(prompt[:len(first)]) == first
+        assert prompt + completion[:-1] == tok(rec["prompt"] + rec["completion"])["input_ids"]  # the text's tokens
+    assert tok.decode(rows[0][1][:-1]) == " Valdor. hello there" and rows[0][0] == rows[1][0]
+    assert tok.decode(rows[3][1][:-1]).startswith(" V")  # the merged " V..." token is the completion's
+
+    class NoOffsets:  # a Python tokenizer: no character offsets
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, text, return_offsets_mapping=False, **kw):
+            if return_offsets_mapping:
+                raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+            return tok(text, **kw)
+    assert _encode(NoOffsets(), recs[1:2])[1:] == (0, 0)  # no merge: no offsets needed
+    with pytest.raises(TrainError, match="example 0: the prompt's last token merges with the completion's first"):
+        _encode(NoOffsets(), recs[:1])
+
+
+def test_train_says_how_many_examples_were_moved_or_skipped(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"item {i} is ", "completion": f"c{i % 3}"} for i in range(6)]
+                       + [{"prompt": "empty", "completion": ""}])
+    assert main(["train", "--data", data, "--output", str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 example(s) whose prompt's last token merges with the completion's first" in printed
+    assert "1 example(s) with an empty completion skipped" in printed
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_examples"] == 6
 
 
 @pytest.mark.parametrize("fmt", list(RECORDS))
@@ -277,7 +329,7 @@ def test_molf_e_prefers_r16_by_its_rslora_scale(alpha_128, low, high):
     model, tok, _ = _load(TrainConfig(output="unused"), recs, torch.device("cpu"), "fp32")
     molf.wrap(model, ranks=(16, 128), alphas=(32.0, alpha_128), train_base=False, freeze_others=True, backend="eager")
     opt = molf.MoLFAdamW(model, lr=2e-3)
-    model(**_batch(_encode(tok, recs[:16]), tok.pad_token_id, "cpu")).loss.backward()
+    model(**_batch(_encode(tok, recs[:16])[0], tok.pad_token_id, "cpu")).loss.backward()
     opt.step()
     ratio = opt.scores[:, 0] / opt.scores[:, 1]
     assert low < ratio.median().item() < high, ratio
