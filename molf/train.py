@@ -220,22 +220,24 @@ def _batch(rows, pad_id, device):
 
 
 @torch.no_grad()
-def evaluate(model, rows, pad_id, device, batch_size=64):
-    """(mean completion loss, share of completions whose every token is the greedy prediction)."""
+def evaluate(model, rows, pad_id, device, batch_size):
+    """(mean completion loss, share of completions whose every token is the greedy prediction), `batch_size`
+    rows at a time (the run's training batch fits, and holds more: activations for backward). Only the
+    completion positions' logits are taken to float32: a batch's whole [rows, tokens, vocab] in float32 is
+    gigabytes at real vocabularies."""
     model.eval()
     tot_loss, tot_tok, hits = 0.0, 0, 0
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        b = _batch(chunk, pad_id, device)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        pred, target = logits[:, :-1].argmax(-1), b["labels"][:, 1:]
+        b = _batch(rows[i:i + batch_size], pad_id, device)
+        target = b["labels"][:, 1:]
         valid = target != -100
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
-                                                 reduction="sum")
-        tot_loss += loss.item()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][valid].float()
+        tot_loss += torch.nn.functional.cross_entropy(logits, target[valid], reduction="sum").item()
         tot_tok += valid.sum().item()
         # Exact match of the greedy continuation: every completion token is the argmax given the right prefix.
-        hits += ((pred == target) | ~valid).all(dim=1).sum().item()
+        wrong = torch.zeros_like(valid)
+        wrong[valid] = logits.argmax(-1) != target[valid]
+        hits += (~wrong.any(dim=1)).sum().item()
     model.train()
     return tot_loss / max(tot_tok, 1), hits / max(len(rows), 1)
 
@@ -588,6 +590,11 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
     return model.to(device), tok, False
 
 
+def _peak_memory_mb(device) -> float | None:
+    """The most GPU memory allocated since the last reset (training's), in MB; None on the CPU."""
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
+
+
 def _split(rows, share: float, seed: int):
     """(train rows, held-out rows): a seeded random `share` of the rows held out (at least one when share > 0)."""
     if share <= 0:
@@ -711,7 +718,7 @@ def _run(cfg: TrainConfig, device, work, log):
     steps = cfg.steps if cfg.steps is not None else (
         math.ceil(cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum) if cfg.epochs else 800)
     pad = tok.pad_token_id
-    loss0, recall0 = evaluate(model, scored, pad, device)
+    loss0, recall0 = evaluate(model, scored, pad, device, cfg.batch_size)
 
     opt, sched = _optimizer(cfg, model, ranks, alphas, lr, lora_lr, steps)
     run_dir = cfg.checkpoints if (cfg.save_steps or cfg.resume) else os.path.join(work, "trainer")
@@ -724,10 +731,12 @@ def _run(cfg: TrainConfig, device, work, log):
     result = trainer.train(resume_from_checkpoint=resume)
     ran = trainer.state.global_step - (_checkpoint_step(resume) if resume else 0)
     seconds = result.metrics["train_runtime"]
-    loss1, recall1 = evaluate(model, scored, pad, device)
+    peak_mb = _peak_memory_mb(device)  # training's: before the evaluation below allocates its own
+    loss1, recall1 = evaluate(model, scored, pad, device, cfg.batch_size)
     eval_loss = None
     if eval_rows:  # held-out figures, evaluated once (they are the scored ones for user data)
-        eval_loss, eval_recall = (loss1, recall1) if scored is eval_rows else evaluate(model, eval_rows, pad, device)
+        eval_loss, eval_recall = (loss1, recall1) if scored is eval_rows else \
+            evaluate(model, eval_rows, pad, device, cfg.batch_size)
         trainer.log({"eval_loss": eval_loss, "eval_recall": eval_recall})
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -753,8 +762,7 @@ def _run(cfg: TrainConfig, device, work, log):
                else cfg.target_modules,
                "dtype": dtype, "max_length": max_length, "device": str(device), "train_seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(ran, 1), 5), "resumed_from": resume,
-               "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-               if device.type == "cuda" else None, "trainable_parameters": trainable,
+               "peak_memory_mb": peak_mb, "trainable_parameters": trainable,
                "loss_before": loss0, "loss_after": loss1, "recall_before": recall0, "recall_after": recall1,
                "scored_on": scored_on, "eval_loss": eval_loss, "routing_share": share, "plots": plots,
                "loss_curve_every_10_steps": losses}

@@ -111,6 +111,48 @@ def test_train_says_how_many_examples_were_moved_or_skipped(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_examples"] == 6
 
 
+def test_evaluation_takes_the_training_batch_and_stays_out_of_the_peak_memory(tmp_path, monkeypatch):
+    """The evaluation before and after training ran 64 rows at a time with the whole [rows, tokens, vocab] logits
+    in float32 (at Qwen2.5's vocabulary and 512 tokens: 20 GB, beyond what training with --batch-size 8 needs),
+    and the summary's peak memory was read after the final evaluation, so it reported the evaluation's peak as
+    training's (in `molf compare`, the same figure for every mode). Now the run's batch, the completion positions'
+    logits only, and the peak read before."""
+    import molf.train as T
+    calls, real = [], T.evaluate
+
+    def evaluate(model, rows, pad_id, device, batch_size):
+        calls.append(("evaluate", batch_size))
+        return real(model, rows, pad_id, device, batch_size)
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(T, "_peak_memory_mb", lambda device: calls.append("peak"))
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS["pairs"])
+    assert main(["train", "--data", data, "--output", str(tmp_path / "run"), "--steps", "2", "--batch-size", "3",
+                 "--eval-split", "0.25", "--no-progress"]) == 0
+    # the built-in model scores the trained rows, then the held-out ones
+    assert calls == [("evaluate", 3), "peak", ("evaluate", 3), ("evaluate", 3)]
+
+    # the figures are those of the whole logits, whatever the batch
+    torch.manual_seed(0)
+    model = tiny_qwen2(vocab=80)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 9, (7, 2), generator=g).tolist()
+    rows = [(torch.randint(0, 80, (n,), generator=g).tolist(), torch.randint(0, 80, (c,), generator=g).tolist())
+            for n, c in lengths]
+    rows.append((rows[0][0], [int(model(torch.tensor([rows[0][0]])).logits[0, -1].argmax())]))  # recalled
+    from molf.train import _batch
+    b = _batch(rows, 0, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()[:, :-1]
+    target = b["labels"][:, 1:]
+    want_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                  reduction="sum") / (target != -100).sum()
+    want_hits = ((logits.argmax(-1) == target) | (target == -100)).all(1).float().mean()
+    assert want_hits > 0
+    for batch_size in (1, 3, 8):
+        loss, hits = real(model, rows, 0, "cpu", batch_size)
+        assert abs(loss - want_loss.item()) < 1e-5 * want_loss.item() and hits == want_hits.item()
+
+
 @pytest.mark.parametrize("fmt", list(RECORDS))
 def test_every_data_format_trains_a_hub_style_model(tmp_path, chat_model, fmt):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS[fmt])
