@@ -3,6 +3,7 @@ optimizer's step plan (host work O(tensors); pointers refreshed when storage mov
 dtype combination. Built by MoLFAdamW for backend "triton"."""
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from itertools import accumulate
 
@@ -25,7 +26,7 @@ class _Launch:
     global block where its score partials go, owner expert, param group, tensor id). O(tensors) to build."""
 
     def __init__(self, opt, plan, ids, block, device, first_global):
-        self.opt, self.ids = opt, ids
+        self.opt, self.ids = opt, ids  # the backend's proxy of the optimizer
         self.dtensors = [plan.params[i] for i in ids]
         self.whole = len(ids) == len(plan.params)  # then ids is range(len(plan.params))
         self.sharded = any(local(p) is not p for p in self.dtensors)
@@ -95,7 +96,7 @@ class TritonRoutedAdamW:
         if len(opt.param_groups) > K.MAX_GROUPS:
             raise ValueError(f"the triton backend supports up to {K.MAX_GROUPS} param groups, "
                              f"got {len(opt.param_groups)}")
-        self.opt = opt
+        self.opt = weakref.proxy(opt)  # the optimizer owns this backend: no reference cycle keeping it alive
         self.block = 1024  # also under the interpreter: the tiny test models still have multi-block tensors
         self.plan = None
         self.betas = None  # the pair betas64 holds (a scheduler may change it)

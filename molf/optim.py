@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from itertools import repeat
@@ -531,7 +532,7 @@ class EagerRoutedAdamW:
     name = "eager"
 
     def __init__(self, opt: MoLFAdamW):
-        self.opt = opt
+        self.opt = weakref.proxy(opt)  # the optimizer owns this backend: no reference cycle keeping it alive
         # Losers are skipped on the host where reading the routing costs nothing; on a GPU they are masked.
         self.host_routing = opt.device.type == "cpu"
         self._tables: dict[int, _cpu.Table] = {}  # per plan (id): the native CPU loops' rows

@@ -494,6 +494,38 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_dropped_model_and_optimizer_are_freed_at_once(backend):
+    """`del model, opt` frees their memory there and then, as with torch.optim (no garbage collection needed):
+    the backend held the optimizer that holds it, a reference cycle that kept the model, its gradients and the
+    Adam moments (GBs on a GPU) alive until Python's cycle collector ran, e.g. from one run of a sweep or of
+    `molf compare` into the next."""
+    import gc
+    import weakref
+    dev = device_for(backend)
+    names = [f"l{i}" for i in range(3)]
+    net = molf.wrap(nn.ModuleDict({n: nn.Linear(16, 16) for n in names}).to(dev), ranks=(4,), alphas=(8,),
+                    target_modules=names, backend=backend)
+    opt = molf.MoLFAdamW(net, lr=1e-3, backend=backend)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    for _ in range(2):
+        sum(m(torch.randn(4, 16, device=dev)).sum() for m in net.values()).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    assert opt._impl.name == backend
+    moments = opt.state[net["l0"].base.weight]["exp_avg"]
+    refs = [weakref.ref(x) for x in (net, opt, moments)]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del net, opt, sched, moments
+        assert [r() is None for r in refs] == [True] * 3
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_deepcopy_and_pickle_of_model_and_optimizer_continue_as_the_original(backend):
     """copy.deepcopy((model, opt)) and a pickle round trip (torch.save of both) give a pair that trains as the
     original does, bitwise; the copies step their own model. torch.optim's __getstate__ keeps only defaults,
