@@ -11,6 +11,7 @@ and a summary.json, and appears only when the run is complete (nothing half-writ
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -692,6 +693,10 @@ def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_d
 def _run(cfg: TrainConfig, device, work, log):
     import molf
 
+    # An earlier run in this process (molf compare, a sweep) may still hold its model and optimizer in a
+    # reference cycle (third-party code: pyplot's first import, inside plot_routing, captures the calling frames):
+    # freed now, not counted in this run's peak memory nor competing with it for the GPU.
+    gc.collect()
     records = read_records(cfg.data) if cfg.data else synthetic_facts(cfg.n_facts, cfg.seed)
     dtype = _dtype(cfg, device)
     model, tok, builtin = _load(cfg, records, device, dtype)

@@ -153,6 +153,44 @@ def test_evaluation_takes_the_training_batch_and_stays_out_of_the_peak_memory(tm
         assert abs(loss - want_loss.item()) < 1e-5 * want_loss.item() and hits == want_hits.item()
 
 
+def test_a_run_starts_after_the_last_one_is_freed(tmp_path, monkeypatch):
+    """`molf compare` trains its runs in one process. pyplot's first import (inside plot_routing) leaves a
+    reference cycle holding the calling frames, with the run's model and optimizer: the next run loaded its model
+    beside them, and its peak memory counted them. Now each run starts with the earlier ones freed."""
+    import gc
+    import sys
+    import weakref
+
+    import matplotlib.pyplot  # noqa: F401
+    import transformers.trainer  # noqa: F401
+
+    import molf.plot
+    import molf.train as T
+    loaded, real_load, real_plot = [], T._load, molf.plot.plot_routing
+
+    def load(*args):
+        assert all(r() is None for r in loaded), "a model of an earlier run is still alive"
+        out = real_load(*args)
+        loaded.append(weakref.ref(out[0]))
+        return out
+
+    def plot_routing(*args):  # as pyplot's first import does: a cycle through the caller's frame
+        cycle = [sys._getframe(1)]
+        cycle.append(cycle)
+        return real_plot(*args)
+    monkeypatch.setattr(T, "_load", load)
+    monkeypatch.setattr(molf.plot, "plot_routing", plot_routing)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        assert main(["compare", "--output", str(tmp_path / "c"), "--modes", "molf-e,lora", "--steps", "2",
+                     "--facts", "16"]) == 0
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(loaded) == 2
+
+
 @pytest.mark.parametrize("fmt", list(RECORDS))
 def test_every_data_format_trains_a_hub_style_model(tmp_path, chat_model, fmt):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS[fmt])
