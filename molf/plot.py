@@ -19,15 +19,21 @@ def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[
             steps.append(int(rec["step"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}:{i}: not a routing record (missing or bad {e!s})") from None
+        if not isinstance(sel, dict) or not sel or not all(_is_selection(v) for v in sel.values()):
+            raise ValueError(f"{path}:{i}: not a routing record: 'selections' must map each layer name to "
+                             "{'winners': [expert, ...], 'scores': {expert: score}}, got " + repr(sel)[:100])
         if layers is None:
             layers = list(sel)
+        elif list(sel) != layers:
+            raise ValueError(f"{path}:{i}: the record names other layers than the first record ({len(sel)} layers, "
+                             f"not the {len(layers)} of line 1): routing logs of different models in one file?")
         row = []
         for name in layers:
-            entry = sel.get(name, {})
-            for e in list(entry.get("scores", {})) + entry.get("winners", []):
+            entry = sel[name]
+            for e in list(entry.get("scores", {})) + entry["winners"]:
                 if e not in experts:
                     experts.append(e)
-            row.append(entry.get("winners", []))
+            row.append(entry["winners"])
         winners.append(row)
     if not steps:
         raise ValueError(f"{path}: no routing records")
@@ -37,6 +43,12 @@ def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[
                       "the last record of each step is used", stacklevel=2)
     order = sorted(last)
     return order, layers, experts, [winners[last[s]] for s in order]
+
+
+def _is_selection(entry) -> bool:
+    """{"winners": [expert names], "scores": {expert name: score}} (scores optional), as MoLFAdamW writes it."""
+    return (isinstance(entry, dict) and isinstance(entry.get("winners"), list)
+            and all(isinstance(w, str) for w in entry["winners"]) and isinstance(entry.get("scores", {}), dict))
 
 
 def plot_routing(path, out_dir) -> list[str]:

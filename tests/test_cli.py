@@ -134,6 +134,26 @@ def test_plot_bad_file(tmp_path):
     assert main(["plot", str(bad), "-o", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("selections, why", [
+    ({}, "'selections' must map each layer name"),  # no layer: matplotlib's "Invalid shape (0,)" traceback
+    ([["q", {}]], "'selections' must map each layer name"),  # a list: AttributeError traceback
+    ({"q": {"winners": "full"}}, "'selections' must map each layer name"),  # a string: drawn as experts f, u, l
+    ({"q": {"winners": ["full"], "scores": 1.0}}, "'selections' must map each layer name"),
+    ({"q": {"winners": [1]}}, "'selections' must map each layer name"),
+    ({"k": {"winners": ["full"]}}, "other layers than the first record"),  # two models' logs in one file
+])
+def test_plot_malformed_records_are_one_error_line(tmp_path, capsys, selections, why):
+    """A hand-edited or mixed routing log: one error line and exit code 2, never a traceback or a wrong plot."""
+    path = tmp_path / "r.jsonl"
+    first = {"step": 1, "selections": {"q": {"winners": ["full"], "scores": {"full": 1.0, "lora_r8": 0.5}}}}
+    path.write_text(json.dumps(first) + "\n" + json.dumps({"step": 2, "selections": selections}) + "\n")
+    assert main(["plot", str(path), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "r.jsonl:2: " in err[0] and why in err[0], err
+    path.write_text(json.dumps(first) + "\n")
+    assert main(["plot", str(path), "-o", str(tmp_path / "o")]) == 0
+
+
 @pytest.mark.parametrize("freeze_others", [True, False], ids=["lora-only", "embeddings-and-norms-train"])
 def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
     peft = pytest.importorskip("peft")
