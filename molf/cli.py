@@ -11,12 +11,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _floats(text):
-    return tuple(float(x) for x in text.split(","))
+def _numbers(kind, what):
+    """An argparse type: comma-separated `kind` numbers (`what` names them in the error)."""
+    def parse(text):
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
 
 
-def _ints(text):
-    return tuple(int(x) for x in text.split(","))
+_floats, _ints = _numbers(float, "numbers"), _numbers(int, "integers")
 
 
 def _targets(text):
@@ -29,13 +34,27 @@ def _targets(text):
     return names
 
 
+def _modes(text):
+    """Comma-separated mode names, each once (checked against the modes by `compare`)."""
+    modes = tuple(text.split(","))
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"names {','.join(twice)} more than once: {text!r}")
+    return modes
+
+
 def _mode_floats(text):
     out = {}
     for item in text.split(","):
         mode, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected MODE=LR items, got {item!r}")
-        out[mode] = float(value)
+        if mode in out:
+            raise argparse.ArgumentTypeError(f"names {mode} more than once: {text!r}")
+        try:
+            out[mode] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected MODE=LR items with a number LR, got {item!r}") from None
     return out
 
 
@@ -92,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="last",
                    help="continue an interrupted run from its newest complete checkpoint (or from the folder given)")
     c = sub.add_parser("compare", help="FFT, LoRA, MoLF and MoLF-E side by side on the same data and budget")
-    c.add_argument("--modes", default=",".join(COMPARE_MODES), type=lambda v: tuple(v.split(",")),
+    c.add_argument("--modes", default=",".join(COMPARE_MODES), type=_modes,
                    help=f"comma-separated subset of {','.join(COMPARE_MODES)} (default all)")
     c.add_argument("--seeds", type=int, default=1, help="runs per mode, seeds --seed, --seed + 1, ... (default 1)")
     c.add_argument("--lrs", type=_mode_floats, default={},

@@ -409,7 +409,8 @@ def test_train_truncates_to_max_length_and_says_so(tmp_path, capsys):
     (["--device", "meta"], "molf train runs on cpu or cuda"),
     (["--device", "nonsense"], "unknown --device"),
     (["--steps", "0"], "--steps must be an int in [1"),
-    (["--ranks", "8,x"], "invalid _ints value"),
+    (["--ranks", "8,x"], "argument --ranks: expected comma-separated integers, got '8,x'"),
+    (["--alphas", "16,"], "argument --alphas: expected comma-separated numbers, got '16,'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -384,6 +384,9 @@ def test_compare_writes_table_and_figure(tmp_path, capsys):
     (["--modes", "fft,molf", "--lrs", "lora=1e-3"], "--lrs names modes that do not run: lora"),
     (["--seeds", "0"], "--seeds must be an int >= 1"),
     (["--lrs", "fft"], "expected MODE=LR items"),
+    (["--lrs", "fft=abc"], "argument --lrs: expected MODE=LR items with a number LR, got 'fft=abc'"),
+    (["--lrs", "fft=1e-3,fft=2e-3"], "argument --lrs: names fft more than once"),  # the last one won, silently
+    (["--modes", "molf,molf"], "argument --modes: names molf more than once"),  # after a first run, naming a temp dir
 ])
 def test_compare_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "cmp"
