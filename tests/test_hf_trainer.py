@@ -46,9 +46,24 @@ def test_a_model_without_molf_layers_is_refused_when_the_trainer_is_built(tmp_pa
         MoLFTrainer(model=tiny_qwen2(), args=args, train_dataset=Rows())
     with pytest.raises(ValueError, match=r"model='Qwen/Qwen2.5-0.5B': MoLFTrainer needs a molf-wrapped model"):
         MoLFTrainer(model="Qwen/Qwen2.5-0.5B", args=args, train_dataset=Rows())
-    plain = tiny_qwen2()  # an optimizer of the user's own: their choice, as with the Trainer
-    MoLFTrainer(model=plain, args=args, train_dataset=Rows(),
-                optimizers=(torch.optim.AdamW(plain.parameters(), lr=1e-3), None)).train()
+    plain = tiny_qwen2()  # an optimizer of the user's own: their choice, as with the Trainer, said once
+    with pytest.warns(UserWarning, match=r"MoLFTrainer was given optimizers=\(AdamW, ...\): it steps with that "
+                                         "optimizer, not MoLFAdamW, so nothing is routed and no routing is logged"):
+        t = MoLFTrainer(model=plain, args=args, train_dataset=Rows(),
+                        optimizers=(torch.optim.AdamW(plain.parameters(), lr=1e-3), None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.train()
+    assert any("RoutingLogCallback: the Trainer steps with AdamW, not MoLFAdamW" in str(w.message) for w in caught)
+    assert not (tmp_path / "molf_routing.jsonl").exists()
+    wrapped = molf.wrap(tiny_qwen2(), ranks=(2,), alphas=(4,))  # a MoLFAdamW of the user's own: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoLFTrainer(model=wrapped, args=args, train_dataset=Rows(), optimizers=(molf.MoLFAdamW(wrapped, lr=1e-3), None))
+    with pytest.warns(UserWarning, match=r"optimizer_cls_and_kwargs=\(SGD, ...\) is not used"):
+        t = MoLFTrainer(model=wrapped, args=args, train_dataset=Rows(),
+                        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+    assert isinstance(t.create_optimizer(), molf.MoLFAdamW)  # as it was: silently MoLFAdamW all the same
 
 
 def test_deepspeed_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):

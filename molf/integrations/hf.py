@@ -42,6 +42,11 @@ class RoutingLogCallback(TrainerCallback):
         checkpoint left them in the log), so that every step appears once."""
         opt = unwrap_optimizer(optimizer)
         path = os.path.join(args.output_dir, self.filename)
+        if opt is None and optimizer is not None and state.is_world_process_zero:
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+            warnings.warn(f"RoutingLogCallback: the Trainer steps with {type(inner).__name__}, not MoLFAdamW: "
+                          f"there is no routing to log and {path} gets no records (pass optimizers=(molf.MoLFAdamW("
+                          "model, ...), None) to the Trainer, or use molf's MoLFTrainer)", UserWarning, stacklevel=2)
         if opt is not None and opt.history_size == 0 and state.is_world_process_zero:
             warnings.warn(f"MoLFAdamW(history_size=0) keeps no routing: {path} gets no records (pass a "
                           "history_size of at least 1, e.g. the default)", UserWarning, stacklevel=2)
@@ -173,6 +178,16 @@ class MoLFTrainer(Trainer):
         with _trainable_adapters_attached(model):
             super().__init__(*args, **kwargs)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if own_optimizer and unwrap_optimizer(self.optimizer) is None:  # the user's choice, said once
+            warnings.warn(f"MoLFTrainer was given optimizers=({type(self.optimizer).__name__}, ...): it steps with "
+                          "that optimizer, not MoLFAdamW, so nothing is routed and no routing is logged (leave "
+                          "optimizers out to train MoLF, or pass a molf.MoLFAdamW)", UserWarning, stacklevel=2)
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            cls = getattr(self.optimizer_cls_and_kwargs[0], "__name__", self.optimizer_cls_and_kwargs[0])
+            warnings.warn(f"MoLFTrainer steps with molf.MoLFAdamW: optimizer_cls_and_kwargs=({cls}, ...) is not used "
+                          "(MoLFAdamW's options are MoLFTrainer's keyword arguments: lora_lr, lora_weight_decay, "
+                          "score, top_k, backend, state_dtype, stochastic_rounding)",
+                          UserWarning, stacklevel=2)
         if not own_optimizer and (optim not in ADAMW_NAMES or self.args.optim_args):
             warnings.warn(f"MoLFTrainer steps with molf.MoLFAdamW: TrainingArguments optim={optim!r}"
                           + (f", optim_args={self.args.optim_args!r}" if self.args.optim_args else "")
