@@ -320,6 +320,11 @@ def _check(cfg: TrainConfig):
                          f"{' '.join(missing)}, or pip install 'molf[train]'")
     if cfg.mode not in MODES:
         raise TrainError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":  # each rank would write its own run, and only rank 0 a routing log
+        raise TrainError(f"molf train runs in one process (launched with WORLD_SIZE={world}): for several GPUs, "
+                         "launch a script that uses molf.integrations.hf.MoLFTrainer with torchrun or accelerate "
+                         "(README, 'Beyond one GPU')")
     if cfg.data is not None and not os.path.isfile(cfg.data):
         raise TrainError(f"data file not found: {cfg.data}")
     if cfg.model is not None and not os.path.isdir(cfg.model):

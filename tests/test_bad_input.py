@@ -419,6 +419,19 @@ def test_train_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, message
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_train_under_torchrun_is_one_error_line(tmp_path, capsys, monkeypatch, command):
+    """`torchrun -m molf train` ran one whole run per rank, each in its own folder: rank 1 crashed looking for the
+    routing log only rank 0 writes, and rank 0's run was published as if complete. One error line now, on every
+    rank, before anything is built."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    code, err = _run_main([command, "--output", str(out), "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "runs in one process (launched with WORLD_SIZE=2)" in err[0], err
+    assert "MoLFTrainer with torchrun or accelerate" in err[0]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_train_cuda_or_triton_on_a_cpu_machine(tmp_path, capsys, monkeypatch):
     code, err = _run_main(["train", "--output", str(tmp_path / "o"), "--device", "cuda", "--no-progress"], capsys)
