@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import rel_err, tiny_qwen2
 from molf.cli import main
@@ -99,6 +101,40 @@ def test_a_prompt_whose_last_token_merges_with_the_completion_keeps_the_whole_te
     assert _encode(NoOffsets(), recs[1:2])[1:] == (0, 0)  # no merge: no offsets needed
     with pytest.raises(TrainError, match="example 0: the prompt's last token merges with the completion's first"):
         _encode(NoOffsets(), recs[:1])
+
+
+WORDS = ["The", " capital", " city", " of", " Kalo", " is", " Valdor", ".", " hello", " there", ",", " friend",
+         " 42", "\n", "  ", "é", "SELECT", " name"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), cut=st.integers(0, 200))
+def test_every_split_of_a_text_trains_on_exactly_its_tokens(chat_model, words, cut):
+    """Whatever the split of a text into prompt and completion (inside a word, before or after spaces): the row is
+    the text's own tokens, and its completion holds every character of the completion."""
+    tok = _cached_tokenizer(chat_model)
+    text = "".join(words)
+    cut = min(cut, len(text))
+    rec = {"prompt": text[:cut], "completion": text[cut:]}
+    rows, moved, skipped = _encode(tok, [rec])
+    assert skipped == (not rec["completion"])
+    if rows:
+        (prompt, completion), = rows
+        ids = tok(text, return_offsets_mapping=True)
+        assert prompt + completion[:-1] == ids["input_ids"] and completion[-1] == tok.eos_token_id
+        starts = [s for s, _ in ids["offset_mapping"]]
+        assert starts[len(prompt)] <= cut and (len(prompt) == 0 or ids["offset_mapping"][len(prompt) - 1][1] <= cut)
+        assert moved == (prompt != tok(rec["prompt"])["input_ids"])
+
+
+_TOKENIZERS = {}
+
+
+def _cached_tokenizer(path):
+    from transformers import AutoTokenizer
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
 
 
 def test_train_says_how_many_examples_were_moved_or_skipped(tmp_path, capsys):
