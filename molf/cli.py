@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alphas", type=_floats, help="comma-separated alphas (default 32 each)")
     t.add_argument("--score", default="epd", choices=("epd", "pfn"))
     t.add_argument("--top-k", type=int, help="experts updated per layer and step (default 1; not for fft)")
+    t.add_argument("--quantize", choices=("nf4", "int8"),
+                   help="load the base quantized by bitsandbytes and frozen (QLoRA-style): 4-bit NF4 with double "
+                        "quantization, or 8-bit; --mode molf-e or lora")
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps into OUTPUT.checkpoints/")
     t.add_argument("--resume", nargs="?", const="last",
                    help="continue an interrupted run from its newest complete checkpoint (or from the folder given)")
@@ -135,7 +138,8 @@ def train_config(args):
                        backend=args.backend, progress=not args.no_progress, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing, eval_split=args.eval_split,
                        save_steps=getattr(args, "save_steps", None), resume=getattr(args, "resume", None),
-                       report_to=args.report_to, target_modules=args.target_modules)
+                       report_to=args.report_to, target_modules=args.target_modules,
+                       quantize=getattr(args, "quantize", None))
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class TrainConfig:
     resume: str | None = None         # "last" (the newest complete checkpoint of <output>.checkpoints/) or a folder
     report_to: str = "none"           # the Trainer's logging integrations (tensorboard, wandb, ...)
     target_modules: str | tuple[str, ...] | None = None  # molf.wrap's; default the architecture's
+    quantize: str | None = None       # nf4 | int8: the base loaded quantized by bitsandbytes (molf-e, lora)
     interrupt_at_step: int | None = None  # tests: a KeyboardInterrupt after this step, as Ctrl-C would
 
     @property
@@ -274,7 +276,7 @@ RUN_OPTIONS = {"mode": "--mode", "model": "--model", "data": "--data", "steps": 
                "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr", "lora_lr": "--lora-lr",
                "ranks": "--ranks", "alphas": "--alphas", "score": "--score", "top_k": "--top-k",
                "max_length": "--max-length", "n_facts": "--facts", "seed": "--seed", "dtype": "--dtype",
-               "eval_split": "--eval-split", "target_modules": "--target-modules"}
+               "eval_split": "--eval-split", "target_modules": "--target-modules", "quantize": "--quantize"}
 
 
 def _run_options(cfg: TrainConfig, device) -> dict:
@@ -368,6 +370,15 @@ def _check(cfg: TrainConfig):
                 _checks.real("every --alphas entry", a, low=0.0, low_open=True)
     except (TypeError, ValueError) as e:
         raise TrainError(str(e)) from None
+    if cfg.quantize is not None:
+        if cfg.quantize not in QUANTIZE:
+            raise TrainError(f"unknown --quantize {cfg.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        if cfg.mode not in ("molf-e", "lora"):
+            raise TrainError(f"--quantize {cfg.quantize} needs a frozen base: --mode molf-e or lora (got {cfg.mode}: "
+                             "its base weights train, which a quantized weight cannot)")
+        if missing_modules("bitsandbytes"):
+            raise TrainError(f"--quantize {cfg.quantize} needs bitsandbytes: pip install bitsandbytes, or pip install "
+                             "'molf[quant]'")
     if cfg.mode == "fft":
         given = [flag for flag, val in (("--ranks", cfg.ranks), ("--alphas", cfg.alphas), ("--lora-lr", cfg.lora_lr),
                                         ("--top-k", cfg.top_k), ("--target-modules", cfg.target_modules))
@@ -570,7 +581,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 def _load(cfg: TrainConfig, records, device, dtype: str):
     """(model, tokenizer, built-in?) with the model on `device` in the dtype it trains in: bf16 weights for
-    bf16, fp32 weights for fp32 and for fp16 (fp16 autocast with loss scaling over fp32 weights)."""
+    bf16, fp32 weights for fp32 and for fp16 (fp16 autocast with loss scaling over fp32 weights); with
+    --quantize, its linear layers (the output head aside) quantized by bitsandbytes, computing in that dtype."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     weights = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -584,16 +596,39 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=64, tie_word_embeddings=True,
                                              use_cache=False)).to(weights)
-        return model.to(device), tok, True
+        if cfg.quantize is None:
+            return model.to(device), tok, True
+        with tempfile.TemporaryDirectory() as folder:  # bitsandbytes quantizes as transformers loads
+            model.save_pretrained(folder)
+            return _quantized(folder, cfg.quantize, weights, device), tok, True
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights)
+        model = _quantized(cfg.model, cfg.quantize, weights, device) if cfg.quantize else \
+            AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load model {cfg.model}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
-    return model.to(device), tok, False
+    return (model if cfg.quantize else model.to(device)), tok, False
+
+
+QUANTIZE = ("nf4", "int8")
+
+
+def _quantized(path, kind: str, weights, device):
+    """The causal LM at `path` with bitsandbytes' linear layers: 4-bit NF4 with double quantization (QLoRA's)
+    computing in `weights`, or 8-bit; placed on `device` as it loads (bitsandbytes quantizes there)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .quant import keep_cpu_trainable
+    config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=weights)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=weights,
+                                                 device_map={"": str(device)})
+    keep_cpu_trainable(model)  # the evaluation before training runs it without gradients, before molf.wrap
+    return model
 
 
 def _peak_memory_mb(device) -> float | None:
@@ -759,7 +794,9 @@ def _run(cfg: TrainConfig, device, work, log):
         n = sum(len(row) for row in winners)
         share = {e: sum(e in w for row in winners for w in row) / n for e in experts}
         plots = [os.path.basename(p) for p in plot_routing(routing_path, work)]
-        molf.merge(model)
+        with warnings.catch_warnings():  # a quantized base: said below in one line, not as merge's warning
+            warnings.filterwarnings("ignore", message="molf.merge dequantized", category=UserWarning)
+            molf.merge(model)
     if run_dir.startswith(work):
         shutil.rmtree(run_dir, ignore_errors=True)
     model.save_pretrained(os.path.join(work, "model"))
@@ -770,7 +807,8 @@ def _run(cfg: TrainConfig, device, work, log):
                "lora_lr": lora_lr if cfg.mode != "fft" else None, "ranks": list(ranks) if ranks else None,
                "target_modules": list(cfg.target_modules) if isinstance(cfg.target_modules, tuple)
                else cfg.target_modules,
-               "dtype": dtype, "max_length": max_length, "device": str(device), "train_seconds": round(seconds, 2),
+               "dtype": dtype, "quantize": cfg.quantize, "max_length": max_length, "device": str(device),
+               "train_seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(ran, 1), 5), "resumed_from": resume,
                "peak_memory_mb": peak_mb, "trainable_parameters": trainable,
                "loss_before": loss0, "loss_after": loss1, "recall_before": recall0, "recall_after": recall1,
@@ -778,11 +816,14 @@ def _run(cfg: TrainConfig, device, work, log):
                "loss_curve_every_10_steps": losses}
     with open(os.path.join(work, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    lines = [f"molf train ({cfg.mode}): {steps} steps in {seconds:.1f}s on {device} ({dtype})",
+    base = f", {cfg.quantize} base" if cfg.quantize else ""
+    lines = [f"molf train ({cfg.mode}): {steps} steps in {seconds:.1f}s on {device} ({dtype}{base})",
              f"  loss    {loss0:.3f} -> {loss1:.3f}" + (f"  (held-out {eval_loss:.3f})" if eval_rows else ""),
              f"  recall  {recall0:.1%} -> {recall1:.1%}  (exact match of the completion, {len(scored)} "
              f"{'trained' if scored_on == 'train' else 'held-out'} examples)"]
     if share:
         lines.append("  routing " + ", ".join(f"{e} {s:.0%}" for e, s in share.items()))
     lines.append("  output  {output}/ (model/, summary.json" + (", routing.jsonl, plots" if share else "") + ")")
+    if cfg.quantize:
+        lines.append(f"          model/ is the merged model in {dtype}: the {cfg.quantize} base dequantized")
     return summary, lines

@@ -281,6 +281,70 @@ def test_target_modules_choose_the_wrapped_layers(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode, kind", [("molf-e", "nf4"), ("lora", "int8")])
+def test_quantized_base_trains_resumes_and_writes_a_float_model(tmp_path, capsys, mode, kind):
+    """--quantize: the base loaded 4-bit (NF4, double quantization) or 8-bit by bitsandbytes and frozen, the experts
+    training on it (MoLF-E or LoRA, QLoRA-style); an interrupted run resumes to the uninterrupted one's weights; the
+    output model is the merge, dequantized, that plain transformers loads."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+    import warnings
+
+    import molf.train as T
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    layers, load = [], T._load
+
+    def spy(*args):
+        model, tok, builtin = load(*args)
+        layers.extend(type(m).__name__ for m in model.modules() if "bit" in type(m).__name__)
+        return model, tok, builtin
+    base = dict(mode=mode, quantize=kind, steps=6, batch_size=4, n_facts=16, save_steps=3, progress=False,
+                backend="eager", device="cpu")  # on a GPU too: bitwise resume, and the CPU's message below
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+        T._load = spy
+        try:
+            full = train(TrainConfig(output=str(tmp_path / "full"), **base))
+        finally:
+            T._load = load
+        assert layers == ["Linear4bit" if kind == "nf4" else "Linear8bitLt"] * 14
+        assert full["quantize"] == kind and full["loss_after"] < full["loss_before"]
+        assert f"on cpu (fp32, {kind} base)" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(output=str(tmp_path / "cut"), interrupt_at_step=4, **base), log=lambda *a: None)
+        resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume="last", **base), log=lambda *a: None)
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "molf", "--quantize", "nf4"], "--quantize nf4 needs a frozen base: --mode molf-e or lora"),
+    (["--mode", "fft", "--quantize", "int8"], "--quantize int8 needs a frozen base"),
+    (["--mode", "molf-e", "--quantize", "fp8"], "argument --quantize: invalid choice: 'fp8'"),
+])
+def test_quantize_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    try:
+        code = main(["train", "--output", str(out), "--no-progress", *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_quantize_without_bitsandbytes_is_one_error_line(tmp_path, monkeypatch):
+    import molf.train as T
+    monkeypatch.setattr(T, "missing_modules", lambda *names: [n for n in names if n == "bitsandbytes"])
+    with pytest.raises(TrainError, match=r"--quantize nf4 needs bitsandbytes: pip install bitsandbytes, or pip "
+                                         r"install 'molf\[quant\]'"):
+        train(TrainConfig(output=str(tmp_path / "o"), mode="molf-e", quantize="nf4"))
+
+
 @pytest.mark.parametrize("mode", ["molf", "lora", "fft"])
 def test_interrupted_run_resumes_bitwise(tmp_path, mode):
     """A run interrupted after step 7 (as Ctrl-C would) keeps its checkpoints and no output; --resume then
