@@ -411,6 +411,9 @@ def test_train_truncates_to_max_length_and_says_so(tmp_path, capsys):
     (["--steps", "0"], "--steps must be an int in [1"),
     (["--ranks", "8,x"], "argument --ranks: expected comma-separated integers, got '8,x'"),
     (["--alphas", "16,"], "argument --alphas: expected comma-separated numbers, got '16,'"),
+    (["--mode", "molf", "--quantize", "nf4"], "--quantize nf4 needs a frozen base: --mode molf-e or lora"),
+    (["--mode", "fft", "--quantize", "int8"], "--quantize int8 needs a frozen base"),
+    (["--mode", "molf-e", "--quantize", "fp8"], "argument --quantize: invalid choice: 'fp8'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_train_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -321,22 +321,6 @@ def test_quantized_base_trains_resumes_and_writes_a_float_model(tmp_path, capsys
     assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "molf", "--quantize", "nf4"], "--quantize nf4 needs a frozen base: --mode molf-e or lora"),
-    (["--mode", "fft", "--quantize", "int8"], "--quantize int8 needs a frozen base"),
-    (["--mode", "molf-e", "--quantize", "fp8"], "argument --quantize: invalid choice: 'fp8'"),
-])
-def test_quantize_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
-    out = tmp_path / "out"
-    try:
-        code = main(["train", "--output", str(out), "--no-progress", *args])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 2 and len(err) == 1 and message in err[0], err
-    assert not out.exists()
-
-
 def test_quantize_without_bitsandbytes_is_one_error_line(tmp_path, monkeypatch):
     import molf.train as T
     monkeypatch.setattr(T, "missing_modules", lambda *names: [n for n in names if n == "bitsandbytes"])
