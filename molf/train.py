@@ -1,6 +1,7 @@
 """`molf train`: fine-tune a causal LM with MoLF, MoLF-E or the paper's baselines (FFT, LoRA) on one code path,
 a thin layer over the transformers Trainer (MoLFTrainer for the MoLF modes and LoRA): its training loop,
-mixed precision, gradient accumulation and checkpointing, molf's data handling and summary around it.
+mixed precision, gradient accumulation and checkpointing, molf's data handling and summary around it. MoLF-E
+and LoRA also on a base quantized by bitsandbytes (--quantize nf4 or int8, QLoRA-style).
 
 With no arguments and no network: a small Qwen2-architecture model built from a config and a synthetic
 counterfactual-facts task (subject / relation / new object, as in the paper's Fact task), under a minute on
