@@ -4,13 +4,13 @@ import warnings
 
 
 def read_jsonl(path, cut_off_tail: bool = False):
-    """Yield (line number, object) for every non-empty line; ValueError naming the file and line for bad
-    JSON or text that is not UTF-8. cut_off_tail: a last line without its newline that does not parse (a
-    writer killed mid-record) is skipped with a warning instead."""
+    """Yield (line number, object) for every non-empty line (a UTF-8 byte order mark first is skipped);
+    ValueError naming the file and line for bad JSON or text that is not UTF-8. cut_off_tail: a last line
+    without its newline that does not parse (a writer killed mid-record) is skipped with a warning instead."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM (Windows editors) is no JSON
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                                  "save the file as UTF-8") from None

@@ -452,6 +452,19 @@ def test_train_non_utf8_data_names_the_file(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and f"{data}:2: not UTF-8" in err[0], err
 
 
+def test_train_data_with_a_byte_order_mark_and_crlf_reads_as_written(tmp_path):
+    """JSONL saved by Windows tools: a UTF-8 BOM first ("not valid JSON (Unexpected UTF-8 BOM)" before) and CRLF
+    line ends. Read as the same records; a BOM further down is still an error."""
+    from molf.train import TrainError, read_records
+    recs = [{"prompt": "caf\u00e9 is", "completion": " open"}, {"text": "hello"}]
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in recs))
+    assert read_records(str(data)) == [recs[0], {"prompt": "", "completion": "hello"}]
+    data.write_bytes(json.dumps(recs[0]).encode() + b"\n\xef\xbb\xbf" + json.dumps(recs[1]).encode() + b"\n")
+    with pytest.raises(TrainError, match=r"bom.jsonl:2: not valid JSON"):
+        read_records(str(data))
+
+
 # -- 8. argument validation of the Python API --
 
 @pytest.mark.parametrize("kw, exc, match", [
