@@ -626,8 +626,9 @@ def _quantized(path, kind: str, weights, device):
     config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=weights)
+    place = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=weights,
-                                                 device_map={"": str(device)})
+                                                 device_map={"": place})
     keep_cpu_trainable(model)  # the evaluation before training runs it without gradients, before molf.wrap
     return model
 
