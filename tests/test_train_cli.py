@@ -321,6 +321,17 @@ def test_quantized_base_trains_resumes_and_writes_a_float_model(tmp_path, capsys
     assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU case runs above)")
+def test_quantized_base_trains_on_the_gpu_in_bf16(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+    from transformers import AutoModelForCausalLM
+    s = train(TrainConfig(output=str(tmp_path / "run"), mode="molf-e", quantize="nf4", steps=8, n_facts=16,
+                          batch_size=4, progress=False), log=lambda *a: None)
+    assert (s["device"], s["dtype"], s["quantize"]) == ("cuda", "bf16", "nf4") and s["loss_after"] < s["loss_before"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
 def test_quantize_without_bitsandbytes_is_one_error_line(tmp_path, monkeypatch):
     import molf.train as T
     monkeypatch.setattr(T, "missing_modules", lambda *names: [n for n in names if n == "bitsandbytes"])
