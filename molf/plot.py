@@ -26,7 +26,7 @@ def read_routing(path) -> tuple[list[int], list[str], list[str], list[list[list[
             layers = list(sel)
         elif list(sel) != layers:
             raise ValueError(f"{path}:{i}: the record names other layers than the first record ({len(sel)} layers, "
-                             f"not the {len(layers)} of line 1): routing logs of different models in one file?")
+                             f"not its {len(layers)}): routing logs of different models in one file?")
         row = []
         for name in layers:
             entry = sel[name]
