@@ -328,7 +328,7 @@ def test_quantized_base_trains_on_the_gpu_in_bf16(tmp_path):
     s = train(TrainConfig(output=str(tmp_path / "run"), mode="molf-e", quantize="nf4", steps=8, n_facts=16,
                           batch_size=4, progress=False), log=lambda *a: None)
     assert (s["device"], s["dtype"], s["quantize"]) == ("cuda", "bf16", "nf4") and s["loss_after"] < s["loss_before"]
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype="auto")  # as saved
     assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
