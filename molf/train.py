@@ -105,10 +105,17 @@ def synthetic_facts(n: int, seed: int = 0) -> list[dict]:
     return facts
 
 
+def _chat(messages) -> bool:
+    """A non-empty list of {"role": str, "content": str} messages."""
+    return isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+
+
 def read_records(path: str) -> list[dict]:
-    """Training examples from a JSONL file, one per line in any of three formats: {"prompt", "completion"}
-    (loss on the completion), {"text"} (loss on every token) or {"messages": [{"role", "content"}, ...]}
-    (chat, rendered with the tokenizer's chat template; loss on the last message, the assistant's)."""
+    """Training examples from a JSONL file, one per line in any of trl's four formats: {"prompt", "completion"}
+    strings (loss on the completion), {"text"} (loss on every token), {"messages": [{"role", "content"}, ...]}
+    (chat, rendered with the tokenizer's chat template; loss on the last message, the assistant's) or
+    {"prompt", "completion"} lists of messages (chat; loss on the completion's messages)."""
     if not os.path.isfile(path):
         raise TrainError(f"data file not found: {path}")
     out = []
@@ -118,16 +125,17 @@ def read_records(path: str) -> list[dict]:
                 out.append({"prompt": rec["prompt"], "completion": rec["completion"]})
             elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 out.append({"prompt": "", "completion": rec["text"]})
-            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"] and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in rec["messages"]):
+            elif isinstance(rec, dict) and _chat(rec.get("messages")):
                 if rec["messages"][-1]["role"] != "assistant":
                     raise TrainError(f"{path}:{i}: the last message must be the assistant's (the loss is on it), "
                                      f"got role {rec['messages'][-1]['role']!r}")
-                out.append({"messages": rec["messages"]})
+                out.append({"messages": rec["messages"], "prompt_messages": len(rec["messages"]) - 1})
+            elif isinstance(rec, dict) and _chat(rec.get("prompt")) and _chat(rec.get("completion")):
+                out.append({"messages": rec["prompt"] + rec["completion"], "prompt_messages": len(rec["prompt"])})
             else:
                 raise TrainError(f"{path}:{i}: expected an object with string keys 'prompt' and 'completion', a "
-                                 "string 'text', or 'messages' (a list of {'role', 'content'} strings)")
+                                 "string 'text', 'messages' (a list of {'role', 'content'} strings), or 'prompt' and "
+                                 "'completion' lists of such messages")
     except ValueError as e:
         raise TrainError(str(e)) from None
     if not out:
@@ -163,11 +171,13 @@ def _encode(tok, records):
         if "messages" in rec:
             if not getattr(tok, "chat_template", None):
                 raise TrainError("chat 'messages' data needs a tokenizer with a chat template (--model with one)")
-            prompt_text = tok.apply_chat_template(rec["messages"][:-1], tokenize=False, add_generation_prompt=True)
+            n = rec.get("prompt_messages", len(rec["messages"]) - 1)
+            prompt_text = tok.apply_chat_template(rec["messages"][:n], tokenize=False,
+                                                  add_generation_prompt=True)
             full = tok.apply_chat_template(rec["messages"], tokenize=False)
             if not full.startswith(prompt_text):
                 raise TrainError("the chat template renders the conversation without its prompt as a prefix: cannot "
-                                 "mask the loss to the last message")
+                                 "mask the loss to the completion's messages")
             specials = False  # the template writes them
         else:  # plain text: prompt "", the specials only
             prompt_text, full, specials = rec["prompt"], rec["prompt"] + rec["completion"], True

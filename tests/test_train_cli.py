@@ -44,6 +44,8 @@ RECORDS = {
     "text": [{"text": f"hello there, friend number {i}"} for i in range(8)],
     "messages": [{"messages": [{"role": "user", "content": f"capital of Kalo {i}?"},
                                {"role": "assistant", "content": "Valdor."}]} for i in range(8)],
+    "conversational": [{"prompt": [{"role": "user", "content": f"capital of Kalo {i}?"}],  # trl's 4th format
+                        "completion": [{"role": "assistant", "content": "Valdor."}]} for i in range(8)],
 }
 
 
@@ -55,11 +57,27 @@ def test_loss_is_masked_to_the_completion(tmp_path, chat_model, fmt):
     ((prompt, completion),), moved, skipped = _encode(tok, recs[:1])
     assert (moved, skipped) == (0, 0)
     text = tok.decode(completion[:-1])
-    want = {"pairs": "; -- 0", "text": "hello there, friend number 0", "messages": "Valdor.<|im_end|>\n"}[fmt]
+    chat = "<|im_start|>user\ncapital of Kalo 0?<|im_end|>\n<|im_start|>assistant\n"
+    want = {"pairs": "; -- 0", "text": "hello there, friend number 0", "messages": "Valdor.<|im_end|>\n",
+            "conversational": "Valdor.<|im_end|>\n"}[fmt]
     assert text == want and completion[-1] == tok.eos_token_id
-    assert tok.decode(prompt) == {"pairs": "SELECT name FROM users WHERE id = 0", "text": "",
-                                  "messages": "<|im_start|>user\ncapital of Kalo 0?<|im_end|>\n"
-                                              "<|im_start|>assistant\n"}[fmt]
+    assert tok.decode(prompt) == {"pairs": "SELECT name FROM users WHERE id = 0", "text": "", "messages": chat,
+                                  "conversational": chat}[fmt]
+
+
+def test_a_conversational_completion_of_several_messages_is_all_in_the_loss(tmp_path, chat_model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    rec = {"prompt": [{"role": "user", "content": "hi"}],
+           "completion": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "more?"},
+                          {"role": "assistant", "content": "B"}]}
+    ((prompt, completion),), _, _ = _encode(tok, read_records(write_jsonl(tmp_path / "d.jsonl", [rec])))
+    assert tok.decode(prompt) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(completion[:-1]) == ("A<|im_end|>\n<|im_start|>user\nmore?<|im_end|>\n<|im_start|>assistant\n"
+                                           "B<|im_end|>\n")
+    with pytest.raises(TrainError, match=r"d2.jsonl:1: expected .* 'prompt' and 'completion' lists of such messages"):
+        read_records(write_jsonl(tmp_path / "d2.jsonl", [{"prompt": [{"role": "user", "content": "x"}],
+                                                         "completion": "a string"}]))
 
 
 @pytest.mark.parametrize("bos", [False, True])
