@@ -32,6 +32,7 @@ import torch
 from ._jsonl import read_jsonl
 
 MODES = ("molf", "molf-e", "fft", "lora")
+QUANTIZE = ("nf4", "int8")  # --quantize: bitsandbytes' 4-bit NF4 (double quantization) or 8-bit base
 
 
 class TrainError(Exception):
@@ -622,9 +623,6 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     return (model if cfg.quantize else model.to(device)), tok, False
-
-
-QUANTIZE = ("nf4", "int8")
 
 
 def _quantized(path, kind: str, weights, device):
