@@ -93,7 +93,7 @@ def _run_options(p, default_output):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .compare import MODES as COMPARE_MODES
-    from .train import MODES
+    from .train import MODES, QUANTIZE
 
     p = _Parser(prog="molf", description="MoLF fine-tuning: train, compare, plot routing.")
     p.add_argument("--version", action="version", version=f"molf {__version__}")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alphas", type=_floats, help="comma-separated alphas (default 32 each)")
     t.add_argument("--score", default="epd", choices=("epd", "pfn"))
     t.add_argument("--top-k", type=int, help="experts updated per layer and step (default 1; not for fft)")
-    t.add_argument("--quantize", choices=("nf4", "int8"),
+    t.add_argument("--quantize", choices=QUANTIZE,
                    help="load the base quantized by bitsandbytes and frozen (QLoRA-style): 4-bit NF4 with double "
                         "quantization, or 8-bit; --mode molf-e or lora")
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps into OUTPUT.checkpoints/")
