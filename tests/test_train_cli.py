@@ -100,7 +100,7 @@ def test_a_prompt_whose_last_token_merges_with_the_completion_keeps_the_whole_te
             {"prompt": "The capital city of Kalo is V", "completion": "aldor."}]
     rows, moved, skipped = _encode(tok, recs)
     assert (moved, skipped) == (2, 1) and len(rows) == 4
-    first = [tok.convert_ids_to_tokens(tok.convert_tokens_to_ids("<|im_start|>"))] if bos else []
+    first = ["<|im_start|>"] if bos else []
     for (prompt, completion), rec in zip(rows, [recs[0], recs[1], recs[3], recs[4]]):
         assert completion[-1] == tok.eos_token_id
         assert tok.decode(prompt + completion[:-1], skip_special_tokens=True) == rec["prompt"] + rec["completion"]
