@@ -616,6 +616,9 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model)
+        if tok.eos_token_id is None:  # each completion ends with it: the model learns where to stop
+            raise TrainError(f"the tokenizer of {cfg.model} has no eos token (each completion ends with it): set "
+                             "eos_token in its tokenizer_config.json")
         model = _quantized(cfg.model, cfg.quantize, weights, device) if cfg.quantize else \
             AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights)
     except (OSError, ValueError) as e:

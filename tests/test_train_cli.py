@@ -465,6 +465,22 @@ def test_messages_need_a_chat_template(tmp_path, capsys):
     assert "b.jsonl:1: the last message must be the assistant's" in capsys.readouterr().err
 
 
+def test_a_tokenizer_without_an_eos_token_is_one_error_line(tmp_path, capsys, chat_model):
+    """Each completion ends with the eos token; a tokenizer without one crashed in torch.tensor with a None."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(chat_model, folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS["pairs"])
+    assert main(["train", "--model", str(folder), "--data", data, "--output", str(tmp_path / "o"), "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no eos token (each completion ends with it)" in err[0], err
+
+
 def test_compare_writes_table_and_figure(tmp_path, capsys):
     from PIL import Image
     from molf.compare import COLOURS
