@@ -173,9 +173,12 @@ def _encode(tok, records):
             if not getattr(tok, "chat_template", None):
                 raise TrainError("chat 'messages' data needs a tokenizer with a chat template (--model with one)")
             n = rec.get("prompt_messages", len(rec["messages"]) - 1)
-            prompt_text = tok.apply_chat_template(rec["messages"][:n], tokenize=False,
-                                                  add_generation_prompt=True)
-            full = tok.apply_chat_template(rec["messages"], tokenize=False)
+            try:
+                prompt_text = tok.apply_chat_template(rec["messages"][:n], tokenize=False,
+                                                      add_generation_prompt=True)
+                full = tok.apply_chat_template(rec["messages"], tokenize=False)
+            except Exception as e:  # the template's own raise_exception (jinja2's TemplateError), e.g. roles
+                raise TrainError(f"example {i}: the tokenizer's chat template refuses it: {e}") from None
             if not full.startswith(prompt_text):
                 raise TrainError("the chat template renders the conversation without its prompt as a prefix: cannot "
                                  "mask the loss to the completion's messages")

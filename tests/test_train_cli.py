@@ -466,6 +466,21 @@ def test_messages_need_a_chat_template(tmp_path, capsys):
     assert "b.jsonl:1: the last message must be the assistant's" in capsys.readouterr().err
 
 
+def test_a_chat_template_that_refuses_an_example_is_one_error_line(tmp_path, chat_model):
+    """Llama-2's and Mistral's templates raise on roles that do not alternate (jinja2's TemplateError, not a
+    ValueError): a traceback before; now a TrainError naming the example and the template's words."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System roles are "
+                         "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "yo"}]}]
+    assert len(_encode(tok, recs[:1])[0]) == 1
+    with pytest.raises(TrainError, match="example 1: the tokenizer's chat template refuses it: System roles are not"):
+        _encode(tok, recs)
+
+
 def test_a_tokenizer_without_an_eos_token_is_one_error_line(tmp_path, capsys, chat_model):
     """Each completion ends with the eos token; a tokenizer without one crashed in torch.tensor with a None."""
     import shutil
