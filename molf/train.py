@@ -428,6 +428,11 @@ def _device(cfg: TrainConfig) -> torch.device:
         if device.index not in (None, 0):
             raise TrainError(f"--device {cfg.device}: the Trainer runs on the first visible GPU; choose the GPU with "
                              f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
+        if torch.cuda.device_count() > 1:  # the Trainer would wrap the model in nn.DataParallel over all of them
+            raise TrainError(f"this machine shows {torch.cuda.device_count()} GPUs: a one-process Trainer would spread "
+                             "each batch over all of them with nn.DataParallel (--batch-size per GPU, a larger batch "
+                             "than asked); molf train runs on one GPU: choose it with CUDA_VISIBLE_DEVICES=0 (for "
+                             "several GPUs, MoLFTrainer under torchrun: README, 'Beyond one GPU')")
     elif device.type != "cpu":
         raise TrainError(f"--device {cfg.device}: molf train runs on cpu or cuda")
     if cfg.dtype == "fp16" and device.type != "cuda":

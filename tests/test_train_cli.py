@@ -570,3 +570,8 @@ def test_a_second_gpu_is_chosen_by_cuda_visible_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(TrainError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
         _device(TrainConfig(device="cuda:1", output="unused"))
+    # several visible GPUs: the Trainer would run nn.DataParallel over them, each taking --batch-size (a larger
+    # batch than asked, the schedule's epochs miscounted), silently; one error line instead
+    for device in ("auto", "cuda", "cuda:0"):
+        with pytest.raises(TrainError, match="this machine shows 2 GPUs: .* choose it with CUDA_VISIBLE_DEVICES=0"):
+            _device(TrainConfig(device=device, output="unused"))
