@@ -13,6 +13,12 @@ adapter for the original quantized base (`export_peft`: adapter_config.json, ada
 and molf's state without the quantized weights (molf_model.safetensors holds the experts and every float
 tensor; `molf.load(wrapped_quantized_model, path)` restores it, as MoLFTrainer's resume does). No merged
 plain model is written: it would not be quantized (`molf.merge` dequantizes, on purpose).
+
+Saving into a folder that holds an earlier save removes what that save wrote and this one does not overwrite,
+as transformers removes its own stale shards: a peft adapter, where this save writes none (plain transformers,
+finding adapter_config.json beside config.json, loads the adapter onto the base it names, not this save's
+weights), and an earlier molf save's merged weights where this one writes an adapter (weights that no molf save
+wrote, a folder holding the base model, are left alone).
 """
 from __future__ import annotations
 
@@ -86,6 +92,26 @@ def float_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[s
     return {k: v for k, v in sd.items() if not k.startswith(prefixes) or any(k == p + "bias" for p in prefixes)}
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MERGED_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+
+
+def _remove(path, names) -> None:
+    """Remove an earlier save's files `names` from the folder `path` (see the module docstring)."""
+    for name in names:
+        if os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+
+
+def _earlier_merged_save(path) -> bool:
+    """Whether the folder `path` holds an earlier molf save of a model without quantized bases."""
+    try:
+        config = _config(path)
+    except (OSError, ValueError):  # no molf save there, or not one molf can read: nothing of ours to remove
+        return False
+    return isinstance(config, dict) and not config.get("quantized_base")
+
+
 def _save_quantized(model: nn.Module, path, state_dict: dict | None = None) -> str:
     from safetensors.torch import save_file
 
@@ -94,9 +120,7 @@ def _save_quantized(model: nn.Module, path, state_dict: dict | None = None) -> s
     if trained:  # a bias unfrozen by hand: molf's state below holds it, a LoRA adapter could not
         warnings.warn(f"save_pretrained: no peft adapter written, since {trained[:3]} trains (not LoRA); "
                       "molf_model.safetensors holds the whole trained state (molf.load)", UserWarning, stacklevel=3)
-        for stale in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier save's, into this folder
-            if os.path.exists(os.path.join(path, stale)):
-                os.remove(os.path.join(path, stale))
+        _remove(path, ADAPTER_FILES)
     else:
         export_peft(model, path, state_dict=state_dict)
     tensors, aliases, first = {}, {}, {}
@@ -141,11 +165,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
         state_dict = _check_full_state_dict(model, state_dict)
     if any(m.quantized for _, m in layers):
         os.makedirs(path, exist_ok=True)
+        if _earlier_merged_save(path):
+            _remove(path, [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)])
         _save_quantized(model, path, state_dict)
     else:
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
         os.makedirs(path, exist_ok=True)
+        _remove(path, ADAPTER_FILES)
         model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
         aliases = _tied_parameters(model)
         meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}

@@ -256,6 +256,39 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
         molf.load(plain, tmp_path / "ckpt")
 
 
+def test_saves_of_both_kinds_into_one_folder_leave_nothing_stale_behind(tmp_path):
+    """A float model's molf save into a folder that holds a quantized model's (an adapter) removes the adapter:
+    plain transformers, finding adapter_config.json, loaded that adapter onto its base instead of the new merged
+    weights, and molf.from_pretrained crashed. The other way, the earlier merged weights go; a folder holding
+    the base model itself keeps its weights."""
+    from transformers import AutoModelForCausalLM
+    ids = batch().to(DEVICE)
+    quant = molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    train(quant, molf.MoLFAdamW(quant, lr=1e-2), ids, 2)
+    full = molf.wrap(AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32).to(DEVICE),
+                     ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    train(full, molf.MoLFAdamW(full, lr=5e-2), ids, 3)
+    molf.save_pretrained(quant, tmp_path / "out")
+    molf.save_pretrained(full, tmp_path / "out")
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & {p.name for p in (tmp_path / "out").iterdir()}
+    want = full(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).to(DEVICE)
+    assert_close(plain(ids).logits, want, 1e-5)
+    assert torch.equal(molf.from_pretrained(tmp_path / "out").to(DEVICE)(ids).logits, want)
+
+    molf.save_pretrained(quant, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+        "molf_config.json", "molf_model.safetensors"]
+    fresh = molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    molf.load(fresh, tmp_path / "out")
+    assert torch.equal(fresh(ids).logits, quant(ids).logits)
+
+    molf.save_pretrained(quant, tmp_path / "float")  # the base model's own folder: its weights stay
+    assert (tmp_path / "float" / "model.safetensors").is_file()
+    assert (tmp_path / "float" / "adapter_config.json").is_file()
+
+
 def test_model_save_pretrained_of_a_wrapped_quantized_model_comes_back_through_molf_load(tmp_path):
     """The wrapped layout transformers writes for a wrapped quantized model (the quantized base's weights and
     quantization state under base.): molf.load takes the float tensors into a freshly loaded and wrapped
