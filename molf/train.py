@@ -12,7 +12,9 @@ and a summary.json, and appears only when the run is complete (nothing half-writ
 """
 from __future__ import annotations
 
+import functools
 import gc
+import hashlib
 import importlib
 import json
 import math
@@ -306,7 +308,20 @@ def _run_options(cfg: TrainConfig, device) -> dict:
         if field in ("model", "data") and v is not None and os.path.exists(v):
             v = os.path.abspath(v)
         out[field] = list(v) if isinstance(v, tuple) else v
+    if cfg.data is not None and os.path.isfile(cfg.data):  # the same path with other examples is another run
+        stat = os.stat(cfg.data)
+        out["data_sha256"] = _sha256(os.path.abspath(cfg.data), stat.st_size, stat.st_mtime_ns)
     return json.loads(json.dumps(out))
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256 (read once per size and modification time: each checkpoint records it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_same_run(cfg: TrainConfig, device) -> None:
@@ -322,6 +337,10 @@ def _check_same_run(cfg: TrainConfig, device) -> None:
     now = _run_options(cfg, device)
     diff = [f"{flag} (was {started[k]!r}, now {now[k]!r})" for k, flag in RUN_OPTIONS.items()
             if k in started and started[k] != now[k]]
+    was, is_ = started.get("data_sha256"), now.get("data_sha256")
+    if started.get("data") == now["data"] and was is not None and was != is_:
+        diff.append(f"--data's examples (the file changed since the run started: sha256 was {was[:12]}..., "
+                    f"now {str(is_)[:12]}...)")
     if diff:
         raise TrainError(f"--resume continues the run with the options it started with, but {', '.join(diff)} "
                          "differ: give the same ones, or start a new run (another --output)")

@@ -406,6 +406,23 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
         assert (tmp_path / "full" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
 
 
+def test_resume_refuses_a_data_file_whose_examples_changed(tmp_path, chat_model):
+    """--resume of a run on a data file edited since the run started (same path, other examples): refused, as
+    other options are (before: it resumed, silently not the same run); the same contents written again resume."""
+    original = [{"prompt": f"SELECT name FROM users WHERE id = {i}", "completion": f"; -- {i % 3}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", original)
+    base = dict(model=chat_model, data=data, output=str(tmp_path / "run"), steps=4, batch_size=2, save_steps=2,
+                progress=False, backend="eager")
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(interrupt_at_step=3, **base), log=lambda *a: None)
+    write_jsonl(tmp_path / "d.jsonl", original[:7] + [dict(original[7], completion="; -- changed")])
+    with pytest.raises(TrainError, match=r"but --data's examples \(the file changed since the run started: "
+                                         r"sha256 was [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.\) differ"):
+        train(TrainConfig(resume="last", **base), log=lambda *a: None)
+    write_jsonl(tmp_path / "d.jsonl", original)
+    assert train(TrainConfig(resume="last", **base), log=lambda *a: None)["resumed_from"].endswith("checkpoint-2")
+
+
 def test_only_a_cut_off_checkpoint_is_not_resumed_nor_overwritten(tmp_path):
     """A checkpoints folder whose only checkpoint was cut off while being written: a new run refuses to mix with
     it, and --resume says there is nothing complete to resume from."""
