@@ -1,6 +1,7 @@
 """Export a trained MoLF-Efficient model as a standard peft LoRA adapter."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -27,6 +28,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
 
     A = [A_1; ...; A_E], B = [s_1 B_1, ..., s_E B_E] and lora_alpha = R without rsLoRA, so peft's own
     scaling is 1: `peft.PeftModel.from_pretrained(untouched_base, path)` computes what the molf model does.
+    Layers of different total ranks (MoLFLinear built by hand): r is the most common one, and peft's
+    rank_pattern and alpha_pattern give every layer its own, keyed by its full name (longest first, so that a
+    name that ends another's matches only its own layer).
     Trainable parameters outside the MoLF layers (embeddings, norms: MoLF-E without freeze_others) are
     saved through peft's `modules_to_save` (tied embeddings with `ensure_weight_tying`), so the adapter
     reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
@@ -41,9 +45,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     if trained_base:  # a bias unfrozen by hand too: peft's adapter would leave it out
         raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); {trained_base[:3]} "
                          "trains: use molf.merge(model) and save_pretrained instead")
-    ranks = {sum(m.ranks) for _, m in layers}
-    if len(ranks) != 1:
-        raise ValueError(f"export_peft needs one total rank for every layer, got {sorted(ranks)}")
     inside = {id(p) for _, m in layers for p in m.parameters()}
     # Trainable parameters outside the MoLF layers (embeddings, norms, ...) go in as peft's modules_to_save;
     # a parameter shared by several modules (tied embeddings) is saved under each, with peft's weight tying.
@@ -59,7 +60,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
             raise ValueError(f"export_peft: {mod_name or 'the model itself'} holds trained parameters and MoLF "
                              "layers; peft cannot save it as a module (freeze its own parameters, or merge and "
                              "save the full model)")
-    rank = ranks.pop()
+    totals = {name: sum(m.ranks) for name, m in layers}
+    counts = collections.Counter(totals.values())
+    rank = max(counts, key=lambda r: (counts[r], r))
+    # peft takes a pattern key for a module whose name is the key or ends with "." + key, the first that does
+    pattern = {} if len(counts) == 1 else {n: totals[n] for n in sorted(totals, key=len, reverse=True)}
+
     def value(key, p):
         return p.detach() if state_dict is None else state_dict[key]
     tensors = {}
@@ -80,7 +86,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     config = {"peft_type": "LORA", "task_type": task, "r": rank, "lora_alpha": rank, "use_rslora": False,
               "lora_dropout": 0.0, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
               "init_lora_weights": True, "base_model_name_or_path": base_name, "inference_mode": True,
-              "modules_to_save": saved_modules or None,
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern), "modules_to_save": saved_modules or None,
               "ensure_weight_tying": any(len(own) > 1 for own in owners.values())}
     os.makedirs(path, exist_ok=True)
     from safetensors.torch import save_file

@@ -181,6 +181,44 @@ def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
         assert_close(merged(ids).logits, want, 1e-5, "merged peft logits")
 
 
+def test_export_peft_of_layers_with_different_ranks_gives_each_its_own(tmp_path):
+    """MoLF layers of different total ranks (MoLFLinear built by hand, here the MLP's): the adapter's r is the most
+    common rank and peft's rank_pattern / alpha_pattern give every layer its own (before: a ValueError); peft
+    computes what the molf model does, and a layer whose full name ends with another's gets its own rank too."""
+    peft = pytest.importorskip("peft")
+    from helpers import randomize_lora_B
+    base = tiny_qwen2()
+    extra = base.extra = torch.nn.Module()  # extra.model.layers.0.mlp.up_proj ends with model.layers.0.mlp.up_proj
+    extra.model = torch.nn.Module()
+    extra.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    extra.model.layers[0].mlp = torch.nn.Module()
+    extra.model.layers[0].mlp.up_proj = torch.nn.Linear(16, 16)
+    model = molf.wrap(copy.deepcopy(base), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    for mlp in [layer.mlp for layer in model.model.layers] + [model.extra.model.layers[0].mlp]:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if hasattr(mlp, name):
+                ranks = (1, 2) if mlp is model.extra.model.layers[0].mlp else (4, 12)
+                setattr(mlp, name, molf.MoLFLinear(getattr(mlp, name), ranks=ranks, alphas=(8, 16),
+                                                   train_base=False, backend="eager"))
+    torch.manual_seed(1)
+    randomize_lora_B(model)
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+    molf.export_peft(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 10 and cfg["rank_pattern"]["model.layers.0.mlp.up_proj"] == 16
+    assert cfg["rank_pattern"]["extra.model.layers.0.mlp.up_proj"] == 3
+    assert cfg["alpha_pattern"] == cfg["rank_pattern"] and len(cfg["rank_pattern"]) == 15
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert_close(loaded(ids).logits, want, 1e-5, "peft logits")
+    shapes = {n: tuple(p.shape) for n, p in loaded.named_parameters() if "lora_A" in n}
+    assert shapes["base_model.model.extra.model.layers.0.mlp.up_proj.lora_A.default.weight"] == (3, 16)
+    assert shapes["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"] == (16, 32)
+
+
 @pytest.mark.parametrize("outer", ["torch.compile", "DataParallel"])
 def test_checkpoints_exports_and_routing_names_see_through_compile_and_data_parallel(tmp_path, outer):
     """A model passed inside torch.compile's wrapper or (D)DP's: its names gained `_orig_mod.` / `module.`, so
