@@ -27,6 +27,20 @@ def state_columns(params, grads, states, sharded: bool) -> list[list]:
     return [[local(t) for t in c] for c in cols] if sharded else cols
 
 
+def check_columns(opt, params, cols) -> None:
+    """Raise where a row of `state_columns`' [params, grads, exp_avgs, exp_avg_sqs] differs in numel or device:
+    the kernels and C loops index every column by the parameter's numel, so a moment left smaller by a parameter
+    resized in place (p.data = ...) would be written out of bounds. One host check per tensor."""
+    for p, row in zip(params, zip(*cols[:4])):
+        if len({t.numel() for t in row}) > 1 or len({t.device for t in row}) > 1:
+            st = opt.state[p]
+            raise ValueError(
+                f"{opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient {tuple(p.grad.shape)}, "
+                f"moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} on {st['exp_avg'].device}:"
+                " the moments must have the parameter's shape and device (a parameter resized after the optimizer "
+                "stepped: create the optimizer after resizing)")
+
+
 def shard_group(params):
     """The process group over which FSDP2 shards these parameters (None when nothing is sharded).
 

@@ -10,7 +10,7 @@ from itertools import accumulate
 import torch
 
 from . import _backend
-from ._dist import local, state_columns
+from ._dist import check_columns, local, state_columns
 from ._math import EPS_SCORE
 from .kernels import routed_adamw as K
 from .kernels._env import to_device
@@ -54,15 +54,8 @@ class _Launch:
     def columns(self, cols):
         """The table's columns: `current()`'s cols but the step counters, checked: the kernels index every column
         by the parameter's numel, so a smaller moment would be written out of bounds. One host check per tensor."""
-        cols = cols[:4]
-        for p, row in zip(self.dtensors, zip(*cols)):
-            if len({t.numel() for t in row}) > 1 or len({t.device for t in row}) > 1:
-                st = self.opt.state[p]
-                raise ValueError(
-                    f"{self.opt.param_name(p)}: parameter {tuple(p.shape)} on {p.device}, gradient "
-                    f"{tuple(p.grad.shape)}, moments {tuple(st['exp_avg'].shape)} and {tuple(st['exp_avg_sq'].shape)} "
-                    f"on {st['exp_avg'].device}: the moments must have the parameter's shape and device")
-        return cols
+        check_columns(self.opt, self.dtensors, cols)
+        return cols[:4]
 
     def refresh(self, grads, states) -> bool:
         """Re-read the pointers (storage moved: zero_grad(set_to_none=True) gives fresh gradients every step).

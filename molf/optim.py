@@ -15,7 +15,7 @@ from operator import is_not
 import torch
 
 from . import _backend, _checks, _cpu
-from ._dist import local, shard_group, state_columns
+from ._dist import check_columns, local, shard_group, state_columns
 from ._layout import build_layout
 from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, stochastic_round_bf16  # noqa: F401
 from .kernels._env import to_device
@@ -567,6 +567,7 @@ class EagerRoutedAdamW:
         key = tuple(t.data_ptr() for col in (ps, ms, vs, steps) for t in col)
         tab = self._tables.get(id(plan))
         if tab is None or tab.key != key:
+            check_columns(self.opt, plan.params, (ps, gs, ms, vs))  # the loops index each row by the param's numel
             rows = [i for i in range(len(ps)) if _cpu.takes(ps[i]) and _cpu.takes(ms[i])
                     and _cpu.takes(vs[i]) and steps[i].is_cpu and steps[i].dtype == torch.float32]
             pick = lambda col: [col[i] for i in rows]  # noqa: E731

@@ -98,9 +98,14 @@ def test_load_state_dict_of_another_layout_or_optimizer_raises():
         opt.load_state_dict([1, 2])
 
 
-def test_triton_tables_refuse_a_moment_of_the_wrong_size():
-    model = wrapped(*MOLF[:3], backend="triton")
-    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend="triton")
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_moments_of_another_size_than_the_parameter_are_refused(backend):
+    """The kernels and the CPU loops index the moments by the parameter's numel: a moment set by hand to another
+    size, or a parameter resized in place after a step (p.data = ..., e.g. more embedding rows), is a ValueError
+    naming it, before anything is written (before: the CPU loops wrote past the moments' end, a heap corruption
+    that killed the process). Resized back, the run goes on as if nothing had happened."""
+    model = wrapped(*MOLF[:3], backend=backend)
+    opt = make_opt(molf.MoLFAdamW, model, 1e-3, 1e-3, backend=backend)
     ids = batch().to(model_device(model))
     train_step(model, opt, ids)
     p = opt.layout.experts[0][0][0]  # layer 0's full expert weight
@@ -108,6 +113,29 @@ def test_triton_tables_refuse_a_moment_of_the_wrong_size():
     model(ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match=r"q_proj\.base\.weight \(expert full\).*moments \(3,\)"):
         opt.step()
+
+    model = wrapped(*MOLF[:3], backend=backend)
+    twin = copy.deepcopy(model)
+    opt, ref = (make_opt(molf.MoLFAdamW, m, 1e-3, 1e-3, backend=backend) for m in (model, twin))
+    for _ in range(2):
+        train_step(model, opt, ids)
+        train_step(twin, ref, ids)
+    emb = model.model.embed_tokens.weight
+    assert emb.requires_grad and emb in opt.state
+    kept = emb.data.clone()
+    emb.data = torch.cat([kept, kept[:40]])  # 40 more rows (tied: the head's too)
+    model(ids).logits.float().square().mean().backward()
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight: parameter \(104, 32\) .* moments \(64, 32\) "
+                                         r"and \(64, 32\) .* create the optimizer after resizing"):
+        opt.step()
+    emb.data = kept
+    opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        train_step(model, opt, ids)
+        train_step(twin, ref, ids)
+    assert torch.equal(opt.routing.cpu(), ref.routing.cpu()) and opt.molf_step == ref.molf_step == 4
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 # -- 2. a non-finite score never wins while a finite one exists --
