@@ -15,16 +15,21 @@ tensor; `molf.load(wrapped_quantized_model, path)` restores it, as MoLFTrainer's
 plain model is written: it would not be quantized (`molf.merge` dequantizes, on purpose).
 
 Saving into a folder that holds an earlier save removes what that save wrote and this one does not overwrite,
-as transformers removes its own stale shards: a peft adapter, where this save writes none (plain transformers,
-finding adapter_config.json beside config.json, loads the adapter onto the base it names, not this save's
-weights), and an earlier molf save's merged weights where this one writes an adapter (weights that no molf save
-wrote, a folder holding the base model, are left alone).
+as transformers removes its own stale shards: its weight files where this save writes merged weights (also a
+single file or an index, which transformers leaves: from_pretrained prefers an earlier single file to new
+shards); a peft adapter, where this save writes none (plain transformers, finding adapter_config.json beside
+config.json, loads the adapter onto the base it names, not this save's weights); an earlier molf save's merged
+weights where this one writes an adapter (weights that no molf save wrote, a folder holding the base model,
+are left alone).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -103,6 +108,30 @@ def _remove(path, names) -> None:
             os.remove(os.path.join(path, name))
 
 
+@contextlib.contextmanager
+def _earlier_weights_aside(path, main_process: bool = True):
+    """Around a save into the folder `path`: the transformers weight files already there are moved aside and
+    removed once the save succeeded (put back where it fails, in place of what it wrote). transformers removes
+    an earlier save's shards, but not its single file nor its index, and from_pretrained prefers an earlier
+    single file to new shards."""
+    names = [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)] if main_process else []
+    if not names:
+        yield
+        return
+    aside = tempfile.mkdtemp(prefix=".molf-earlier-weights-", dir=path)
+    for name in names:
+        os.replace(os.path.join(path, name), os.path.join(aside, name))
+    try:
+        yield
+    except BaseException:  # the failed save's partial weight files go, the earlier ones come back
+        _remove(path, [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)])
+        for name in names:
+            os.replace(os.path.join(aside, name), os.path.join(path, name))
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _earlier_merged_save(path) -> bool:
     """Whether the folder `path` holds an earlier molf save of a model without quantized bases."""
     try:
@@ -173,7 +202,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
         os.makedirs(path, exist_ok=True)
         _remove(path, ADAPTER_FILES)
-        model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
+        with _earlier_weights_aside(path, kwargs.get("is_main_process", True)):
+            model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
         aliases = _tied_parameters(model)
         meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}
         if state_dict is None:
@@ -288,15 +318,16 @@ EXPERT_KEY = re.compile(r"(.+)\.lora_A\.(\d+)$")
 
 
 def _weight_files(path) -> list[str]:
-    """A transformers checkpoint folder's weight files: safetensors (one file, or the shards its index names),
-    else PyTorch pickles (`pytorch_model.bin`, as transformers 4 writes with save_safetensors=False)."""
+    """A transformers checkpoint folder's weight files, in from_pretrained's order of preference: one
+    safetensors file, else the shards its index names, else PyTorch pickles (`pytorch_model.bin`, as
+    transformers 4 writes with save_safetensors=False; or its shards)."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(path, single)):
+            return [single]
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 return sorted(set(json.load(f).get("weight_map", {}).values()))
-        if os.path.isfile(os.path.join(path, single)):
-            return [single]
     return []
 
 

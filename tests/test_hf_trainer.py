@@ -321,6 +321,46 @@ def test_save_pretrained_from_a_given_full_state_dict(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("first, second", [("20KB", None), (None, "20KB")], ids=["shards-then-one", "one-then-shards"])
+def test_a_save_over_an_earlier_one_with_other_shards_loads_as_written(tmp_path, first, second):
+    """molf.save_pretrained into a folder holding an earlier save sharded otherwise (max_shard_size): transformers
+    removes the earlier shards but leaves an earlier single file, which from_pretrained then prefers to the new
+    shards (the earlier weights, silently), and an earlier index, which molf's loader read first. Only this save's
+    weight files remain now, and both loaders take them."""
+    from transformers import AutoModelForCausalLM
+    ids = Rows().ids[:2]
+    models = [molf.wrap(tiny_qwen2(seed=s), ranks=(2, 8), alphas=(8, 16), backend="eager") for s in (1, 2)]
+    for model, shard in zip(models, (first, second)):
+        molf.save_pretrained(model, tmp_path / "ckpt", **({} if shard is None else {"max_shard_size": shard}))
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert ("model.safetensors" in names) == (second is None)
+    assert ("model.safetensors.index.json" in names) == (second is not None)
+    assert not any(n.startswith(".") for n in names)
+    want = models[1].eval()(ids).logits
+    with torch.no_grad():
+        assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()(ids).logits, want, 1e-5, "plain")
+        assert torch.equal(molf.from_pretrained(tmp_path / "ckpt", backend="eager").eval()(ids).logits, want)
+
+
+def test_a_save_that_fails_leaves_the_earlier_one_in_place(tmp_path, monkeypatch):
+    """The earlier weights set aside during a save come back where transformers' save raises (a full disk)."""
+    model = molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16), backend="eager")
+    molf.save_pretrained(model, tmp_path / "ckpt", max_shard_size="20KB")
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+
+    def full_disk(self, path, **kwargs):
+        (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        molf.save_pretrained(model, tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+    ids = Rows().ids[:2]
+    assert torch.equal(molf.from_pretrained(tmp_path / "ckpt", backend="eager").eval()(ids).logits,
+                       model.eval()(ids).logits)
+
+
 def test_the_molf_loaders_take_a_hub_repo_id(tmp_path, monkeypatch):
     """A checkpoint pushed to the Hub (push_to_hub of a MoLFTrainer output) loads by its repo id, as transformers'
     from_pretrained does; it used to be "not a molf checkpoint". No network here: the download is stubbed."""
