@@ -218,6 +218,16 @@ def test_molf_load_of_the_wrapped_layout_checks_everything_before_it_copies(tmp_
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a pickle")  # unreadable: not taken for the layout
     with pytest.raises(ValueError, match="is not a molf checkpoint"):
         molf.from_pretrained(tmp_path / "bin")
+    # saved again unsharded over the shards: transformers leaves the earlier index beside the new single file,
+    # which it prefers; so does molf.load (it read the index first, naming shards that are gone)
+    for _, m in molf_layers(model):
+        for b in m.lora_B:
+            torch.nn.init.normal_(b)
+    model.save_pretrained(tmp_path / "wl")
+    assert {"model.safetensors", "model.safetensors.index.json"} <= {p.name for p in (tmp_path / "wl").iterdir()}
+    back = molf.load(molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16)), tmp_path / "wl")
+    for (n, p), q in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(p, q), n
 
 
 @pytest.mark.parametrize("history_size, logging_steps, flushes", [(3, 8, 4), (10000, 0.25, 5), (0, 1, 9)])
