@@ -316,7 +316,7 @@ def _run_options(cfg: TrainConfig, device) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """The file's sha256 (read once per size and modification time: each checkpoint records it)."""
+    """The file's sha256 (read once per size and modification time)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -728,8 +728,9 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_dir, device):
-    """The transformers Trainer (MoLFTrainer unless FFT) over `rows`, padded per batch to the longest."""
+def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_dir, device, options):
+    """The transformers Trainer (MoLFTrainer unless FFT) over `rows`, padded per batch to the longest; each
+    checkpoint records `options` (_run_options)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .integrations.hf import MoLFTrainer
@@ -760,7 +761,7 @@ def _trainer(cfg: TrainConfig, model, tok, rows, opt, sched, steps, dtype, run_d
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_FILE), "w") as f:
-                    json.dump(_run_options(cfg, device), f, indent=2)
+                    json.dump(options, f, indent=2)
 
     kind = Trainer if cfg.mode == "fft" else MoLFTrainer
     extra = {} if cfg.mode == "fft" else dict(backend=cfg.backend)
@@ -778,6 +779,7 @@ def _run(cfg: TrainConfig, device, work, log):
     # freed now, not counted in this run's peak memory nor competing with it for the GPU.
     gc.collect()
     records = read_records(cfg.data) if cfg.data else synthetic_facts(cfg.n_facts, cfg.seed)
+    options = _run_options(cfg, device)  # the data's sha256 as read (not of an edit made during the run)
     dtype = _dtype(cfg, device)
     model, tok, builtin = _load(cfg, records, device, dtype)
     rows, moved, skipped = _encode(tok, records)
@@ -807,7 +809,7 @@ def _run(cfg: TrainConfig, device, work, log):
 
     opt, sched = _optimizer(cfg, model, ranks, alphas, lr, lora_lr, steps)
     run_dir = cfg.checkpoints if (cfg.save_steps or cfg.resume) else os.path.join(work, "trainer")
-    trainer = _trainer(cfg, model, tok, train_rows, opt, sched, steps, dtype, run_dir, device)
+    trainer = _trainer(cfg, model, tok, train_rows, opt, sched, steps, dtype, run_dir, device, options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     resume = None if cfg.resume is None else (_last_checkpoint(cfg.checkpoints) if cfg.resume == "last" else cfg.resume)
