@@ -137,7 +137,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         n_exp = len(self.expert_names)
         self._flat = [(p, li * n_exp + ei) for li, per in enumerate(layout.experts) for ei, ps in enumerate(per)
                       for p in ps] + [(p, -1) for p in layout.others]
-        self._dtypes = self._dtypes_now()
+        self._set_dtypes()
         # FSDP2: each rank holds a shard of every expert; the per-expert sums are all-reduced once per step.
         self._reduce_group = shard_group(p for per in layout.experts for ps in per for p in ps)
         self._impl = None
@@ -145,7 +145,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     # What _bind derives from the parameters' identities (id-keyed tables, plans, device tables, a process group):
     # not pickled or deep-copied, read again from the copied model by __setstate__.
     _BOUND = ("layout", "layer_names", "expert_names", "device", "_expert_group", "_group_of", "_plans", "_flat",
-              "_dtypes", "_reduce_group", "_impl")
+              "_dtypes", "_kernels_lack_dtypes", "_reduce_group", "_impl")
 
     def __getstate__(self) -> dict:
         """copy.deepcopy and pickle: the optimizer with its model (deep-copy them together, `copy.deepcopy((model,
@@ -169,6 +169,14 @@ class MoLFAdamW(torch.optim.Optimizer):
         """The dtypes the step computes in (parameters, moments): they pick the backend under "auto"."""
         moments = {st["exp_avg"].dtype for st in self.state.values() if st}
         return tuple({p.dtype for p, _ in self._flat} | moments | ({self.state_dtype} if self.state_dtype else set()))
+
+    def _set_dtypes(self) -> None:
+        """Read the dtypes (_dtypes_now); where "auto" takes torch ops only for them (float64 on a GPU), the step
+        reads them again each time, to go back to the kernels once they fit (model.double(), then .float())."""
+        self._dtypes = self._dtypes_now()
+        self._kernels_lack_dtypes = _backend.requested(self.backend) == "auto" and \
+            _backend.resolve(self.backend, self.device) == "triton" != _backend.resolve(self.backend, self.device,
+                                                                                        self._dtypes)
 
     def _rebind(self) -> str | None:
         """Before the first step (no state yet), re-read the model's parameters where they were replaced or
@@ -342,9 +350,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         states, created = self._states(plan.params)
         if self._impl is not None and created:  # state made anew (opt.state cleared): tables rebuilt
             self._impl = None
+        if self._kernels_lack_dtypes:  # O(tensors), only while "auto" runs torch ops for float64
+            self._set_dtypes()
         impl = self._backend_impl()
         if not impl.prepare(plan, grads, states):  # triton under "auto", model.double() since: torch ops
-            self._dtypes = self._dtypes_now()
+            self._set_dtypes()
             impl = self._backend_impl()
             impl.prepare(plan, grads, states)
         lrs = [0.0 if g is None else self.param_groups[g]["lr"] for g in self._expert_group]

@@ -464,9 +464,9 @@ def test_two_dtype_launches_refresh_their_own_rows_when_gradients_move():
 def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypatch):
     """backend="auto" takes torch ops where the kernels lack the dtype; the optimizer picked its backend from the
     dtypes at construction, so model.double() after a step met the triton tables' TypeError. Now the step
-    falls back to the eager backend and trains as an eager optimizer does. "auto" picks the kernels on a GPU
-    only: here the CPU (Triton's interpreter) stands in for one; backend="triton" still raises, naming a
-    parameter."""
+    falls back to the eager backend and trains as an eager optimizer does, and goes back to the kernels after
+    model.float() (before: it stayed on torch ops for good). "auto" picks the kernels on a GPU only: here the CPU
+    (Triton's interpreter) stands in for one; backend="triton" still raises, naming a parameter."""
     from molf import _backend
     real = _backend.resolve
     monkeypatch.setattr(_backend, "resolve", lambda backend, device, dtypes=(): real(
@@ -488,9 +488,14 @@ def test_model_cast_to_float64_after_a_step_takes_torch_ops_under_auto(monkeypat
             train_step(model, opt, batch())
             routes.append(opt.routing.clone())
         assert opt._impl.name == "eager"
+        model.float()  # back in float32 (the moments are float32 too): "auto" goes back to the kernels
+        for _ in range(2):
+            train_step(model, opt, batch())
+            routes.append(opt.routing.clone())
+        assert opt._impl.name == ("eager" if backend == "eager" else "triton")
         runs[backend] = torch.stack(routes).cpu(), flat_params(model).cpu()  # the backends may sit on two devices
     assert torch.equal(runs["auto"][0], runs["eager"][0])
-    assert rel_err(runs["auto"][1], runs["eager"][1]) <= 1e-5  # the first step ran on the kernels
+    assert rel_err(runs["auto"][1], runs["eager"][1]) <= 1e-5  # the first and last steps ran on the kernels
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
