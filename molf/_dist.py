@@ -1,5 +1,5 @@
-"""torch.distributed helpers: local shards of FSDP2's DTensors, the group a score sum is reduced over, FSDP1
-found and refused."""
+"""torch.distributed helpers: local shards of FSDP2's DTensors (and the step's columns of them, checked), the
+group a score sum is reduced over, FSDP1 found and refused."""
 from __future__ import annotations
 
 from operator import itemgetter
