@@ -668,6 +668,12 @@ def wrap(model: nn.Module, ranks: Sequence[int] = (128,), alphas: Sequence[float
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        if getattr(model, "_hf_peft_config_loaded", False) and not hasattr(model, "merge_and_unload"):
+            raise ValueError("model holds a peft adapter that transformers loaded into it (load_adapter, or "
+                             "from_pretrained of an adapter's folder), whose LoRA layers molf would train unrouted: "
+                             "load the base with peft instead, peft.PeftModel.from_pretrained(base, adapter)."
+                             "merge_and_unload(), and wrap the plain model it returns (or drop the adapter: "
+                             "model.delete_adapter(name))")
         raise ValueError("model is a peft model (it holds peft's LoRA layers, which molf would train unrouted): call "
                          "model.merge_and_unload() first and wrap the plain model it returns")
     sharded = _dist.sharded_or_replicated(model)

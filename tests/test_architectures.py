@@ -449,6 +449,22 @@ def test_peft_models_are_refused():
         molf.wrap(model, ranks=(4,), alphas=(8,))
 
 
+def test_a_model_holding_an_adapter_transformers_loaded_is_refused_with_what_to_do(tmp_path):
+    """from_pretrained of an adapter's folder: transformers loads the base and puts peft's layers in it; the
+    model has no merge_and_unload (the peft model's remedy), so the error says how to merge it with peft."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    tiny_qwen2().save_pretrained(tmp_path / "base")
+    adapter = peft.get_peft_model(tiny_qwen2(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    adapter.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    adapter.save_pretrained(tmp_path / "adapter")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"holds a peft adapter that transformers loaded into it .* "
+                                         r"peft.PeftModel.from_pretrained\(base, adapter\).merge_and_unload\(\)"):
+        molf.wrap(model, ranks=(4,), alphas=(8,))
+    assert not any(isinstance(m, molf.MoLFLinear) for m in model.modules())
+
+
 def test_train_base_true_trains_a_frozen_base_and_dropin_attributes(capsys):
     model = tiny_qwen2()
     model.requires_grad_(False)
