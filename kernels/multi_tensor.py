@@ -50,6 +50,13 @@ class TensorTable:
         self.ptrs = to_device(self.storage or [0] * len(columns), torch.int64, self.device).view(
             max(self.n_rows, 1), len(columns))
 
+    def repoint_column(self, k: int, pointers: list[int]) -> None:
+        """Take new pointers for column k alone (its tensors checked by the caller): a copy of one column, not
+        of the whole table (the optimizer's gradients move every step, its parameters and moments do not)."""
+        if self.n_rows:
+            self.storage[k::self.ptrs.shape[1]] = pointers
+            self.ptrs[:, k].copy_(to_device(pointers, torch.int64, self.device))
+
     def stale(self, columns: Sequence[Sequence[torch.Tensor]]) -> bool:
         """True when a tensor was replaced or re-allocated since the pointers were taken."""
         return self.pointers(columns) != self.storage

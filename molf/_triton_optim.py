@@ -76,8 +76,12 @@ class _Launch:
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
         if not all(all(map(_CONTIGUOUS, c)) for c in moved):
             self.table.pointers(cols)  # raises, with the strides
+        grads_alone = ptrs[0] == self.col_ptrs[0]  # (moments and step counters unmoved: checked above)
         self.col_ptrs = ptrs
-        self.table.repoint(cols, [x for row in zip(*ptrs[:4]) for x in row])
+        if grads_alone:  # zero_grad(set_to_none=True): fresh gradients every step
+            self.table.repoint_column(1, ptrs[1])
+        else:
+            self.table.repoint(cols, [x for row in zip(*ptrs[:4]) for x in row])
         return True
 
 

@@ -45,6 +45,11 @@ def test_table_rows_block_owner_and_staleness():
     assert t.stale([moved])
     t.repoint([moved])
     assert not t.stale([moved]) and t.ptrs[2, 0].item() == moved[2].data_ptr()
+    two = TensorTable([xs, moved], 128, DEVICE)  # one column moved alone
+    fresh = [torch.zeros(n, device=DEVICE) for n in (5, 0, 300, 256)]
+    two.repoint_column(1, [x.data_ptr() for x in fresh])
+    assert not two.stale([xs, fresh]) and two.stale([xs, moved])
+    assert two.ptrs.tolist() == [[a.data_ptr(), b.data_ptr()] for a, b in zip(xs, fresh)]
     with pytest.raises(ValueError, match="contiguous"):
         TensorTable([[torch.zeros(4, 4, device=DEVICE).t()]], 128, DEVICE)
 
