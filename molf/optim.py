@@ -602,7 +602,12 @@ class EagerRoutedAdamW:
     def prepare(self, plan: StepPlan, grads: list, states: list) -> bool:
         """This step's columns (parameters, gradients, moments, step counters; FSDP2: the local shards) from the
         gradients and states of plan.params as the optimizer read them this step."""
-        self._cols = state_columns(plan.params, grads, states, self.sharded)
+        self._cols = cols = state_columns(plan.params, grads, states, self.sharded)
+        if not (self.host_routing and _cpu.available()):  # torch ops (the C loops check in _native_table): a
+            # moment of another size would fail in their per-tensor fallback after some tensors moved
+            numels = list(map(torch.Tensor.numel, cols[0]))
+            if any(list(map(torch.Tensor.numel, c)) != numels for c in cols[1:4]):
+                check_columns(self.opt, plan.params, cols)  # raises, naming the parameter
         return True
 
     def routed_step(self, plan: StepPlan, expert_lrs: list[float]):
