@@ -1,4 +1,5 @@
-"""JSON Lines reading shared by `molf train` (data) and `molf plot` (routing logs)."""
+"""JSON Lines reading shared by `molf train` (data) and `molf plot` (routing logs); `molf train` also takes a
+JSON array (`datasets.load_dataset("json")` reads both)."""
 import json
 import warnings
 
@@ -25,3 +26,28 @@ def read_jsonl(path, cut_off_tail: bool = False):
                     return
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
             yield i, rec
+
+
+def read_records_file(path):
+    """Yield (where, object): the elements of a JSON array ("path[k]", k from 0) when the file's text starts with
+    "[", else the objects of its JSON Lines ("path:line"). ValueError naming the file (and line) where it is not
+    UTF-8 or not JSON."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.decode("utf-8-sig", errors="replace").lstrip().startswith("["):
+        for i, rec in read_jsonl(path):
+            yield f"{path}:{i}", rec
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    for k, rec in enumerate(records):
+        yield f"{path}[{k}]", rec

@@ -61,9 +61,9 @@ def _mode_floats(text):
 def _run_options(p, default_output):
     """The model, data and budget options `molf train` and `molf compare` share."""
     p.add_argument("--model", help="local model directory or hub id (default: a small Qwen2 built from a config)")
-    p.add_argument("--data", help="JSONL, one example per line: {\"prompt\", \"completion\"} (strings, or lists "
-                                  "of chat messages), {\"text\"} or {\"messages\": [...]} (default: synthetic "
-                                  "counterfactual facts)")
+    p.add_argument("--data", help="JSONL, one example per line (or a JSON array of them): {\"prompt\", "
+                                  "\"completion\"} (strings, or lists of chat messages), {\"text\"} or "
+                                  "{\"messages\": [...]} (default: synthetic counterfactual facts)")
     p.add_argument("--output", default=default_output, help=f"output folder, must not exist or be empty "
                                                             f"(default {default_output})")
     p.add_argument("--steps", type=int, help="optimizer steps (default 800, or from --epochs)")

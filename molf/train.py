@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._jsonl import read_jsonl
+from ._jsonl import read_records_file
 
 MODES = ("molf", "molf-e", "fft", "lora")
 QUANTIZE = ("nf4", "int8")  # --quantize: bitsandbytes' 4-bit NF4 (double quantization) or 8-bit base
@@ -115,28 +115,28 @@ def _chat(messages) -> bool:
 
 
 def read_records(path: str) -> list[dict]:
-    """Training examples from a JSONL file, one per line in any of trl's four formats: {"prompt", "completion"}
-    strings (loss on the completion), {"text"} (loss on every token), {"messages": [{"role", "content"}, ...]}
-    (chat, rendered with the tokenizer's chat template; loss on the last message, the assistant's) or
-    {"prompt", "completion"} lists of messages (chat; loss on the completion's messages)."""
+    """Training examples from a JSONL file, one per line (or a JSON array of them), in any of trl's four formats:
+    {"prompt", "completion"} strings (loss on the completion), {"text"} (loss on every token), {"messages":
+    [{"role", "content"}, ...]} (chat, rendered with the tokenizer's chat template; loss on the last message,
+    the assistant's) or {"prompt", "completion"} lists of messages (chat; loss on the completion's messages)."""
     if not os.path.isfile(path):
         raise TrainError(f"data file not found: {path}")
     out = []
     try:
-        for i, rec in read_jsonl(path):
+        for where, rec in read_records_file(path):
             if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
                 out.append({"prompt": rec["prompt"], "completion": rec["completion"]})
             elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 out.append({"prompt": "", "completion": rec["text"]})
             elif isinstance(rec, dict) and _chat(rec.get("messages")):
                 if rec["messages"][-1]["role"] != "assistant":
-                    raise TrainError(f"{path}:{i}: the last message must be the assistant's (the loss is on it), "
+                    raise TrainError(f"{where}: the last message must be the assistant's (the loss is on it), "
                                      f"got role {rec['messages'][-1]['role']!r}")
                 out.append({"messages": rec["messages"], "prompt_messages": len(rec["messages"]) - 1})
             elif isinstance(rec, dict) and _chat(rec.get("prompt")) and _chat(rec.get("completion")):
                 out.append({"messages": rec["prompt"] + rec["completion"], "prompt_messages": len(rec["prompt"])})
             else:
-                raise TrainError(f"{path}:{i}: expected an object with string keys 'prompt' and 'completion', a "
+                raise TrainError(f"{where}: expected an object with string keys 'prompt' and 'completion', a "
                                  "string 'text', 'messages' (a list of {'role', 'content'} strings), or 'prompt' and "
                                  "'completion' lists of such messages")
     except ValueError as e:

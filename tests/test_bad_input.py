@@ -497,6 +497,39 @@ def test_train_data_with_a_byte_order_mark_and_crlf_reads_as_written(tmp_path):
         read_records(str(data))
 
 
+def test_train_data_as_a_json_array_reads_as_jsonl_does(tmp_path):
+    """A .json file holding a JSON array of examples (as `datasets.load_dataset("json")` reads, and many datasets
+    ship: before, "not valid JSON" on its first line): the same records as the JSONL of them, indented or on one
+    line, with a BOM; errors name the element (or the line, for JSON that does not parse)."""
+    from molf.train import TrainError, read_records
+    recs = [{"prompt": "caf\u00e9 is", "completion": " open"}, {"text": "hello"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    want = read_records(write_lines(tmp_path / "d.jsonl", recs))
+    for name, raw in (("indented.json", json.dumps(recs, indent=2).encode()),
+                      ("one-line.json", b"  " + json.dumps(recs).encode()),
+                      ("bom.json", b"\xef\xbb\xbf\n" + json.dumps(recs, indent=1).encode())):
+        (tmp_path / name).write_bytes(raw)
+        assert read_records(str(tmp_path / name)) == want, name
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([recs[0], {"prompt": 3}], indent=2))
+    with pytest.raises(TrainError, match=r"bad.json\[1\]: expected an object with string keys 'prompt'"):
+        read_records(str(bad))
+    bad.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]')
+    with pytest.raises(TrainError, match=r"bad.json:3: not valid JSON \(Expecting property name"):
+        read_records(str(bad))
+    bad.write_bytes(b'[\n{"text": "caf\xe9"}]')
+    with pytest.raises(TrainError, match=r"bad.json:2: not UTF-8 text \(byte 0xe9\)"):
+        read_records(str(bad))
+    bad.write_text("[]")
+    with pytest.raises(TrainError, match=r"bad.json: no examples"):
+        read_records(str(bad))
+
+
+def write_lines(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
 # -- 8. argument validation of the Python API --
 
 @pytest.mark.parametrize("kw, exc, match", [
