@@ -60,7 +60,8 @@ def _mode_floats(text):
 
 def _run_options(p, default_output):
     """The model, data and budget options `molf train` and `molf compare` share."""
-    p.add_argument("--model", help="local model directory or hub id (default: a small Qwen2 built from a config)")
+    p.add_argument("--model", help="local model directory or hub id, or a peft adapter's folder (merged into its "
+                                   "base first) (default: a small Qwen2 built from a config)")
     p.add_argument("--data", help="JSONL, one example per line (or a JSON array of them): {\"prompt\", "
                                   "\"completion\"} (strings, or lists of chat messages), {\"text\"} or "
                                   "{\"messages\": [...]} (default: synthetic counterfactual facts)")

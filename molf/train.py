@@ -367,6 +367,8 @@ def _check(cfg: TrainConfig):
         hub_id = re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", cfg.model) and not cfg.model.startswith(".")
         if not hub_id or os.path.exists(cfg.model):
             raise TrainError(f"model path does not exist (or is not a directory): {cfg.model}")
+    if cfg.model is not None:
+        _adapter_base(cfg)  # a peft adapter's folder: checked here, before anything is built
     check_output(cfg.output)
     if cfg.steps is not None and cfg.epochs is not None:
         raise TrainError("give --steps or --epochs, not both")
@@ -641,18 +643,49 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
             model.save_pretrained(folder)
             return _quantized(folder, cfg.quantize, weights, device), tok, True
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapter = _adapter_base(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
+        own_tokenizer = adapter is None or os.path.isfile(os.path.join(cfg.model, "tokenizer_config.json"))
+        tok = AutoTokenizer.from_pretrained(cfg.model if own_tokenizer else adapter)  # else the adapter's base's
         if tok.eos_token_id is None:  # each completion ends with it: the model learns where to stop
             raise TrainError(f"the tokenizer of {cfg.model} has no eos token (each completion ends with it): set "
                              "eos_token in its tokenizer_config.json")
-        model = _quantized(cfg.model, cfg.quantize, weights, device) if cfg.quantize else \
-            AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights)
+        if adapter is not None:  # the base with the adapter merged in: the plain model this run starts from
+            from peft import AutoPeftModelForCausalLM
+            with torch.random.fork_rng(devices=[]):  # peft draws LoRA inits before it loads: not the run's draws
+                model = AutoPeftModelForCausalLM.from_pretrained(cfg.model, dtype=weights).merge_and_unload()
+            model.requires_grad_(True)  # peft loaded it for inference (all frozen); as from_pretrained gives it
+        elif cfg.quantize:
+            model = _quantized(cfg.model, cfg.quantize, weights, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=weights)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load model {cfg.model}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     return (model if cfg.quantize else model.to(device)), tok, False
+
+
+def _adapter_base(cfg: TrainConfig) -> str | None:
+    """The base model an adapter's folder given as --model names (peft's adapter_config.json), or None for a
+    model's folder or a hub id."""
+    path = os.path.join(cfg.model, "adapter_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not base:
+        raise TrainError(f"--model {cfg.model} is a peft adapter's folder whose adapter_config.json names no "
+                         "base_model_name_or_path: set it, or give the merged model")
+    if cfg.quantize:
+        raise TrainError(f"--model {cfg.model} is a peft adapter's folder: with --quantize, merge it into its base "
+                         "first (peft's merge_and_unload, then save_pretrained) and give that model")
+    if missing_modules("peft"):
+        raise TrainError(f"--model {cfg.model} is a peft adapter's folder: loading it needs peft (pip install peft)")
+    return base
 
 
 def _quantized(path, kind: str, weights, device):

@@ -406,6 +406,42 @@ def test_interrupted_run_resumes_bitwise(tmp_path, mode):
         assert (tmp_path / "full" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
 
 
+@pytest.mark.parametrize("mode", ["molf", "molf-e", "fft"])
+def test_an_adapters_folder_as_model_starts_from_the_merged_model(tmp_path, chat_model, mode):
+    """--model a peft adapter's folder (a LoRA run to go on from): the base it names with the adapter merged in,
+    its tokenizer where the adapter's folder has none; the run equals one from that merged model saved by hand
+    (before: molf.wrap refused the adapter transformers had loaded into the model). With --quantize, or without
+    a base named, one error line before anything is built."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapter = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(chat_model),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for n, p in adapter.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(std=0.5)
+    adapter.save_pretrained(tmp_path / "adapter")  # base_model_name_or_path: chat_model; no tokenizer
+    merged = adapter.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(chat_model).save_pretrained(tmp_path / "merged")
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS["pairs"])
+    base = dict(data=data, steps=3, batch_size=4, progress=False, backend="eager", mode=mode)
+    runs = {name: train(TrainConfig(model=str(tmp_path / name) if name != "base" else chat_model,
+                                    output=str(tmp_path / f"run-{name}"), **base), log=lambda *a: None)
+            for name in ("adapter", "merged", "base")}
+    for key in ("loss_before", "loss_after", "recall_after", "routing_share", "trainable_parameters"):
+        assert runs["adapter"][key] == runs["merged"][key], key
+    assert runs["adapter"]["loss_before"] != runs["base"]["loss_before"]
+    with pytest.raises(TrainError, match=r"is a peft adapter's folder: with --quantize, merge it into its base"):
+        train(TrainConfig(model=str(tmp_path / "adapter"), output=str(tmp_path / "q"), quantize="nf4", **base),
+              log=lambda *a: None)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=None)))
+    with pytest.raises(TrainError, match=r"adapter_config.json names no base_model_name_or_path"):
+        train(TrainConfig(model=str(tmp_path / "adapter"), output=str(tmp_path / "n"), **base), log=lambda *a: None)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "n").exists()
+
+
 def test_resume_refuses_a_data_file_whose_examples_changed(tmp_path, chat_model):
     """--resume of a run on a data file edited since the run started (same path, other examples): refused, as
     other options are (before: it resumed, silently not the same run); the same contents written again resume."""
