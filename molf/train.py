@@ -653,7 +653,11 @@ def _load(cfg: TrainConfig, records, device, dtype: str):
         if adapter is not None:  # the base with the adapter merged in: the plain model this run starts from
             from peft import AutoPeftModelForCausalLM
             with torch.random.fork_rng(devices=[]):  # peft draws LoRA inits before it loads: not the run's draws
-                model = AutoPeftModelForCausalLM.from_pretrained(cfg.model, dtype=weights).merge_and_unload()
+                try:
+                    model = AutoPeftModelForCausalLM.from_pretrained(cfg.model, dtype=weights).merge_and_unload()
+                except (RuntimeError, KeyError) as e:  # an adapter of another base: state-dict size mismatches
+                    raise TrainError(f"cannot load the adapter {cfg.model} onto its base {adapter}: "
+                                     f"{str(e).strip().splitlines()[-1].strip()}") from None
             model.requires_grad_(True)  # peft loaded it for inference (all frozen); as from_pretrained gives it
         elif cfg.quantize:
             model = _quantized(cfg.model, cfg.quantize, weights, device)

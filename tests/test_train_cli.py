@@ -436,10 +436,16 @@ def test_an_adapters_folder_as_model_starts_from_the_merged_model(tmp_path, chat
         train(TrainConfig(model=str(tmp_path / "adapter"), output=str(tmp_path / "q"), quantize="nf4", **base),
               log=lambda *a: None)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    tiny_qwen2(vocab=len(AutoTokenizer.from_pretrained(chat_model)), hidden=64).save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(chat_model).save_pretrained(tmp_path / "other")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps(dict(config, base_model_name_or_path=str(tmp_path / "other"))))
+    with pytest.raises(TrainError, match=r"cannot load the adapter .* onto its base .*other: size mismatch"):
+        train(TrainConfig(model=str(tmp_path / "adapter"), output=str(tmp_path / "o"), **base), log=lambda *a: None)
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=None)))
     with pytest.raises(TrainError, match=r"adapter_config.json names no base_model_name_or_path"):
         train(TrainConfig(model=str(tmp_path / "adapter"), output=str(tmp_path / "n"), **base), log=lambda *a: None)
-    assert not (tmp_path / "q").exists() and not (tmp_path / "n").exists()
+    assert not any((tmp_path / name).exists() for name in ("q", "o", "n"))
 
 
 def test_resume_refuses_a_data_file_whose_examples_changed(tmp_path, chat_model):
