@@ -17,10 +17,10 @@ plain model is written: it would not be quantized (`molf.merge` dequantizes, on 
 Saving into a folder that holds an earlier save removes what that save wrote and this one does not overwrite,
 as transformers removes its own stale shards: its weight files where this save writes merged weights (also a
 single file or an index, which transformers leaves: from_pretrained prefers an earlier single file to new
-shards); a peft adapter, where this save writes none (plain transformers, finding adapter_config.json beside
-config.json, loads the adapter onto the base it names, not this save's weights); an earlier molf save's merged
-weights where this one writes an adapter (weights that no molf save wrote, a folder holding the base model,
-are left alone).
+shards) and a peft adapter (plain transformers, finding adapter_config.json beside config.json, loads the
+adapter onto the base it names, not this save's weights), both put back if the save fails; an earlier molf
+save's merged weights where this one writes an adapter (weights that no molf save wrote, a folder holding the
+base model, are left alone).
 """
 from __future__ import annotations
 
@@ -110,11 +110,11 @@ def _remove(path, names) -> None:
 
 @contextlib.contextmanager
 def _earlier_weights_aside(path, main_process: bool = True):
-    """Around a save into the folder `path`: the transformers weight files already there are moved aside and
-    removed once the save succeeded (put back where it fails, in place of what it wrote). transformers removes
-    an earlier save's shards, but not its single file nor its index, and from_pretrained prefers an earlier
-    single file to new shards."""
-    names = [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)] if main_process else []
+    """Around a merged save into the folder `path`: the transformers weight files and peft adapter already there
+    are moved aside and removed once the save succeeded (put back where it fails, in place of what it wrote).
+    transformers removes an earlier save's shards, but not its single file nor its index, and from_pretrained
+    prefers an earlier single file to new shards, or an adapter (onto the base it names) to the folder's weights."""
+    names = [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f) or f in ADAPTER_FILES] if main_process else []
     if not names:
         yield
         return
@@ -201,7 +201,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
         os.makedirs(path, exist_ok=True)
-        _remove(path, ADAPTER_FILES)
         with _earlier_weights_aside(path, kwargs.get("is_main_process", True)):
             model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
         aliases = _tied_parameters(model)

@@ -356,6 +356,7 @@ def test_a_save_that_fails_leaves_the_earlier_one_in_place(tmp_path, monkeypatch
     """The earlier weights set aside during a save come back where transformers' save raises (a full disk)."""
     model = molf.wrap(tiny_qwen2(seed=1), ranks=(2, 8), alphas=(8, 16), backend="eager")
     molf.save_pretrained(model, tmp_path / "ckpt", max_shard_size="20KB")
+    (tmp_path / "ckpt" / "adapter_config.json").write_text("{}")  # an adapter the save would remove
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
 
     def full_disk(self, path, **kwargs):
@@ -366,6 +367,7 @@ def test_a_save_that_fails_leaves_the_earlier_one_in_place(tmp_path, monkeypatch
         molf.save_pretrained(model, tmp_path / "ckpt")
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+    (tmp_path / "ckpt" / "adapter_config.json").unlink()
     ids = Rows().ids[:2]
     assert torch.equal(molf.from_pretrained(tmp_path / "ckpt", backend="eager").eval()(ids).logits,
                        model.eval()(ids).logits)
