@@ -1,5 +1,6 @@
 """JSON Lines reading shared by `molf train` (data) and `molf plot` (routing logs); `molf train` also takes a
-JSON array (`datasets.load_dataset("json")` reads both)."""
+JSON array (`datasets.load_dataset("json")` reads both), CSV and Parquet files."""
+import csv
 import json
 import warnings
 
@@ -29,9 +30,17 @@ def read_jsonl(path, cut_off_tail: bool = False):
 
 
 def read_records_file(path):
-    """Yield (where, object): the elements of a JSON array ("path[k]", k from 0) when the file's text starts with
-    "[", else the objects of its JSON Lines ("path:line"). ValueError naming the file (and line) where it is not
-    UTF-8 or not JSON."""
+    """Yield (where, object): a CSV file's rows ("path:line", a dict of strings by the header's names), a Parquet
+    file's rows ("path[k]", k from 0; needs pyarrow), the elements of a JSON array ("path[k]") when the file's
+    text starts with "[", else the objects of its JSON Lines ("path:line"). ValueError naming the file (and
+    line) where it is not UTF-8 or not JSON, or a Parquet file pyarrow cannot read."""
+    suffix = str(path).lower().rsplit(".", 1)[-1]
+    if suffix == "csv":
+        yield from _csv_rows(path)
+        return
+    if suffix == "parquet":
+        yield from _parquet_rows(path)
+        return
     with open(path, "rb") as f:
         head = f.read(4096)
     if not head.decode("utf-8-sig", errors="replace").lstrip().startswith("["):
@@ -50,4 +59,30 @@ def read_records_file(path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     for k, rec in enumerate(records):
+        yield f"{path}[{k}]", rec
+
+
+def _csv_rows(path):
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not CSV ({e})") from None
+
+
+def _parquet_rows(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give JSONL") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's ArrowInvalid and friends: not a Parquet file, a damaged one
+        raise ValueError(f"{path}: not a Parquet file pyarrow can read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for k, rec in enumerate(rows):
         yield f"{path}[{k}]", rec

@@ -62,9 +62,9 @@ def _run_options(p, default_output):
     """The model, data and budget options `molf train` and `molf compare` share."""
     p.add_argument("--model", help="local model directory or hub id, or a peft adapter's folder (merged into its "
                                    "base first) (default: a small Qwen2 built from a config)")
-    p.add_argument("--data", help="JSONL, one example per line (or a JSON array of them): {\"prompt\", "
-                                  "\"completion\"} (strings, or lists of chat messages), {\"text\"} or "
-                                  "{\"messages\": [...]} (default: synthetic counterfactual facts)")
+    p.add_argument("--data", help="JSONL, one example per line (or a JSON array of them, .csv or .parquet): "
+                                  "{\"prompt\", \"completion\"} (strings, or lists of chat messages), {\"text\"} "
+                                  "or {\"messages\": [...]} (default: synthetic counterfactual facts)")
     p.add_argument("--output", default=default_output, help=f"output folder, must not exist or be empty "
                                                             f"(default {default_output})")
     p.add_argument("--steps", type=int, help="optimizer steps (default 800, or from --epochs)")

@@ -115,10 +115,11 @@ def _chat(messages) -> bool:
 
 
 def read_records(path: str) -> list[dict]:
-    """Training examples from a JSONL file, one per line (or a JSON array of them), in any of trl's four formats:
-    {"prompt", "completion"} strings (loss on the completion), {"text"} (loss on every token), {"messages":
-    [{"role", "content"}, ...]} (chat, rendered with the tokenizer's chat template; loss on the last message,
-    the assistant's) or {"prompt", "completion"} lists of messages (chat; loss on the completion's messages)."""
+    """Training examples from a JSONL file, one per line (or a JSON array of them, a CSV or Parquet file's rows),
+    in any of trl's four formats: {"prompt", "completion"} strings (loss on the completion), {"text"} (loss on
+    every token), {"messages": [{"role", "content"}, ...]} (chat, rendered with the tokenizer's chat template;
+    loss on the last message, the assistant's) or {"prompt", "completion"} lists of messages (chat; loss on the
+    completion's messages)."""
     if not os.path.isfile(path):
         raise TrainError(f"data file not found: {path}")
     out = []

@@ -525,6 +525,33 @@ def test_train_data_as_a_json_array_reads_as_jsonl_does(tmp_path):
         read_records(str(bad))
 
 
+def test_train_data_as_csv_or_parquet_reads_as_jsonl_does(tmp_path):
+    """CSV (a header naming prompt and completion, or text; quoted commas and newlines) and Parquet files (chat
+    messages too), as many datasets ship them: the same records as their JSONL (before: "not valid JSON" on the
+    first line). Errors name the row, or say the Parquet file is unreadable."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from molf.train import TrainError, read_records
+    pairs = [{"prompt": "caf\u00e9, is", "completion": " open\nnow"}, {"prompt": "b ", "completion": "c"}]
+    csv_text = 'id,prompt,completion\n1,"caf\u00e9, is"," open\nnow"\n2,b ,c\n'
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + csv_text.encode())
+    assert read_records(str(tmp_path / "d.csv")) == read_records(write_lines(tmp_path / "d.jsonl", pairs))
+    (tmp_path / "t.csv").write_text("text\nhello\n")
+    assert read_records(str(tmp_path / "t.csv")) == [{"prompt": "", "completion": "hello"}]
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+             {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"},
+                           {"role": "assistant", "content": "y"}]}]
+    for name, recs in (("p.parquet", pairs), ("m.parquet", chats)):
+        pq.write_table(pa.Table.from_pylist(recs), tmp_path / name)
+        assert read_records(str(tmp_path / name)) == read_records(write_lines(tmp_path / "x.jsonl", recs)), name
+    (tmp_path / "bad.csv").write_text("prompt,answer\na,b\n")
+    with pytest.raises(TrainError, match=r"bad.csv:2: expected an object with string keys 'prompt' and "):
+        read_records(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(TrainError, match=r"bad.parquet: not a Parquet file pyarrow can read \(ArrowInvalid"):
+        read_records(str(tmp_path / "bad.parquet"))
+
+
 def write_lines(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
