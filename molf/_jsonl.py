@@ -63,6 +63,7 @@ def read_records_file(path):
 
 
 def _csv_rows(path):
+    limit = csv.field_size_limit(1 << 30)  # a document in one cell may pass the default 128 KB
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -72,6 +73,8 @@ def _csv_rows(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8") from None
     except csv.Error as e:
         raise ValueError(f"{path}: not CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _parquet_rows(path):

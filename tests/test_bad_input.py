@@ -536,8 +536,9 @@ def test_train_data_as_csv_or_parquet_reads_as_jsonl_does(tmp_path):
     csv_text = 'id,prompt,completion\n1,"caf\u00e9, is"," open\nnow"\n2,b ,c\n'
     (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + csv_text.encode())
     assert read_records(str(tmp_path / "d.csv")) == read_records(write_lines(tmp_path / "d.jsonl", pairs))
-    (tmp_path / "t.csv").write_text("text\nhello\n")
-    assert read_records(str(tmp_path / "t.csv")) == [{"prompt": "", "completion": "hello"}]
+    long = "word " * 60000  # 300 KB in one cell: past csv's default field limit
+    (tmp_path / "t.csv").write_text(f"text\nhello\n{long}\n")
+    assert read_records(str(tmp_path / "t.csv")) == [{"prompt": "", "completion": c} for c in ("hello", long)]
     chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
              {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"},
                            {"role": "assistant", "content": "y"}]}]
