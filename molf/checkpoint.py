@@ -101,6 +101,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
+def _merged_weight_files(path) -> list[str]:
+    """The transformers weight files (single, shards, indexes; safetensors or pickles) in the folder `path`."""
+    return [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)]
+
+
 def _remove(path, names) -> None:
     """Remove an earlier save's files `names` from the folder `path` (see the module docstring)."""
     for name in names:
@@ -124,7 +129,7 @@ def _earlier_weights_aside(path, main_process: bool = True):
     try:
         yield
     except BaseException:  # the failed save's partial weight files go, the earlier ones come back
-        _remove(path, [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)])
+        _remove(path, _merged_weight_files(path))
         for name in names:
             os.replace(os.path.join(aside, name), os.path.join(path, name))
         raise
@@ -195,7 +200,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
     if any(m.quantized for _, m in layers):
         os.makedirs(path, exist_ok=True)
         if _earlier_merged_save(path):
-            _remove(path, [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f)])
+            _remove(path, _merged_weight_files(path))
         _save_quantized(model, path, state_dict)
     else:
         if not hasattr(model, "save_pretrained"):
