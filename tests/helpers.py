@@ -1,4 +1,6 @@
-"""Shared test helpers: tiny models built from a config, error measures."""
+"""Shared test helpers: tiny models built from a config, error measures, data files."""
+import json
+
 import torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -98,3 +100,9 @@ def exit_rank_without_finalizing():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def write_jsonl(path, records):
+    """records as a JSONL file at `path` (a pathlib.Path); returns its path as a string."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)

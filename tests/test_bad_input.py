@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import molf
-from helpers import assert_close, batch, device_for, model_device, tiny_qwen2
+from helpers import assert_close, batch, device_for, model_device, tiny_qwen2, write_jsonl
 from molf.cli import main
 from molf.optim import route
 from molf.reference import MoLFAdamWReference
@@ -504,7 +504,7 @@ def test_train_data_as_a_json_array_reads_as_jsonl_does(tmp_path):
     from molf.train import TrainError, read_records
     recs = [{"prompt": "caf\u00e9 is", "completion": " open"}, {"text": "hello"},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    want = read_records(write_lines(tmp_path / "d.jsonl", recs))
+    want = read_records(write_jsonl(tmp_path / "d.jsonl", recs))
     for name, raw in (("indented.json", json.dumps(recs, indent=2).encode()),
                       ("one-line.json", b"  " + json.dumps(recs).encode()),
                       ("bom.json", b"\xef\xbb\xbf\n" + json.dumps(recs, indent=1).encode())):
@@ -535,7 +535,7 @@ def test_train_data_as_csv_or_parquet_reads_as_jsonl_does(tmp_path):
     pairs = [{"prompt": "caf\u00e9, is", "completion": " open\nnow"}, {"prompt": "b ", "completion": "c"}]
     csv_text = 'id,prompt,completion\n1,"caf\u00e9, is"," open\nnow"\n2,b ,c\n'
     (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + csv_text.encode())
-    assert read_records(str(tmp_path / "d.csv")) == read_records(write_lines(tmp_path / "d.jsonl", pairs))
+    assert read_records(str(tmp_path / "d.csv")) == read_records(write_jsonl(tmp_path / "d.jsonl", pairs))
     long = "word " * 60000  # 300 KB in one cell: past csv's default field limit
     (tmp_path / "t.csv").write_text(f"text\nhello\n{long}\n")
     assert read_records(str(tmp_path / "t.csv")) == [{"prompt": "", "completion": c} for c in ("hello", long)]
@@ -544,18 +544,13 @@ def test_train_data_as_csv_or_parquet_reads_as_jsonl_does(tmp_path):
                            {"role": "assistant", "content": "y"}]}]
     for name, recs in (("p.parquet", pairs), ("m.parquet", chats)):
         pq.write_table(pa.Table.from_pylist(recs), tmp_path / name)
-        assert read_records(str(tmp_path / name)) == read_records(write_lines(tmp_path / "x.jsonl", recs)), name
+        assert read_records(str(tmp_path / name)) == read_records(write_jsonl(tmp_path / "x.jsonl", recs)), name
     (tmp_path / "bad.csv").write_text("prompt,answer\na,b\n")
     with pytest.raises(TrainError, match=r"bad.csv:2: expected an object with string keys 'prompt' and "):
         read_records(str(tmp_path / "bad.csv"))
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(TrainError, match=r"bad.parquet: not a Parquet file pyarrow can read \(ArrowInvalid"):
         read_records(str(tmp_path / "bad.parquet"))
-
-
-def write_lines(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 # -- 8. argument validation of the Python API --

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import rel_err, tiny_qwen2
+from helpers import rel_err, tiny_qwen2, write_jsonl
 from molf.cli import main
 from molf.train import TrainConfig, TrainError, _encode, read_records, train
 
@@ -31,11 +31,6 @@ def chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat-model")
     tiny_qwen2(vocab=len(fast)).save_pretrained(path)
     fast.save_pretrained(path)
-    return str(path)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
 
 
