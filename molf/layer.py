@@ -255,7 +255,10 @@ class MoLFLinear(nn.Module):
     def _column_scales(self, device, dtype) -> torch.Tensor:
         key = (device, dtype)
         if key not in self._s_cols:
-            self._s_cols[key] = column_scales(self.ranks, self.scalings, device, dtype)
+            # a normal tensor even when first built under torch.inference_mode (a pipeline's forward): an
+            # inference tensor could not be saved for backward by the training forwards that reuse it
+            with torch.inference_mode(False):
+                self._s_cols[key] = column_scales(self.ranks, self.scalings, device, dtype)
         return self._s_cols[key]
 
     @torch.no_grad()

@@ -161,6 +161,26 @@ def test_disable_experts_computes_the_plain_model_and_restores(backend):
     assert torch.equal(model(ids).logits, wrapped)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("ranks", [(4,), (2, 4)], ids=["r4", "r2-4"])
+def test_training_after_a_forward_under_inference_mode(backend, ranks):
+    """A forward under torch.inference_mode (transformers' pipelines run so; a sanity check before training)
+    left the layer's cached column scales an inference tensor: the next training forward failed to save it for
+    backward ("Inference tensors cannot be saved for backward"). The gradients equal a fresh model's."""
+    dev = device_for(backend)
+    model = molf.wrap(tiny_qwen2().to(dev), ranks=ranks, alphas=(8,) * len(ranks), train_base=False, backend=backend)
+    randomize_lora_B(model, std=0.5)
+    twin = copy.deepcopy(model)
+    ids = batch().to(dev)
+    with torch.inference_mode():
+        seen = model(ids).logits
+    assert torch.equal(seen, twin(ids).logits)
+    model(ids, labels=ids).loss.backward()
+    twin(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
 def test_wrapping_on_the_meta_device_warns_once_and_the_reset_gives_the_plain_model():
     """Experts made on the meta device hold nothing: after to_empty, B is whatever memory comes (seen 2e13).
     wrap says so once (not per layer) with the remedy, which gives the plain model back."""
