@@ -528,6 +528,8 @@ class MoLFLinearFunction(torch.autograd.Function):
         x, weight, a_cat, b_cat, s_cols, u, seed = ctx.saved_tensors
         if ctx.weight_fn is not None:  # a quantized base: W dequantized again, never kept between the passes
             weight = ctx.weight_fn(g.dtype)
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernels' outputs would carry no graph
+            return differentiable_backward(ctx, g, x, weight, a_cat, b_cat, s_cols, seed)
         g = g.contiguous()
         need_x, need_w, need_bias, need_a_cat, need_b_cat = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = v = None
@@ -550,6 +552,29 @@ class MoLFLinearFunction(torch.autograd.Function):
         if need_db and db is None:
             db = g.sum(0, dtype=torch.float32).to(g.dtype)
         return dx, dw, db, da, dbb, None, None, None, None
+
+
+def differentiable_backward(ctx, g, x, weight, a_cat, b_cat, s_cols, seed):
+    """MoLFLinearFunction's gradients in torch ops, for a backward with create_graph=True (a gradient penalty,
+    a Hessian-vector product): autograd differentiates these again, through the saved inputs. u is recomputed
+    from x and A_cat (the saved u is a kernel output, outside the graph)."""
+    need_x, need_w, need_bias, need_a_cat, need_b_cat = ctx.needs_input_grad[:5]
+    s = s_cols.to(x.dtype)
+    keep = None if seed is None else keep_mask(seed, *x.shape, ctx.p).to(x.dtype) / (1 - ctx.p)
+    xd = x if keep is None else x * keep
+    v = (g @ b_cat) * s
+    dx = dw = db = da = dbb = None
+    if need_x:
+        dx = g @ weight + (v @ a_cat if keep is None else (v @ a_cat) * keep)
+    if need_w:
+        dw = g.t() @ x
+    if need_bias and ctx.has_bias:
+        db = g.sum(0)
+    if need_a_cat:
+        da = v.t() @ xd
+    if need_b_cat:
+        dbb = g.t() @ ((xd @ a_cat.t()) * s)
+    return dx, dw, db, da, dbb, None, None, None, None
 
 
 def molf_linear(x, weight, bias, lora_A, lora_B, scalings, seed=None, p=0.0, s_cols=None, weight_fn=None):

@@ -366,6 +366,32 @@ def test_gradient_checkpointing_gives_identical_grads(backward_plan):
         assert torch.equal(gr[k], gr_c[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias, train_base, dropout", [(True, True, 0.0), (False, False, 0.3)],
+                         ids=["molf-bias", "molfe-dropout"])
+def test_double_backward_equals_eager(dtype, bias, train_base, dropout):
+    """backward(create_graph=True), as a gradient penalty or a Hessian-vector product needs it: the kernels'
+    gradients carried no graph, so the penalty's second-order terms were dropped (silently, beside a loss
+    that has a graph). Now the fused layer's backward runs in torch ops then, and equals the eager path's."""
+    skip_bf16(dtype)
+    fused, eager = pair(21, 15, (3, 5), dtype, bias, train_base, dropout=dropout)
+    x = torch.randn(2, 9, 21, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = {}
+    for name, layer in (("fused", fused), ("eager", eager)):
+        leaves = {"x": x, **params_of(layer)}
+        for t in leaves.values():
+            t.grad = None
+        torch.manual_seed(3)
+        y = layer(x)
+        gx, = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+        assert gx.requires_grad
+        (y.float().sum() + gx.float().square().sum()).backward()
+        out[name] = {k: t.grad.detach().clone() for k, t in leaves.items()}
+    assert out["fused"].keys() == out["eager"].keys()
+    for k in out["fused"]:
+        assert_close(out["fused"][k], out["eager"][k], TOL[dtype], f"d{k}")
+
+
 def test_merge_after_training_equals_forward():
     fused, _ = pair(16, 12, (2, 4), torch.float32, True, True)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)
