@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -21,6 +23,17 @@ from ._math import EPS_SCORE, check_hyperparameters, expert_score_terms, route, 
 from .kernels._env import to_device
 
 MOLF_META = ("molf_step", "molf_seed", "molf_score", "molf_top_k")  # the optimizer's own entries in its state dict
+_STEP_WRAPPERS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def _caller_of_step() -> int:
+    """The stacklevel, for a warning raised by the function that calls this, of the code that called step():
+    the first frame outside molf and torch (no_grad, torch.compiler.disable, the optimizer's hooks and an LR
+    scheduler wrap step; how many frames each adds varies with torch's version)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_STEP_WRAPPERS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -214,7 +227,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             warnings.warn(f"{bypassed[:3]} ({len(bypassed)} MoLF layers): the base weight got a gradient but the "
                           "LoRA experts none, so the model reads the weight without calling the layer and the "
                           "experts never apply (only the full expert trains there); leave these layers out of "
-                          "target_modules", UserWarning, stacklevel=6)  # the caller of step()
+                          "target_modules", UserWarning, stacklevel=_caller_of_step())
 
     def _plan(self) -> tuple[StepPlan, list]:
         """The plan of this step's pattern of gradients (cached per pattern), and the gradients of its params."""
@@ -284,7 +297,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._warned_unfrozen = True
             warnings.warn(f"{late[:3]} ({len(late)} parameters) have gradients but were frozen when MoLFAdamW was "
                           "built: it trains the parameters that required grad then, so these are not updated; to "
-                          "train them, build MoLFAdamW after unfreezing", UserWarning, stacklevel=5)
+                          "train them, build MoLFAdamW after unfreezing", UserWarning, stacklevel=_caller_of_step())
 
     def param_name(self, p) -> str:
         """A readable name of a parameter this optimizer trains: its layer, expert and tensor."""
@@ -336,6 +349,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         return tuple(_checks.real(f"betas[{i}] of the param groups", b, 0.0, 1.0, high_open=True)
                      for i, b in enumerate(pairs[0]))
 
+    # Not traced by torch.compile (a compiled function calling step() runs it as is): the step is already one
+    # launch per phase over pointer tables, which dynamo cannot trace.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

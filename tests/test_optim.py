@@ -641,6 +641,31 @@ def test_step_with_closure_returns_its_loss_and_steps_like_without():
     assert torch.equal(flat_params(model), flat_params(twin))
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_step_called_inside_torch_compile_runs_as_without(backend):
+    """PyTorch's "compile the optimizer" recipe (`torch.compile` of a function calling opt.step()): dynamo does
+    not trace into MoLFAdamW.step (its tables of pointers, C loops and Triton launches are already one launch
+    per phase), so the step runs as it does uncompiled; before, dynamo traced it: warnings on the CPU's C loops,
+    and a failed trace of the Triton tables."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF_E
+    model = wrapped(train_base, ranks, alphas, backend=backend)
+    twin = copy.deepcopy(model)
+    opt, opt2 = (make_opt(molf.MoLFAdamW, m, 3e-3, 3e-3, backend=backend) for m in (model, twin))
+    compiled_step = torch.compile(lambda: opt.step())
+    ids = batch().to(model_device(model))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dynamo warning of a traced builtin is an error here
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            compiled_step()
+            opt.zero_grad(set_to_none=True)
+            train_step(twin, opt2, ids)
+            assert torch.equal(opt.routing, opt2.routing)
+    assert opt.molf_step == 3
+    assert torch.equal(flat_params(model), flat_params(twin))
+
+
 # -- bad input --
 
 def test_optimizer_needs_molf_layers():
