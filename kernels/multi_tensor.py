@@ -19,6 +19,41 @@ import triton.language as tl
 from ._utils import TORCH_TO_TL, cdiv, to_device
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill numel consecutive slots from data_ptr(), in some order (a transposed weight):
+    the strides of its dimensions longer than 1, sorted, are 1, n_1, n_1 n_2, ..."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def walks_alike(row: Sequence[torch.Tensor]) -> bool:
+    """Whether the row's tensors hold their elements in the same order: each dense, one shape, one stride per
+    dimension longer than 1 (a parameter's gradient and moments follow its layout). The kernels walk each
+    tensor as a flat array from data_ptr(), so element i of one is element i of the others."""
+    first = row[0]
+    if first.numel() == 0:
+        return all(t.numel() == 0 for t in row)
+    steps = [st for sz, st in zip(first.shape, first.stride()) if sz != 1]
+    return all(
+        t.shape == first.shape and dense(t) and [st for sz, st in zip(t.shape, t.stride()) if sz != 1] == steps
+        for t in row)
+
+
+class LayoutError(ValueError):
+    """A table row whose tensors the kernels cannot walk alike (walks_alike); `row` is its index."""
+
+    def __init__(self, row: int, tensors: Sequence[torch.Tensor]):
+        self.row = row
+        super().__init__("multi-tensor kernels need each row's tensors contiguous, or dense with one shape and "
+                         "strides, got " + ", ".join(f"{tuple(t.shape)} strides {t.stride()}" for t in tensors))
+
+
 class TensorTable:
     """Per-tensor rows for `columns` (lists of tensors, one entry per row): a [rows, columns] int64 pointer
     table, numel and first block (both with one entry more than rows). `repoint` refreshes the pointers
@@ -38,10 +73,11 @@ class TensorTable:
         self.repoint(columns)
 
     def pointers(self, columns) -> list[int]:
-        for c in columns:
-            for t in c:
-                if not t.is_contiguous():
-                    raise ValueError(f"multi-tensor kernels need contiguous tensors, got strides {t.stride()}")
+        """The columns' data pointers, row by row (LayoutError where a row cannot be walked as flat arrays)."""
+        if not all(t.is_contiguous() for c in columns for t in c):
+            for i, row in enumerate(zip(*columns)):
+                if not (all(t.is_contiguous() for t in row) or walks_alike(row)):
+                    raise LayoutError(i, row)
         return [t.data_ptr() for row in zip(*columns) for t in row]
 
     def repoint(self, columns, pointers: list[int] | None = None) -> None:

@@ -15,7 +15,7 @@ from ._math import EPS_SCORE
 from .kernels import routed_adamw as K
 from .kernels._env import to_device
 from .kernels._utils import cdiv
-from .kernels.multi_tensor import TensorTable
+from .kernels.multi_tensor import LayoutError, TensorTable
 
 
 _PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
@@ -33,7 +33,10 @@ class _Launch:
         p0 = self.dtensors[0]
         self.p_dtype, self.g_dtype, self.s_dtype = p0.dtype, p0.grad.dtype, opt.state[p0]["exp_avg"].dtype
         cols = self.current()
-        self.table = TensorTable(self.columns(cols), block, device)
+        try:
+            self.table = TensorTable(self.columns(cols), block, device)
+        except LayoutError as e:
+            raise self.named(e) from None
         self.col_ptrs = [list(map(_PTR, c)) for c in cols]
         self.out_block = to_device([first_global[i] for i in self.ids], torch.int64, device)
         self.owner = to_device([plan.owner[i] for i in self.ids], torch.int32, device)
@@ -50,6 +53,10 @@ class _Launch:
         elif not self.whole:
             grads, states = [grads[i] for i in self.ids], [states[i] for i in self.ids]
         return state_columns(ps, grads, states, self.sharded)
+
+    def named(self, e: LayoutError) -> ValueError:
+        return ValueError(f"{self.opt.param_name(self.dtensors[e.row])}: its parameter, gradient and moments must be "
+                          "laid out alike (a gradient assigned by hand in another layout?): " + str(e))
 
     def columns(self, cols):
         """The table's columns: `current()`'s cols but the step counters, checked: the kernels index every column
@@ -75,7 +82,10 @@ class _Launch:
             cols = self.columns(cols)  # raises, naming the parameter
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
         if not all(all(map(_CONTIGUOUS, c)) for c in moved):
-            self.table.pointers(cols)  # raises, with the strides
+            try:
+                self.table.pointers(cols)  # checks the layouts
+            except LayoutError as e:
+                raise self.named(e) from None
         grads_alone = ptrs[0] == self.col_ptrs[0]  # (moments and step counters unmoved: checked above)
         self.col_ptrs = ptrs
         if grads_alone:  # zero_grad(set_to_none=True): fresh gradients every step

@@ -6,7 +6,7 @@ from conftest import DEVICE
 import triton
 import triton.language as tl
 
-from molf.kernels.multi_tensor import TensorTable, block_owner, multi_tensor_sumsq, segment_sum
+from molf.kernels.multi_tensor import LayoutError, TensorTable, block_owner, dense, multi_tensor_sumsq, segment_sum
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot here: bf16 is exact under the interpreter
 
@@ -50,8 +50,24 @@ def test_table_rows_block_owner_and_staleness():
     two.repoint_column(1, [x.data_ptr() for x in fresh])
     assert not two.stale([xs, fresh]) and two.stale([xs, moved])
     assert two.ptrs.tolist() == [[a.data_ptr(), b.data_ptr()] for a, b in zip(xs, fresh)]
-    with pytest.raises(ValueError, match="contiguous"):
-        TensorTable([[torch.zeros(4, 4, device=DEVICE).t()]], 128, DEVICE)
+    square = torch.zeros(4, 4, device=DEVICE)
+    TensorTable([[square.t()], [square.t().clone()]], 128, DEVICE)  # dense, one layout per row: walked alike
+    with pytest.raises(LayoutError, match=r"strides \(1, 4\), \(4, 4\) strides \(4, 1\)") as e:
+        TensorTable([[xs[0], square.t()], [xs[0], square]], 128, DEVICE)
+    assert e.value.row == 1
+    with pytest.raises(LayoutError):  # every other column: gaps between the elements
+        TensorTable([[torch.zeros(4, 8, device=DEVICE)[:, ::2]]], 128, DEVICE)
+
+
+def test_dense_layouts_are_walked_in_storage_order():
+    x = torch.randn(6, 1, 5, device=DEVICE)
+    assert dense(x) and dense(x.permute(2, 1, 0)) and dense(x[:, :, :0]) and not dense(x[::2])
+    y = torch.randn(7, 3, device=DEVICE)
+    got = multi_tensor_sumsq([x.permute(2, 0, 1), y.t()], block=8)
+    assert torch.equal(got[0], multi_tensor_sumsq([x.contiguous()], block=8)[0])
+    torch.testing.assert_close(got[1].double(), y.double().square().sum(), rtol=1e-6, atol=0)
+    with pytest.raises(LayoutError):  # x.transpose(0, 2)[1:2]: a slice of a transposed tensor has gaps
+        multi_tensor_sumsq([x.transpose(0, 2)[1:2]])
 
 
 @pytest.mark.parametrize("n_rows", [1, 2, 3, 7, 8, 33])
