@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import molf
-from helpers import Rows, assert_close, tiny_qwen2
+from helpers import Rows, assert_close, device_for, rel_err, tiny_qwen2
 from molf.layer import molf_layers
 
 pytest.importorskip("transformers")
@@ -17,15 +17,18 @@ from transformers import TrainingArguments  # noqa: E402
 from molf.integrations.hf import MoLFTrainer, unwrap_optimizer  # noqa: E402
 
 
-def make_trainer(out, max_steps, molf_kw=None, eval_dataset=None, **kw):
+def make_trainer(out, max_steps, molf_kw=None, eval_dataset=None, backend="eager", device=None, **kw):
+    """backend: the optimizer's ("triton": on the GPU, else under the interpreter; device: where the Trainer puts
+    the model, by default device_for(backend)); the layers stay eager."""
     model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager")
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.1,
                              lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=1.0, logging_steps=1,
-                             save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+                             save_steps=3, save_strategy="steps", report_to=[],
+                             use_cpu=(device or device_for(backend)).type == "cpu", seed=0,
                              data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw)
     return MoLFTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=eval_dataset, lora_lr=3e-3,
-                       lora_weight_decay=0.01, backend="eager", **(molf_kw or {}))
+                       lora_weight_decay=0.01, backend=backend, **(molf_kw or {}))
 
 
 def test_optimizer_options_reach_molf_adamw_and_another_optim_warns(tmp_path, recwarn):
@@ -99,6 +102,30 @@ def test_fsdp1_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
         MoLFTrainer(model, args, train_dataset=Rows())
     args.fsdp_config = {"version": 2}
     assert not molf.integrations.hf._fsdp1_requested(args)
+
+
+def test_trainer_on_the_triton_optimizer_trains_as_eager_and_resumes_bitwise(tmp_path):
+    """The Trainer's loop around the fused optimizer (fresh gradients every step, gradient accumulation, clipping
+    in place, a cosine schedule, checkpoints and resume_from_checkpoint, which loads the optimizer's state into
+    new tables): the routing of every step equals the eager optimizer's, and a resumed run ends bitwise as the
+    uninterrupted one. The Trainer tests above run the eager optimizer only (also on a GPU)."""
+    runs, device = {}, device_for("triton")  # both on one device: no CPU/GPU near-tie in the routing
+    for backend in ("triton", "eager"):
+        t = runs[backend] = make_trainer(tmp_path / backend, 6, backend=backend, device=device)
+        t.train()
+        assert t.molf_optimizer._backend_impl().name == backend
+    logs = {b: [json.loads(line)["selections"] for line in (tmp_path / b / "molf_routing.jsonl").read_text()
+                .splitlines()] for b in runs}
+    assert len(logs["triton"]) == 6
+    assert [{n: s["winners"] for n, s in step.items()} for step in logs["triton"]] == \
+        [{n: s["winners"] for n, s in step.items()} for step in logs["eager"]]
+    flat = {b: torch.cat([p.detach().cpu().flatten() for p in t.model.parameters()]) for b, t in runs.items()}
+    assert rel_err(flat["triton"], flat["eager"]) <= 1e-5
+    part = make_trainer(tmp_path / "part", 6, backend="triton")
+    part.train(resume_from_checkpoint=str(tmp_path / "triton" / "checkpoint-3"))
+    assert torch.equal(part.molf_optimizer.routing, runs["triton"].molf_optimizer.routing)
+    for (n, p), q in zip(runs["triton"].model.named_parameters(), part.model.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):
