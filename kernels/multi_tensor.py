@@ -73,8 +73,10 @@ class TensorTable:
         self.repoint(columns)
 
     def pointers(self, columns) -> list[int]:
-        """The columns' data pointers, row by row (LayoutError where a row cannot be walked as flat arrays)."""
-        if not all(t.is_contiguous() for c in columns for t in c):
+        """The columns' data pointers, row by row, their layouts checked (LayoutError where a row cannot be
+        walked as flat arrays); `contiguous` records whether every tensor is."""
+        self.contiguous = all(t.is_contiguous() for c in columns for t in c)
+        if not self.contiguous:
             for i, row in enumerate(zip(*columns)):
                 if not (all(t.is_contiguous() for t in row) or walks_alike(row)):
                     raise LayoutError(i, row)

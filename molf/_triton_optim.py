@@ -81,7 +81,9 @@ class _Launch:
         if list(map(_NUMEL, cols[1])) != self.table.numels:
             cols = self.columns(cols)  # raises, naming the parameter
         moved = [c for c, now, before in zip(cols, ptrs, self.col_ptrs) if now != before]
-        if not all(all(map(_CONTIGUOUS, c)) for c in moved):
+        # Contiguous before and after: rows alike. Otherwise (a column-major parameter) every row is checked:
+        # a gradient assigned in another layout than its unmoved parameter's would be paired element by element.
+        if not (self.table.contiguous and all(all(map(_CONTIGUOUS, c)) for c in moved)):
             try:
                 self.table.pointers(cols)  # checks the layouts
             except LayoutError as e:

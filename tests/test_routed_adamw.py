@@ -422,3 +422,23 @@ def test_column_major_parameters_train_as_on_the_eager_backend(cfg, steps):
     follow it, and the kernels walk each alike as a flat array. Before, the triton backend refused them (a
     ValueError at the first step), the eager one trained them."""
     triton_and_eager_around(cfg, _column_major, steps=steps)
+
+
+def test_a_row_major_gradient_for_a_column_major_parameter_is_refused():
+    """Where a parameter is column-major and stays put, a gradient assigned by hand in row-major order is checked
+    against it (not only moved tensors for contiguity): the kernels would pair element i of one layout with
+    element i of the other, silently."""
+    train_base, ranks, alphas, lr, lora_lr = MOLF
+    model = wrapped(train_base, ranks, alphas, device=DEVICE)
+    opt = make_opt(molf.MoLFAdamW, model, lr, lora_lr, backend="triton")
+    w = opt.layout.experts[0][0][0]
+    w.data = w.data.t().contiguous().t()  # the only column-major tensor: every other row is contiguous
+    train_step(model, opt, batch())
+    train_step(model, opt, batch())  # fresh gradients in the parameters' layout: accepted
+    model(batch().to(DEVICE), labels=batch().to(DEVICE)).loss.backward()
+    assert w.stride() == (1, 32) and w.grad.stride() == (1, 32)
+    w.grad = w.grad.contiguous()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"q_proj\b.*laid out alike.*\(32, 32\) strides \(32, 1\)"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
