@@ -14,7 +14,9 @@ recomputation runs the same implementation.
   and the torch and triton versions as well as the shape, so a later run measures nothing.
 - Deterministic within a run (a shape is decided once) and identical across ranks: with torch.distributed
   initialised, rank 0 decides (from its cache or by measuring) and broadcasts to every rank, at the first
-  forward of each shape, which every rank runs in the same order (as DDP and FSDP require).
+  forward of each training shape, which every rank runs in the same order (as DDP and FSDP require).
+  Evaluation and generation shapes (eval mode, no gradients) are decided by each rank alone: under DDP the
+  main process often generates by itself, and a broadcast only it joined would hang.
 - Never measured while a CUDA graph is captured or torch.compile traces: an undecided shape then runs
   fused without recording a choice.
 - `molf.layer_plan()` lists every decision with its measured times; the logger "molf" says each at INFO.
@@ -141,8 +143,10 @@ class LayerPlanner:
         return plan.impl[_PROBE_KEY[probe_for(x.numel() // max(x.shape[-1], 1))]]
 
     def _decide(self, layer, x, run, shape) -> ShapePlan:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1
+        # Training shapes: rank 0 decides for all (every rank runs those forwards together, as DDP and FSDP need).
+        # Evaluation and generation shapes: each rank alone (the main process often generates by itself).
+        distributed = not shape["forward_only"] and torch.distributed.is_available() and \
+            torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         plan = None
         if not distributed or torch.distributed.get_rank() == 0:
             plan = self._from_cache(shape, x.device) or self._measure(layer, x, run, shape)

@@ -145,6 +145,33 @@ def plan_worker(rank, world, init_dir, out_dir):
     exit_rank_without_finalizing()
 
 
+def eval_plan_worker(rank, world, init_dir, out_dir):
+    """Training shapes planned together, then rank 0 alone runs the model in eval mode without gradients (a
+    sample generated on the main process, as training scripts do under DDP): a shape no other rank meets."""
+    import datetime
+    os.environ["MOLF_BACKEND"] = "triton"
+    from molf import _plan
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        _plan.PLANNER = _plan.LayerPlanner(timer=lambda fn, impl, m: 1.0 if impl == "chain" else 2.0)
+        torch.manual_seed(0)
+        layer = molf.MoLFLinear(torch.nn.Linear(12, 10), ranks=(2, 4), alphas=(4, 4))
+        layer(torch.randn(5, 12)).sum().backward()
+        if rank == 0:
+            layer.eval()
+            with torch.no_grad():
+                result["y"] = layer(torch.randn(3, 12))
+            layer.train()
+        dist.barrier()  # before: rank 0 waited in a broadcast that rank 1 never joined
+        result["rows"] = molf.layer_plan()
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"plan{rank}.pt"))
+    exit_rank_without_finalizing()
+
+
 def refusals_worker(rank, world, init_dir, out_dir):
     """What molf refuses under torch.distributed, as the message each raises (None: nothing raised).
     MoLFAdamW on FSDP1 (FullyShardedDataParallel), with and without use_orig_params, and on its inner module

@@ -167,6 +167,22 @@ def test_choice_identical_across_ranks(tmp_path):
     assert torch.equal(r0["y"], r1["y"])
 
 
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_evaluation_on_one_rank_alone_is_planned_there(tmp_path):
+    """Evaluation and generation shapes (eval mode, no gradients) are decided by each rank alone: under DDP the
+    main process often generates samples by itself, and a broadcast only it joined hung the run."""
+    import dist_worker
+    with dist_worker.cpu_ranks():
+        mp.spawn(dist_worker.eval_plan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in range(2))
+    assert "error" not in r0, r0.get("error")
+    assert "error" not in r1, r1.get("error")
+    assert {r["forward_only"] for r in r0["rows"]} == {False, True}
+    assert {r["forward_only"] for r in r1["rows"]} == {False}
+    assert {r["source"] for r in r1["rows"]} == {"measured (broadcast from rank 0)"}
+    assert {r["source"] for r in r0["rows"] if r["forward_only"]} == {"measured"} and r0["y"].shape == (3, 10)
+
+
 def test_measurement_runs_both_implementations_under_autocast(planner, monkeypatch):
     """The timed function really runs forward and backward of both paths, also when autocast makes the
     output's dtype differ from the input's; the layer's own gradients are left alone."""
