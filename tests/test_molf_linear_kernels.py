@@ -388,8 +388,11 @@ def test_double_backward_equals_eager(dtype, bias, train_base, dropout):
         (y.float().sum() + gx.float().square().sum()).backward()
         out[name] = {k: t.grad.detach().clone() for k, t in leaves.items()}
     assert out["fused"].keys() == out["eager"].keys()
+    # bf16: each path's second-order gradients are 4e-3 to 8e-3 from fp32's (the eager path, measured on the CPU),
+    # so the two may differ by twice bf16's usual 1e-2; a dropped second-order term is off by O(1)
+    tol = 2.5e-2 if dtype == torch.bfloat16 else TOL[dtype]
     for k in out["fused"]:
-        assert_close(out["fused"][k], out["eager"][k], TOL[dtype], f"d{k}")
+        assert_close(out["fused"][k], out["eager"][k], tol, f"d{k}")
 
 
 def test_merge_after_training_equals_forward():
