@@ -125,7 +125,10 @@ def test_trainer_on_the_triton_optimizer_trains_as_eager_and_resumes_bitwise(tmp
     part.train(resume_from_checkpoint=str(tmp_path / "triton" / "checkpoint-3"))
     assert torch.equal(part.molf_optimizer.routing, runs["triton"].molf_optimizer.routing)
     for (n, p), q in zip(runs["triton"].model.named_parameters(), part.model.parameters()):
-        assert torch.equal(p, q), n
+        if device.type == "cpu":
+            assert torch.equal(p, q), n
+        else:  # a GPU's embedding backward adds with atomics: the resumed run is close, not bitwise
+            assert rel_err(q, p) <= 1e-5, n
 
 
 def test_trainer_trains_logs_routing_and_resumes_bitwise(tmp_path):

@@ -178,7 +178,9 @@ def test_training_after_a_forward_under_inference_mode(backend, ranks):
     model(ids, labels=ids).loss.backward()
     twin(ids, labels=ids).loss.backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:  # close, not equal: a GPU's embedding backward adds with atomics
+            assert_close(p.grad, q.grad, 1e-6, name)
 
 
 def test_wrapping_on_the_meta_device_warns_once_and_the_reset_gives_the_plain_model():
