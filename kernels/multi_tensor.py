@@ -32,6 +32,11 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _long_strides(t: torch.Tensor) -> list[int]:
+    """The strides of t's dimensions longer than 1 (a size-1 dimension's stride never moves to an element)."""
+    return [st for sz, st in zip(t.shape, t.stride()) if sz != 1]
+
+
 def walks_alike(row: Sequence[torch.Tensor]) -> bool:
     """Whether the row's tensors hold their elements in the same order: each dense, one shape, one stride per
     dimension longer than 1 (a parameter's gradient and moments follow its layout). The kernels walk each
@@ -39,10 +44,8 @@ def walks_alike(row: Sequence[torch.Tensor]) -> bool:
     first = row[0]
     if first.numel() == 0:
         return all(t.numel() == 0 for t in row)
-    steps = [st for sz, st in zip(first.shape, first.stride()) if sz != 1]
-    return all(
-        t.shape == first.shape and dense(t) and [st for sz, st in zip(t.shape, t.stride()) if sz != 1] == steps
-        for t in row)
+    steps = _long_strides(first)
+    return all(t.shape == first.shape and dense(t) and _long_strides(t) == steps for t in row)
 
 
 class LayoutError(ValueError):

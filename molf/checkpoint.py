@@ -119,7 +119,8 @@ def _earlier_weights_aside(path, main_process: bool = True):
     are moved aside and removed once the save succeeded (put back where it fails, in place of what it wrote).
     transformers removes an earlier save's shards, but not its single file nor its index, and from_pretrained
     prefers an earlier single file to new shards, or an adapter (onto the base it names) to the folder's weights."""
-    names = [f for f in os.listdir(path) if MERGED_WEIGHTS.fullmatch(f) or f in ADAPTER_FILES] if main_process else []
+    names = _merged_weight_files(path) + [f for f in ADAPTER_FILES if os.path.exists(os.path.join(path, f))] \
+        if main_process else []
     if not names:
         yield
         return
