@@ -519,7 +519,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """As torch's, but checked first (a state dict of another model or optimizer raises a ValueError naming
         the parameter, and nothing changes), moments keep `state_dtype` (torch would cast them to the
-        parameter's dtype) and step counters live on the parameter's device. The routing history kept for
+        parameter's dtype) and take their parameter's memory layout, and step counters live on the parameter's
+        device. The routing history kept for
         `routing_history()` is cleared: it described the replaced state's steps (read it first to keep it)."""
         self._check_state_dict(state_dict)
         saved = state_dict["state"]
@@ -544,11 +545,23 @@ class MoLFAdamW(torch.optim.Optimizer):
             if i in saved:
                 src, st = saved[i], self.state[p]
                 dt = self.state_dtype or p.dtype
-                st["exp_avg"] = src["exp_avg"].to(device=p.device, dtype=dt, copy=True)
-                st["exp_avg_sq"] = src["exp_avg_sq"].to(device=p.device, dtype=dt, copy=True)
+                st["exp_avg"] = _moment_like(p, src["exp_avg"], dt)
+                st["exp_avg_sq"] = _moment_like(p, src["exp_avg_sq"], dt)
                 st["step"] = torch.as_tensor(src["step"], dtype=torch.float32).to(p.device, copy=True)
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._impl = None  # tables of state pointers must be rebuilt
+
+
+def _moment_like(p: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a saved moment on p's device, in dtype and in p's memory layout, as the step makes moments (the
+    fused kernels walk a parameter, its gradient and its moments as one flat array: a moment saved for a
+    transposed parameter and loaded for a row-major one would otherwise be refused). A DTensor (FSDP2) keeps the
+    layout it was saved with: its local shards are laid out by FSDP."""
+    m = saved.to(device=p.device, dtype=dtype, copy=True)
+    if type(m) is not torch.Tensor or type(p.data) is not torch.Tensor or m.stride() == p.stride():
+        return m
+    like = torch.empty_like(p, dtype=dtype)  # p's strides where p is dense, else row-major
+    return m if like.stride() == m.stride() else like.copy_(m)
 
 
 class EagerRoutedAdamW:

@@ -442,3 +442,24 @@ def test_a_row_major_gradient_for_a_column_major_parameter_is_refused():
     with pytest.raises(ValueError, match=r"q_proj\b.*laid out alike.*\(32, 32\) strides \(32, 1\)"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def _column_major_then_row_major_state_loaded(model, opt):
+    """The parameters turned column-major, then an optimizer state saved while they were row-major loaded."""
+    saved = copy.deepcopy(opt.state_dict())  # as from a file: state_dict() shares the state's dicts
+    _column_major(model, opt)
+    opt.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("cfg", [MOLF, MOLF_E], ids=["molf", "molfe"])
+def test_moments_loaded_take_their_parameters_layout(cfg):
+    """Moments saved for row-major parameters and loaded for column-major ones (another way of converting a
+    checkpoint) are laid out as their parameters, as the step makes them. Before, load_state_dict kept the
+    saved strides and the triton backend refused the next step."""
+    triton_and_eager_around(cfg, _column_major_then_row_major_state_loaded, steps=(1, 2))
+    model = wrapped(cfg[0], cfg[1], cfg[2], device=DEVICE)
+    opt = make_opt(molf.MoLFAdamW, model, cfg[3], cfg[4], backend="triton")
+    train_step(model, opt, batch())
+    _column_major_then_row_major_state_loaded(model, opt)
+    for p, st in opt.state.items():
+        assert st["exp_avg"].stride() == st["exp_avg_sq"].stride() == p.stride()
