@@ -18,6 +18,7 @@ Where no compiler works, `available()` turns False with one warning and callers 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -63,17 +65,39 @@ def _build() -> ctypes.CDLL:
             lib = _cache_dir() / f"cpu-{key}.so"
             if not lib.exists():
                 lib.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+                fd, tmp = tempfile.mkstemp(prefix="tmp-cpu-", suffix=".so", dir=lib.parent)
                 os.close(fd)
-                run = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                     timeout=300)
+                try:
+                    run = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                         timeout=300)
+                    if not run.returncode:
+                        os.replace(tmp, lib)  # atomic: processes building at once each write their own file
+                finally:
+                    if os.path.exists(tmp):  # a failed build, a timeout, an interrupt
+                        os.unlink(tmp)
                 if run.returncode:
-                    os.unlink(tmp)
                     errors.append(f"{cc} {' '.join(openmp)}: {run.stderr.strip()[-300:]}")
                     continue
-                os.replace(tmp, lib)  # atomic: processes building at once each write their own file
+                _prune(lib)
+            else:
+                with contextlib.suppress(OSError):  # a read-only cache
+                    os.utime(lib)  # in use: kept by _prune
             return _bind(ctypes.CDLL(str(lib)))
     raise RuntimeError("; ".join(errors))
+
+
+_STALE_S = 30 * 86400
+
+
+def _prune(keep: Path) -> None:
+    """Remove the builds of other sources, compilers or CPUs not used for 30 days (each process that loads a
+    build touches it), and temporary files of builds that died, once a day old. Best effort."""
+    now = time.time()
+    for pattern, stale in (("cpu-*.so", _STALE_S), ("tmp*.so", 86400)):
+        for f in keep.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if f != keep and now - f.stat().st_mtime > stale:
+                    f.unlink()
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -2,6 +2,8 @@
 import copy
 import io
 import math
+import os
+import time
 import warnings
 
 import pytest
@@ -978,3 +980,42 @@ def test_cpu_loops_give_nan_for_an_overflowed_moment():
     sums = torch.zeros(1, dtype=torch.float64)
     _cpu.moments_score_(tab, 0.9, 0.999, False, sums)
     assert math.isnan(sums[0])
+
+
+def test_cpu_loops_build_prunes_stale_builds_and_leaves_no_temporaries(monkeypatch, tmp_path):
+    """A new build removes builds unused for 30 days and temporaries of dead builds (a day old), nothing else;
+    a build that times out leaves no temporary behind (before, every source version stayed forever, and a
+    timed-out build's file too)."""
+    import subprocess
+
+    from molf import _cpu
+    monkeypatch.setitem(_cpu._state, "lib", None)
+    monkeypatch.setitem(_cpu._state, "tried", False)
+    monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path))
+    day = 86400
+    ages = {"cpu-old.so": 40 * day, "cpu-recent.so": 2 * day, "tmpk2j1.so": 2 * day, "tmp-cpu-now.so": 60,
+            "layer_plans.json": 40 * day}
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (time.time() - age,) * 2)
+    assert _cpu.available()
+    built = [f.name for f in tmp_path.glob("cpu-*.so") if f.name not in ages]
+    assert len(built) == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        [built[0], "cpu-recent.so", "tmp-cpu-now.so", "layer_plans.json"])
+    os.utime(tmp_path / built[0], (time.time() - 40 * day,) * 2)
+    monkeypatch.setitem(_cpu._state, "tried", False)
+    assert _cpu.available()  # loaded again: touched, so kept
+    assert time.time() - (tmp_path / built[0]).stat().st_mtime < day
+
+    def timeout(cmd, **kw):
+        open(cmd[cmd.index("-o") + 1], "wb").write(b"partial")
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+
+    monkeypatch.setitem(_cpu._state, "lib", None)
+    monkeypatch.setitem(_cpu._state, "tried", False)
+    monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setattr(_cpu.subprocess, "run", timeout)
+    with pytest.warns(RuntimeWarning, match="TimeoutExpired"):
+        assert not _cpu.available()
+    assert list((tmp_path / "fresh").iterdir()) == []
