@@ -487,20 +487,56 @@ def _config(path) -> dict:
 
 
 def _load_quantized(model: nn.Module, path) -> nn.Module:
+    if not any(m.quantized for _, m in molf_layers(model)):
+        raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: its "
+                         "MoLF layers have float bases; load the same base quantized, wrap it as molf_config.json "
+                         "says, then molf.load(model, path)")
+    state = _float_state_file(os.path.join(path, MOLF_WEIGHTS), set(float_state_dict(model)), path)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # the Trainer's sharded model folder (accelerate's save_fsdp_model, model 0)
+
+
+def load_fsdp_quantized(model: nn.Module, path) -> None:
+    """Load a checkpoint the Trainer wrote under FSDP2 into the shards of a model whose MoLF layers have
+    bitsandbytes-quantized bases (accelerate's load_fsdp_model cannot: it loads every key, and the shards hold
+    no quantization state). Only float_state_dict's keys load, the experts and every float tensor: from molf's
+    float state (FULL_STATE_DICT checkpoints, written by MoLFTrainer) or from the Trainer's sharded folder
+    (SHARDED_STATE_DICT); the quantized weights, frozen, stay as loaded. Call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    inner = unwrap_model(model)
+    wanted = set(float_state_dict(inner))
+    if is_molf_checkpoint(path):
+        _check_scalings(inner, _config(path), path)
+        state = _float_state_file(os.path.join(path, MOLF_WEIGHTS), wanted, path)
+        set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    elif os.path.isdir(os.path.join(path, FSDP_SHARDS)):
+        import torch.distributed.checkpoint as dcp
+
+        state = {k: v for k, v in get_model_state_dict(inner).items() if k in wanted}
+        dcp.load({"model": state}, checkpoint_id=os.path.join(path, FSDP_SHARDS))  # in place, this rank's shards
+        set_model_state_dict(inner, state, options=StateDictOptions(strict=False))
+    else:
+        raise ValueError(f"{path} holds neither molf's float state ({MOLF_CONFIG}, {MOLF_WEIGHTS}) nor the "
+                         f"Trainer's sharded model folder {FSDP_SHARDS}: not a checkpoint of an FSDP2 run")
+
+
+def _float_state_file(file: str, wanted: set, path) -> dict[str, torch.Tensor]:
+    """molf_model.safetensors of a quantized base's save, its tied names restored, checked to hold exactly the
+    keys `wanted` (a float_state_dict's)."""
     from safetensors.torch import load_file
 
-    file = os.path.join(path, MOLF_WEIGHTS)
-    aliases = _aliases(file)
     state = load_file(file)
-    state.update({k: state[v] for k, v in aliases.items() if v in state})
-    expected = set(float_state_dict(model))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected or not any(m.quantized for _, m in molf_layers(model)):
+    state.update({k: state[v] for k, v in _aliases(file).items() if v in state})
+    missing, unexpected = wanted - set(state), set(state) - wanted
+    if missing or unexpected:
         raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; load the same base "
                          "quantized, wrap it as molf_config.json says, then molf.load(model, path)")
-    model.load_state_dict(state, strict=False)
-    return model
+    return state
 
 
 def from_pretrained(path: str | os.PathLike, backend: str = "auto", **kwargs) -> nn.Module:

@@ -161,20 +161,26 @@ def test_molf_trainer_under_fsdp2(tmp_path, ddp_trainer_run, state_dict_type):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the worker's ranks train on the CPU, where the tests "
                                                      "quantize on the GPU when there is one")
-def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path):
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path, state_dict_type):
     """MoLF-E over a bitsandbytes nf4 base under the FSDP2 Trainer (routing equal to DDP's, checked by hand: 4e-9
-    on the experts after 2 steps). Checkpoints and save_model write the peft adapter and molf's float state from
-    the gathered state dict (before: a ValueError on rank 0 at the first checkpoint, the other rank left in a
-    collective), which molf.load restores exactly into the quantized model wrapped alike; a resume is refused
-    saying why (accelerate's load_fsdp_model cannot load bitsandbytes' quantization state into the shards)."""
+    on the experts after 2 steps). FULL_STATE_DICT checkpoints and save_model write the peft adapter and molf's
+    float state from the gathered state dict (before: a ValueError on rank 0 at the first checkpoint, the other
+    rank left in a collective), which molf.load restores exactly into the quantized model wrapped alike. A run
+    resumed from step 2 ends as the uninterrupted one, bitwise, from either kind of checkpoint (before: refused,
+    accelerate's load_fsdp_model cannot load bitsandbytes' quantization state into the shards)."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
     from safetensors.torch import load_file
     from test_quant import quantized_qwen2
-    r0, r1 = trainer_ranks(tmp_path, "fsdp2-nf4")
+    r0, r1 = trainer_ranks(tmp_path, f"fsdp2-nf4:{state_dict_type}")
     assert r0["fsdp"] and r0["sharded"] == r0["n_params"] > 0 and r0["step"] == 4
     assert torch.equal(r0["routing"], r1["routing"]) and torch.equal(r0["params"], r1["params"])
-    assert "resuming FSDP2 with a bitsandbytes-quantized base is not supported" in r0["resume_error"]
-    for folder in (tmp_path / "final", tmp_path / "checkpoint-4"):
+    assert r0["resumed_step"] == 4 and torch.equal(r0["resumed_routing"], r0["routing"])
+    assert torch.equal(r0["resumed_params"], r0["params"]) and torch.equal(r1["resumed_params"], r0["params"])
+    assert logged_steps(tmp_path / "resumed" / "molf_routing.jsonl") == [3, 4]
+    full = state_dict_type == "FULL_STATE_DICT"
+    assert (tmp_path / "checkpoint-2" / "molf_model.safetensors").is_file() == full
+    for folder in [tmp_path / "final"] + [tmp_path / "checkpoint-4"] * full:
         model = molf.wrap(quantized_qwen2(tmp_path / "load"), ranks=(2, 8), alphas=(8, 16), train_base=False,
                           backend="eager")
         molf.load(model, folder)
@@ -184,6 +190,25 @@ def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path):
         adapter = load_file(folder / "adapter_model.safetensors")
         assert torch.equal(adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
                            torch.cat(list(q.lora_A), 0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the worker's ranks train on the CPU, where the tests "
+                                                     "quantize on the GPU when there is one")
+def test_load_best_model_at_end_under_fsdp2_with_a_4bit_base(tmp_path):
+    """load_best_model_at_end under FSDP2 with a 4-bit base loads the best checkpoint's experts and float tensors
+    into the shards (before: accelerate's load_fsdp_model failed on bitsandbytes' quantization state)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+    from test_quant import quantized_qwen2
+    r0, r1 = trainer_ranks(tmp_path, "fsdp2-nf4:FULL_STATE_DICT:best")
+    assert r0["best"] == r1["best"] == str(tmp_path / "checkpoint-2") and r0["step"] == 4
+    saved = {}
+    for step in (2, 4):
+        model = molf.wrap(quantized_qwen2(tmp_path / "load"), ranks=(2, 8), alphas=(8, 16), train_base=False,
+                          backend="eager")
+        molf.load(model, tmp_path / f"checkpoint-{step}")
+        saved[step] = torch.cat([p.detach().flatten() for p in model.parameters() if p.is_floating_point()])
+    assert not torch.equal(saved[2], saved[4])
+    assert torch.equal(r0["params"], saved[2]) and torch.equal(r1["params"], saved[2])
 
 
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",

@@ -1,10 +1,11 @@
 """One rank of `torchrun --nproc-per-node 2 tests/trainer_worker.py OUT MODE` (or `accelerate launch ...`;
 tests/test_distributed.py): MoLFTrainer on gloo, as a user's script launched by torchrun or accelerate runs it. MODE
-"ddp", "fsdp2[:STATE_DICT_TYPE]" or "fsdp2-nf4" (MoLF-E over a 4-bit base): the Trainer's fsdp_config={"version": 2,
-"state_dict_type": ...}, with which transformers builds the optimizer before accelerate shards the model and points
-the optimizer at the shards; "launcher": TrainingArguments without FSDP options, the set-up `accelerate launch`
-gives through the environment (DDP, or FSDP with --use_fsdp). Under FSDP a second run resumes from the step-2
-checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank."""
+"ddp", "fsdp2[:STATE_DICT_TYPE]" or "fsdp2-nf4[:STATE_DICT_TYPE[:best]]" (MoLF-E over a 4-bit base): the Trainer's
+fsdp_config={"version": 2, "state_dict_type": ...}, with which transformers builds the optimizer before accelerate
+shards the model and points the optimizer at the shards; "launcher": TrainingArguments without FSDP options, the
+set-up `accelerate launch` gives through the environment (DDP, or FSDP with --use_fsdp). Under FSDP a second run
+resumes from the step-2 checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank. ":best":
+evaluated at each checkpoint, the greater eval loss best (step 2's), load_best_model_at_end; no resume."""
 import os
 import sys
 
@@ -36,7 +37,7 @@ def force_fsdp_on_cpu_ranks():
 
 def build(out, mode):
     """MoLF on a tiny Qwen2; "...-nf4": MoLF-E on one loaded with a 4-bit BitsAndBytesConfig."""
-    if mode.endswith("-nf4"):
+    if "-nf4" in mode:
         from pathlib import Path
 
         from test_quant import quantized_qwen2
@@ -49,12 +50,15 @@ def build(out, mode):
 def train(out, mode, resume=None):
     model = build(out, mode)
     fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
-                                        "state_dict_type": mode.partition(":")[2] or "FULL_STATE_DICT"})
+                                        "state_dict_type": mode.split(":")[1] if ":" in mode else "FULL_STATE_DICT"})
+    best = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                greater_is_better=True) if mode.endswith(":best") else {}
     args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3,
                              logging_steps=1, save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0,
                              dataloader_num_workers=0, disable_tqdm=True, ddp_backend="gloo",
-                             **(fsdp if mode.startswith("fsdp2") else {}))
-    trainer = MoLFTrainer(model=model, args=args, train_dataset=Rows(), backend="eager")
+                             **(fsdp if mode.startswith("fsdp2") else {}), **best)
+    trainer = MoLFTrainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(n=4) if best else None,
+                          backend="eager")
     trainer.train(resume_from_checkpoint=resume)
     if resume is None:
         trainer.save_model(os.path.join(out, "final"))  # every rank, as scripts call it
@@ -64,7 +68,8 @@ def train(out, mode, resume=None):
     sharded = sum(hasattr(p, "full_tensor") for p in float_params)
     return {"world": int(os.environ["WORLD_SIZE"]), "step": opt.molf_step, "routing": opt.routing, "sharded": sharded,
             "n_params": len(params), "fsdp": trainer.is_fsdp_enabled,
-            "params": torch.cat([p.detach().flatten() for p in params])}
+            "params": torch.cat([p.detach().flatten() for p in params]),
+            "best": trainer.state.best_model_checkpoint}
 
 
 if __name__ == "__main__":
@@ -72,11 +77,8 @@ if __name__ == "__main__":
     if mode.startswith("fsdp2") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         force_fsdp_on_cpu_ranks()
     result = train(out, mode)
-    if result["fsdp"]:
-        try:
-            resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
-            result.update({f"resumed_{k}": v for k, v in resumed.items()})
-        except ValueError as e:  # a 4-bit base: refused, saying why
-            result["resume_error"] = str(e)
+    if result["fsdp"] and not mode.endswith(":best"):
+        resumed = train(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "checkpoint-2"))
+        result.update({f"resumed_{k}": v for k, v in resumed.items()})
     torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
     exit_rank_without_finalizing()  # the results are on disk

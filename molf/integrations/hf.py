@@ -239,12 +239,9 @@ class MoLFTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
         if self.is_fsdp_enabled and any(m.quantized for _, m in checkpoint.molf_layers(target)):
-            raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: resuming FSDP2 with a "
-                             "bitsandbytes-quantized base is not supported (accelerate's load_fsdp_model cannot "
-                             "load bitsandbytes' quantization state into the shards: a KeyError on '...weight."
-                             "absmax'). The checkpoint's adapter and molf state are complete: molf.load(model, "
-                             "checkpoint) into the quantized model wrapped alike continues from its weights, with "
-                             "fresh optimizer state")
+            # accelerate's load_fsdp_model loads every key: the shards hold no bitsandbytes quantization state
+            checkpoint.load_fsdp_quantized(target, resume_from_checkpoint)
+            return
         # FSDP: the Trainer's own sharded checkpoint (save_fsdp_model) loads into the shards
         if not self.is_fsdp_enabled and checkpoint.is_molf_checkpoint(resume_from_checkpoint) \
                 and checkpoint.molf_layers(target):
@@ -257,6 +254,9 @@ class MoLFTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not self.is_fsdp_enabled and best and checkpoint.is_molf_checkpoint(best) and checkpoint.molf_layers(model):
             checkpoint.load(model, best)
+            return
+        if self.is_fsdp_enabled and best and any(m.quantized for _, m in checkpoint.molf_layers(model)):
+            checkpoint.load_fsdp_quantized(model, best)
             return
         return super()._load_best_model()
 
