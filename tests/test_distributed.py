@@ -192,20 +192,27 @@ def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path, state_dict_type):
                            torch.cat(list(q.lora_A), 0))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the worker's ranks train on the CPU, where the tests "
-                                                     "quantize on the GPU when there is one")
-def test_load_best_model_at_end_under_fsdp2_with_a_4bit_base(tmp_path):
-    """load_best_model_at_end under FSDP2 with a 4-bit base loads the best checkpoint's experts and float tensors
-    into the shards (before: accelerate's load_fsdp_model failed on bitsandbytes' quantization state)."""
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
-    from test_quant import quantized_qwen2
-    r0, r1 = trainer_ranks(tmp_path, "fsdp2-nf4:FULL_STATE_DICT:best")
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_load_best_model_at_end_under_fsdp2(tmp_path, base):
+    """load_best_model_at_end under the FSDP2 Trainer loads the best checkpoint into the shards; with a 4-bit base,
+    its experts and float tensors (before: accelerate's load_fsdp_model failed on bitsandbytes' quantization
+    state, a KeyError on every rank)."""
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+        if torch.cuda.is_available():
+            pytest.skip("the worker's ranks train on the CPU, where the tests quantize on the GPU when there is one")
+        from test_quant import quantized_qwen2
+    r0, r1 = trainer_ranks(tmp_path, f"fsdp2{'-nf4' * (base == 'nf4')}:FULL_STATE_DICT:best")
     assert r0["best"] == r1["best"] == str(tmp_path / "checkpoint-2") and r0["step"] == 4
     saved = {}
     for step in (2, 4):
-        model = molf.wrap(quantized_qwen2(tmp_path / "load"), ranks=(2, 8), alphas=(8, 16), train_base=False,
-                          backend="eager")
-        molf.load(model, tmp_path / f"checkpoint-{step}")
+        folder = tmp_path / f"checkpoint-{step}"
+        if base == "nf4":
+            model = molf.wrap(quantized_qwen2(tmp_path / "load"), ranks=(2, 8), alphas=(8, 16), train_base=False,
+                              backend="eager")
+            molf.load(model, folder)
+        else:
+            model = molf.from_pretrained(folder, backend="eager")
         saved[step] = torch.cat([p.detach().flatten() for p in model.parameters() if p.is_floating_point()])
     assert not torch.equal(saved[2], saved[4])
     assert torch.equal(r0["params"], saved[2]) and torch.equal(r1["params"], saved[2])
