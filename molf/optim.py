@@ -520,8 +520,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         """As torch's, but checked first (a state dict of another model or optimizer raises a ValueError naming
         the parameter, and nothing changes), moments keep `state_dtype` (torch would cast them to the
         parameter's dtype) and take their parameter's memory layout, and step counters live on the parameter's
-        device. The routing history kept for
-        `routing_history()` is cleared: it described the replaced state's steps (read it first to keep it)."""
+        device. The routing history kept for `routing_history()` is cleared: it described the replaced state's
+        steps (read it first to keep it)."""
         self._check_state_dict(state_dict)
         saved = state_dict["state"]
         meta = {**state_dict["param_groups"][0], **state_dict} if state_dict["param_groups"] else state_dict
