@@ -379,6 +379,21 @@ def wrapped_layout(path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tu
     return shapes, {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
 
 
+def _sharded(model: nn.Module) -> bool:
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """model.load_state_dict(state, strict=False) (full tensors, checked by the caller); into FSDP2's shards
+    where the model holds them, each rank taking its part (a collective: every rank calls it)."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(state, strict=False)
+
+
 def _load_wrapped_layout(model: nn.Module, path, shapes, ranks: dict[str, tuple[int, ...]]) -> None:
     """Load a wrapped-layout transformers checkpoint (see wrapped_layout) into `model`, wrapped alike:
     every key and shape checked before anything is copied; tied parameters transformers saved once; a quantized
@@ -404,7 +419,7 @@ def _load_wrapped_layout(model: nn.Module, path, shapes, ranks: dict[str, tuple[
                          f"unexpected {sorted(unexpected)[:5]}, shapes {bad[:3]}; nothing was loaded")
     for name in sorted({file for file, _ in shapes.values()}):  # one shard in memory at a time
         part = {k: v for k, v in _read_weights(os.path.join(path, name)).items() if k in wanted}
-        model.load_state_dict(part, strict=False)
+        _assign(model, part)
 
 
 def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
@@ -451,6 +466,9 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     if config.get("quantized_base"):
         _load_quantized(inner, path)
         return model
+    if _sharded(inner):  # FSDP2: the full tensors, scattered to the shards
+        _assign(inner, _state_file(os.path.join(path, MOLF_WEIGHTS), set(inner.state_dict()), path))
+        return model
     undo = _tie(inner, _aliases(os.path.join(path, MOLF_WEIGHTS)))
     try:
         missing, unexpected = load_model(inner, os.path.join(path, MOLF_WEIGHTS), strict=False)
@@ -491,8 +509,7 @@ def _load_quantized(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: its "
                          "MoLF layers have float bases; load the same base quantized, wrap it as molf_config.json "
                          "says, then molf.load(model, path)")
-    state = _float_state_file(os.path.join(path, MOLF_WEIGHTS), set(float_state_dict(model)), path)
-    model.load_state_dict(state, strict=False)
+    _assign(model, _state_file(os.path.join(path, MOLF_WEIGHTS), set(float_state_dict(model)), path))
     return model
 
 
@@ -508,14 +525,12 @@ def load_fsdp_quantized(model: nn.Module, path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     inner = unwrap_model(model)
-    wanted = set(float_state_dict(inner))
     if is_molf_checkpoint(path):
-        _check_scalings(inner, _config(path), path)
-        state = _float_state_file(os.path.join(path, MOLF_WEIGHTS), wanted, path)
-        set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        load(inner, path)
     elif os.path.isdir(os.path.join(path, FSDP_SHARDS)):
         import torch.distributed.checkpoint as dcp
 
+        wanted = set(float_state_dict(inner))
         state = {k: v for k, v in get_model_state_dict(inner).items() if k in wanted}
         dcp.load({"model": state}, checkpoint_id=os.path.join(path, FSDP_SHARDS))  # in place, this rank's shards
         set_model_state_dict(inner, state, options=StateDictOptions(strict=False))
@@ -524,18 +539,20 @@ def load_fsdp_quantized(model: nn.Module, path) -> None:
                          f"Trainer's sharded model folder {FSDP_SHARDS}: not a checkpoint of an FSDP2 run")
 
 
-def _float_state_file(file: str, wanted: set, path) -> dict[str, torch.Tensor]:
-    """molf_model.safetensors of a quantized base's save, its tied names restored, checked to hold exactly the
-    keys `wanted` (a float_state_dict's)."""
+def _state_file(file: str, wanted: set, path) -> dict[str, torch.Tensor]:
+    """molf_model.safetensors, its tied names restored, checked to hold exactly the keys `wanted`."""
     from safetensors.torch import load_file
 
     state = load_file(file)
-    state.update({k: state[v] for k, v in _aliases(file).items() if v in state})
+    for alias, original in _aliases(file).items():  # tied tensors are stored once, under either name
+        for name, other in ((alias, original), (original, alias)):
+            if name not in state and other in state:
+                state[name] = state[other]
     missing, unexpected = wanted - set(state), set(state) - wanted
     if missing or unexpected:
-        raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; load the same base "
-                         "quantized, wrap it as molf_config.json says, then molf.load(model, path)")
+        raise ValueError(f"the molf checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}; load the same base (quantized if it was), wrap it "
+                         "as molf_config.json says, then molf.load(model, path)")
     return state
 
 

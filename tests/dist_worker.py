@@ -206,3 +206,19 @@ def refusals_worker(rank, world, init_dir, out_dir):
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"refusals-{rank}.pt"))
     exit_rank_without_finalizing()
+
+
+def load_worker(rank, world, init_dir, out_dir, folders):
+    """molf.load of each folder into a model sharded by FSDP2 (fully_shard per layer and at the root), after which
+    the rank's full parameters are recorded (before: a RuntimeError from an invalid storage on every rank)."""
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
+        for folder in folders:
+            _, inner, _ = build("fsdp2", world, "eager")
+            molf.load(inner, folder)
+            result[folder] = full_params(inner)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"load-{rank}.pt"))
+    exit_rank_without_finalizing()

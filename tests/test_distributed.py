@@ -218,6 +218,30 @@ def test_load_best_model_at_end_under_fsdp2(tmp_path, base):
     assert torch.equal(r0["params"], saved[2]) and torch.equal(r1["params"], saved[2])
 
 
+def test_molf_load_into_a_model_sharded_by_fsdp2(tmp_path):
+    """molf.load into a wrapped model after fully_shard (a script resuming its own FSDP2 run), on every rank:
+    the full tensors of a molf checkpoint, and of a folder that model.save_pretrained wrote in the wrapped
+    layout, go to each rank's shards, tied embeddings included (before: a RuntimeError on every rank)."""
+    import dist_worker
+    torch.manual_seed(1)
+    model = molf.wrap(tiny_qwen2(seed=0), backend="eager", **dist_worker.CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)  # every tensor differs from a fresh wrap's
+    molf.save_pretrained(model, tmp_path / "molf")
+    model.save_pretrained(tmp_path / "wrapped")
+    folders = [str(tmp_path / "molf"), str(tmp_path / "wrapped")]
+    with dist_worker.cpu_ranks():
+        mp.spawn(dist_worker.load_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path), folders), nprocs=WORLD)
+    want = full_params(model)
+    assert not torch.equal(want, full_params(molf.wrap(tiny_qwen2(seed=0), backend="eager", **dist_worker.CFG)))
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"load-{rank}.pt", weights_only=True)
+        assert "error" not in result, result["error"]
+        for folder in folders:
+            assert torch.equal(result[folder], want), (rank, folder)
+
+
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
 
