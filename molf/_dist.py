@@ -20,6 +20,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if DTensor and isinstance(t, DTensor) else t
 
 
+GATHER = ("gather the full state dict on every rank, sd = get_model_state_dict(model, options=StateDictOptions("
+          "full_state_dict=True, cpu_offload=True)) (torch.distributed.checkpoint.state_dict)")
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (fully_shard) holds any of the model's parameters as DTensors."""
+    return bool(DTensor) and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def refuse_shards(model: torch.nn.Module, what: str, how: str) -> None:
+    """A ValueError where `model` holds FSDP2 shards and `what` needs its full tensors; `how` says what to do."""
+    if sharded(model):
+        raise ValueError(f"{what}: the model is sharded by FSDP2 (its parameters are DTensors, each rank holding a "
+                         f"piece of each); {how}")
+
+
 def state_columns(params, grads, states, sharded: bool) -> list[list]:
     """A step's columns [params, grads, exp_avgs, exp_avg_sqs, step counters] from the parameters, their gradients
     and their optimizer states; where `sharded` (FSDP2), the rank-local tensors."""
@@ -53,12 +69,15 @@ def shard_group(params):
             if len(dims) > 1:
                 raise NotImplementedError("MoLFAdamW supports parameters sharded along one mesh dimension")
             if dims:
-                groups.add((id(p.device_mesh), dims[0], p.device_mesh))
+                # by equality (ranks, shape, names), not identity: once other meshes were made in the process,
+                # FSDP2 left some parameters of one model (the MoLF layers' bases) a distinct but equal mesh
+                groups.add((p.device_mesh, dims[0]))
     if not groups:
         return None
-    if len({(g[0], g[1]) for g in groups}) > 1:
-        raise NotImplementedError("MoLFAdamW needs every sharded parameter on one device mesh dimension")
-    _, dim, mesh = groups.pop()
+    if len(groups) > 1:
+        raise NotImplementedError("MoLFAdamW needs every sharded parameter on one device mesh dimension, got "
+                                  f"{[(str(mesh), dim) for mesh, dim in groups]}")
+    mesh, dim = groups.pop()
     return mesh.get_group(mesh_dim=dim)
 
 

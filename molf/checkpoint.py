@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import quant
-from ._dist import DTensor
+from ._dist import GATHER, DTensor, refuse_shards, sharded
 from .layer import MoLFLinear, molf_layers, unwrap_model
 
 MOLF_CONFIG = "molf_config.json"
@@ -198,6 +198,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
     hub = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs} if push_to_hub else {}
     if state_dict is not None:
         state_dict = _check_full_state_dict(model, state_dict)
+    else:
+        refuse_shards(model, "molf.save_pretrained", GATHER + ", then save_pretrained(model, path, state_dict=sd) "
+                      "on rank 0")
     if any(m.quantized for _, m in layers):
         os.makedirs(path, exist_ok=True)
         if _earlier_merged_save(path):
@@ -379,14 +382,10 @@ def wrapped_layout(path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tu
     return shapes, {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
 
 
-def _sharded(model: nn.Module) -> bool:
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """model.load_state_dict(state, strict=False) (full tensors, checked by the caller); into FSDP2's shards
     where the model holds them, each rank taking its part (a collective: every rank calls it)."""
-    if _sharded(model):
+    if sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -466,7 +465,7 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     if config.get("quantized_base"):
         _load_quantized(inner, path)
         return model
-    if _sharded(inner):  # FSDP2: the full tensors, scattered to the shards
+    if sharded(inner):  # FSDP2: the full tensors, scattered to the shards
         _assign(inner, _state_file(os.path.join(path, MOLF_WEIGHTS), set(inner.state_dict()), path))
         return model
     undo = _tie(inner, _aliases(os.path.join(path, MOLF_WEIGHTS)))

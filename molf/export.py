@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 
+from ._dist import GATHER, refuse_shards
 from .layer import MoLFLinear, molf_layers, unwrap_model
 
 
@@ -41,6 +42,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     layers = molf_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoLF layers")
+    if state_dict is None:
+        refuse_shards(model, "molf.export_peft", GATHER + ", then export_peft(model, path, state_dict=sd) on rank 0")
     trained_base = trained_base_parameters(layers)
     if trained_base:  # a bias unfrozen by hand too: peft's adapter would leave it out
         raise ValueError(f"export_peft needs a frozen base (MoLF-Efficient, train_base=False); {trained_base[:3]} "

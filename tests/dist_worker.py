@@ -176,7 +176,9 @@ def refusals_worker(rank, world, init_dir, out_dir):
     """What molf refuses under torch.distributed, as the message each raises (None: nothing raised).
     MoLFAdamW on FSDP1 (FullyShardedDataParallel), with and without use_orig_params, and on its inner module
     (before: routing differed per rank, or a KeyError); molf.wrap after DDP, fully_shard or FSDP1 (before: the
-    new experts were outside DDP's buckets and FSDP's shards, their gradients neither averaged nor sharded)."""
+    new experts were outside DDP's buckets and FSDP's shards, their gradients neither averaged nor sharded);
+    save_pretrained, export_peft and merge of FSDP2's shards without a gathered state dict (before: a RuntimeError
+    from an invalid storage, or from mixed Tensor and DTensor)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
@@ -202,6 +204,14 @@ def refusals_worker(rank, world, init_dir, out_dir):
         result["wrap-fsdp2"] = message(molf.wrap, plain, **CFG)
         result["wrap-fsdp1"] = message(molf.wrap, FullyShardedDataParallel(
             tiny_qwen2(seed=0), device_id=torch.device("cpu")), **CFG)
+        for train_base in (True, False):  # shards, without the gathered state dict
+            model = molf.wrap(tiny_qwen2(seed=0), ranks=(2, 8), alphas=(8, 16), train_base=train_base)
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            if train_base:
+                result["full-save_pretrained"] = message(molf.save_pretrained, model, os.path.join(out_dir, f"s{rank}"))
+                result["full-merge"] = message(molf.merge, model)
+            else:
+                result["full-export_peft"] = message(molf.export_peft, model, os.path.join(out_dir, f"p{rank}"))
     except Exception:
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"refusals-{rank}.pt"))
@@ -221,4 +231,26 @@ def load_worker(rank, world, init_dir, out_dir, folders):
     except Exception:
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"load-{rank}.pt"))
+    exit_rank_without_finalizing()
+
+
+def other_meshes_worker(rank, world, init_dir, out_dir):
+    """FSDP2 training after other device meshes were made in the process (another model sharded first, each layer
+    on a mesh of its own): the MoLF model's parameters then hold distinct but equal DeviceMesh objects (before:
+    MoLFAdamW refused them, "every sharded parameter on one device mesh dimension")."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
+        other = tiny_qwen2(seed=0)
+        for layer in other.model.layers:
+            fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
+        torch.manual_seed(0)
+        ids = batch(n=2 * world)[2 * rank: 2 * rank + 2]
+        model, inner, opt = build("fsdp2", world, "eager")
+        result.update(routes=torch.stack(steps(model, opt, ids, 10)), params=full_params(inner))
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"meshes-{rank}.pt"))
     exit_rank_without_finalizing()

@@ -242,6 +242,21 @@ def test_molf_load_into_a_model_sharded_by_fsdp2(tmp_path):
             assert torch.equal(result[folder], want), (rank, folder)
 
 
+def test_fsdp2_after_other_device_meshes_routes_as_one_process(tmp_path, single_process):
+    """Other device meshes made earlier in the process (another model sharded, accelerate's own): FSDP2 then gives
+    the MoLF model's parameters distinct but equal DeviceMesh objects, which are one mesh to MoLFAdamW (before:
+    refused with a NotImplementedError at construction)."""
+    import dist_worker
+    with dist_worker.cpu_ranks():
+        mp.spawn(dist_worker.other_meshes_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    ref_routes, ref_params = single_process
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"meshes-{rank}.pt", weights_only=True)
+        assert "error" not in result, result["error"]
+        assert torch.equal(result["routes"], ref_routes)
+        assert rel_err(result["params"], ref_params) <= 1e-5
+
+
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
 
@@ -282,16 +297,23 @@ def test_accelerate_launch_with_fsdp1_is_refused(tmp_path):
 def test_fsdp1_and_wrapping_after_sharding_are_refused(tmp_path):
     """FSDP1 flattens each unit's parameters into per-rank pieces (use_orig_params=True leaves every rank a
     different piece of each expert, False one flat tensor): MoLFAdamW would score and route on a rank's own piece.
-    molf.wrap after DDP or FSDP (1 or 2) adds experts they do not see. Each refused on every rank."""
+    molf.wrap after DDP or FSDP (1 or 2) adds experts they do not see. save_pretrained, export_peft and merge of
+    FSDP2's shards need the gathered state dict (the first two say how to pass it). Each refused on every rank."""
+    import os
+
     import dist_worker
     mp.spawn(dist_worker.refusals_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"refusals-{rank}.pt", weights_only=False)
         assert "error" not in result, result["error"]
-        assert len(result) == 7, sorted(result)
+        assert len(result) == 10, sorted(result)
         for case, said in result.items():
             assert said is not None, case
-            if case.startswith("optimizer"):
+            if case.startswith("full-"):
+                assert said.startswith(f"molf.{case[5:]}: the model is sharded by FSDP2"), (case, said)
+                assert ("get_model_state_dict" if case != "full-merge" else "molf.from_pretrained") in said
+                assert not os.path.exists(tmp_path / f"s{rank}") and not os.path.exists(tmp_path / f"p{rank}")
+            elif case.startswith("optimizer"):
                 assert said.startswith("model is sharded with FSDP1") and "fsdp_version 2" in said, (case, said)
             else:
                 wrapper = {"wrap-ddp": "DistributedDataParallel", "wrap-fsdp1": "FSDP1",
