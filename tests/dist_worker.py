@@ -254,3 +254,34 @@ def other_meshes_worker(rank, world, init_dir, out_dir):
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"meshes-{rank}.pt"))
     exit_rank_without_finalizing()
+
+
+def mesh_kinds_worker(rank, world, init_dir, out_dir, kind):
+    """Ten steps of FSDP2 in a set-up beside the plain one: "hsdp", 2 replicas x world/2 shards (a 2-D mesh: the
+    score sums are reduced over the shard dimension only); "bf16-compute", MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32) (fp32 shards, bf16 all-gathered weights in forward and backward). Each rank takes its
+    part of the same global batch as tests/test_distributed.py's single process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
+        torch.manual_seed(0)
+        rows = 4 // world
+        ids = batch(n=4)[rows * rank: rows * (rank + 1)]
+        model = molf.wrap(tiny_qwen2(seed=0), backend="eager", **CFG)
+        kw = {}
+        if kind == "hsdp":
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
+        opt = molf.MoLFAdamW(model, backend="eager", **OPT)
+        result.update(routes=torch.stack(steps(model, opt, ids, 10)), params=full_params(model), scores=opt.scores)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"{kind}-{rank}.pt"))
+    exit_rank_without_finalizing()

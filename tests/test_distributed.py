@@ -257,6 +257,34 @@ def test_fsdp2_after_other_device_meshes_routes_as_one_process(tmp_path, single_
         assert rel_err(result["params"], ref_params) <= 1e-5
 
 
+@pytest.mark.parametrize("kind, world", [("hsdp", 4), ("bf16-compute", 2)])
+def test_hsdp_and_fsdp2_mixed_precision_route_as_one_process(tmp_path, single_process, kind, world):
+    """HSDP (a 2-D mesh, 2 replicas x 2 shards, 4 ranks): the per-expert score sums are reduced over the shard
+    dimension only, so routing, scores and parameters equal one process's (a sum over every rank would double
+    each score; over the replicas, route on pieces). FSDP2 with bf16 compute (MixedPrecisionPolicy): every rank
+    routes alike, the fp32 parameters within bf16's tolerance of fp32 training."""
+    import dist_worker
+    with dist_worker.cpu_ranks():
+        mp.spawn(dist_worker.mesh_kinds_worker, args=(world, str(tmp_path / "init"), str(tmp_path), kind),
+                 nprocs=world)
+    ref_routes, ref_params = single_process
+    results = [torch.load(tmp_path / f"{kind}-{rank}.pt", weights_only=True) for rank in range(world)]
+    for result in results:
+        assert "error" not in result, result["error"]
+        assert torch.equal(result["routes"], results[0]["routes"])
+        assert torch.equal(result["params"], results[0]["params"])
+    if kind == "hsdp":
+        torch.manual_seed(0)
+        model = molf.wrap(tiny_qwen2(seed=0), backend="eager", **CFG)
+        opt = molf.MoLFAdamW(model, backend="eager", **OPT)
+        steps(model, opt, batch(n=4), 10)
+        assert torch.equal(results[0]["routes"], ref_routes)
+        assert rel_err(results[0]["params"], ref_params) <= 1e-5
+        assert rel_err(results[0]["scores"], opt.scores) <= 1e-5
+    else:
+        assert rel_err(results[0]["params"], ref_params) <= 1e-2
+
+
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
 
