@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -34,7 +35,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     name that ends another's matches only its own layer).
     Trainable parameters outside the MoLF layers (embeddings, norms: MoLF-E without freeze_others) are
     saved through peft's `modules_to_save` (tied embeddings with `ensure_weight_tying`), so the adapter
-    reproduces the trained model exactly. Only for MoLF-Efficient (base frozen): a trained base weight is
+    reproduces the trained model exactly. lora_dropout is the layers' dropout (one in peft: the most common,
+    with a warning where they differ). Only for MoLF-Efficient (base frozen): a trained base weight is
     not a LoRA adapter. state_dict: the wrapped model's full state dict to take the values from (FSDP2: gathered
     from the shards, see save_pretrained); the model gives the layout.
     """
@@ -86,8 +88,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     cfg = getattr(model, "config", None)
     base_name = base_model_name_or_path or getattr(cfg, "_name_or_path", None) or None
     task = next((t for suffix, t in PEFT_TASKS if type(model).__name__.endswith(suffix)), "CAUSAL_LM")
+    dropouts = collections.Counter(m.dropout for _, m in layers)
+    dropout = max(dropouts, key=lambda p: (dropouts[p], p))
+    if len(dropouts) > 1:  # peft has no per-layer pattern for it
+        warnings.warn(f"export_peft: the MoLF layers use LoRA dropouts {sorted(dropouts)}; peft takes one, "
+                      f"lora_dropout={dropout} (the most common) is written: training the adapter further with peft "
+                      "drops out alike in every layer (its outputs are unaffected)", UserWarning, stacklevel=2)
     config = {"peft_type": "LORA", "task_type": task, "r": rank, "lora_alpha": rank, "use_rslora": False,
-              "lora_dropout": 0.0, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
+              "lora_dropout": dropout, "bias": "none", "target_modules": targets, "fan_in_fan_out": False,
               "init_lora_weights": True, "base_model_name_or_path": base_name, "inference_mode": True,
               "rank_pattern": pattern, "alpha_pattern": dict(pattern), "modules_to_save": saved_modules or None,
               "ensure_weight_tying": any(len(own) > 1 for own in owners.values())}

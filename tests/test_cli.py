@@ -181,6 +181,18 @@ def test_export_peft_roundtrip_equals_molf_logits(tmp_path, freeze_others):
         assert_close(merged(ids).logits, want, 1e-5, "merged peft logits")
 
 
+def test_export_peft_writes_the_layers_dropout(tmp_path):
+    """The adapter's lora_dropout is the layers' (before: 0.0 always, so training the adapter further with peft
+    dropped nothing); peft takes one value, so layers with different ones warn and the most common is written."""
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=False, backend="eager", dropout=0.1)
+    molf.export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    model.model.layers[0].self_attn.q_proj.dropout = 0.3
+    with pytest.warns(UserWarning, match=r"LoRA dropouts \[0.1, 0.3\]; peft takes one, lora_dropout=0.1"):
+        molf.export_peft(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+
+
 def test_export_peft_of_layers_with_different_ranks_gives_each_its_own(tmp_path):
     """MoLF layers of different total ranks (MoLFLinear built by hand, here the MLP's): the adapter's r is the most
     common rank and peft's rank_pattern / alpha_pattern give every layer its own (before: a ValueError); peft
