@@ -114,13 +114,12 @@ def _remove(path, names) -> None:
 
 
 @contextlib.contextmanager
-def _earlier_weights_aside(path, main_process: bool = True):
+def _earlier_weights_aside(path):
     """Around a merged save into the folder `path`: the transformers weight files and peft adapter already there
     are moved aside and removed once the save succeeded (put back where it fails, in place of what it wrote).
     transformers removes an earlier save's shards, but not its single file nor its index, and from_pretrained
     prefers an earlier single file to new shards, or an adapter (onto the base it names) to the folder's weights."""
-    names = _merged_weight_files(path) + [f for f in ADAPTER_FILES if os.path.exists(os.path.join(path, f))] \
-        if main_process else []
+    names = _merged_weight_files(path) + [f for f in ADAPTER_FILES if os.path.exists(os.path.join(path, f))]
     if not names:
         yield
         return
@@ -183,7 +182,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
                     state_dict: dict | None = None, **kwargs) -> str:
     """Write the merged plain checkpoint and molf's exact state to `path` (see the module docstring); a model
     with quantized bases: the peft adapter and molf's float state. kwargs go to transformers'
-    `save_pretrained` (e.g. max_shard_size). push_to_hub=True uploads the whole folder once it is written
+    `save_pretrained` (e.g. max_shard_size; is_main_process=False, on a distributed run's other ranks, writes
+    nothing, as transformers). push_to_hub=True uploads the whole folder once it is written
     (repo_id, default the folder's name; commit_message, create_pr, private, token), as transformers does.
     state_dict: the wrapped model's full state dict to write instead of its parameters' values (a model sharded
     by FSDP2: gather it with get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -194,6 +194,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
     layers = molf_layers(model)
     if not layers:
         raise ValueError("save_pretrained: the model has no MoLF layers (use the model's own save_pretrained)")
+    if not kwargs.get("is_main_process", True):  # as transformers: a distributed run's other ranks write nothing
+        return str(path)  # (their state_dict, gathered with cpu_offload, is empty)
     # transformers would push before molf's own files exist: the folder is pushed below, whole
     hub = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs} if push_to_hub else {}
     if state_dict is not None:
@@ -210,7 +212,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, push_to_hub: bool
         if not hasattr(model, "save_pretrained"):
             raise TypeError(f"save_pretrained needs a transformers model, got {type(model).__name__}")
         os.makedirs(path, exist_ok=True)
-        with _earlier_weights_aside(path, kwargs.get("is_main_process", True)):
+        with _earlier_weights_aside(path):
             model.save_pretrained(path, state_dict=merged_state_dict(model, state_dict), **kwargs)
         aliases = _tied_parameters(model)
         meta = {"format": "pt", "molf": str(FORMAT_VERSION), "aliases": json.dumps(aliases)}

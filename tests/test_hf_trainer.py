@@ -361,6 +361,23 @@ def test_save_pretrained_from_a_given_full_state_dict(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def test_save_pretrained_on_a_process_that_is_not_the_main_one_writes_nothing(tmp_path):
+    """is_main_process=False (accelerate's recipe: every rank calls it, the main one writes) writes nothing, as
+    transformers: before, molf's own files were written on every rank, and an earlier save's files moved aside
+    beside the main process's writes; an empty state_dict there (FSDP2's gathered one on another rank) is fine."""
+    model = molf.wrap(tiny_qwen2(), ranks=(2, 8), alphas=(8, 16), train_base=True, backend="eager")
+    molf.save_pretrained(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    for state_dict in (None, {}):
+        molf.save_pretrained(model, tmp_path / "ckpt", is_main_process=False, state_dict=state_dict)
+        molf.save_pretrained(model, tmp_path / "other", is_main_process=False, state_dict=state_dict)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+        assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("first, second", [("20KB", None), (None, "20KB")], ids=["shards-then-one", "one-then-shards"])
 def test_a_save_over_an_earlier_one_with_other_shards_loads_as_written(tmp_path, first, second):
     """molf.save_pretrained into a folder holding an earlier save sharded otherwise (max_shard_size): transformers
