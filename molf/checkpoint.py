@@ -451,7 +451,8 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
     """Load molf's exact state from a checkpoint folder (or Hub repo id; `hub`: revision, token, cache_dir,
     ...) into `model`, already wrapped the same way. Also a folder that `model.save_pretrained` or transformers'
     Trainer wrote for a wrapped model (the wrapped layout): its ranks are checked by shape, but transformers
-    records no alphas, rslora nor which parameters trained: wrap with those of the training run."""
+    records no alphas, rslora nor which parameters trained: wrap with those of the training run. A model
+    sharded by FSDP2 (fully_shard) takes the full tensors into its shards: call it on every rank."""
     from safetensors.torch import load_model
 
     path = _local_folder(path, **hub)
