@@ -384,13 +384,22 @@ def wrapped_layout(path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tu
     return shapes, {layer: tuple(r[i] for i in sorted(r)) for layer, r in experts.items()}
 
 
+def _reads_tensors(model: nn.Module) -> bool:
+    """Whether this process reads a checkpoint's tensors: all but rank 0 of a model sharded by FSDP2 take
+    theirs from rank 0's (_assign), so that the node holds one copy of the checkpoint in host memory."""
+    return not sharded(model) or torch.distributed.get_rank() == 0
+
+
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """model.load_state_dict(state, strict=False) (full tensors, checked by the caller); into FSDP2's shards
-    where the model holds them, each rank taking its part (a collective: every rank calls it)."""
+    where the model holds them, broadcast from rank 0 (a collective: every rank calls it; the others' `state`
+    is ignored, see _reads_tensors)."""
     if sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        state = state if torch.distributed.get_rank() == 0 else {}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                    strict=False))
     else:
         model.load_state_dict(state, strict=False)
 
@@ -419,8 +428,8 @@ def _load_wrapped_layout(model: nn.Module, path, shapes, ranks: dict[str, tuple[
         raise ValueError(f"the checkpoint in {path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, shapes {bad[:3]}; nothing was loaded")
     for name in sorted({file for file, _ in shapes.values()}):  # one shard in memory at a time
-        part = {k: v for k, v in _read_weights(os.path.join(path, name)).items() if k in wanted}
-        _assign(model, part)
+        part = _read_weights(os.path.join(path, name)) if _reads_tensors(model) else {}
+        _assign(model, {k: v for k, v in part.items() if k in wanted})
 
 
 def rewrap(model: nn.Module, config: dict, backend: str = "auto") -> nn.Module:
@@ -469,7 +478,8 @@ def load(model: nn.Module, path: str | os.PathLike, **hub) -> nn.Module:
         _load_quantized(inner, path)
         return model
     if sharded(inner):  # FSDP2: the full tensors, scattered to the shards
-        _assign(inner, _state_file(os.path.join(path, MOLF_WEIGHTS), set(inner.state_dict()), path))
+        _assign(inner, _state_file(os.path.join(path, MOLF_WEIGHTS), set(inner.state_dict()), path,
+                                   _reads_tensors(inner)))
         return model
     undo = _tie(inner, _aliases(os.path.join(path, MOLF_WEIGHTS)))
     try:
@@ -511,7 +521,8 @@ def _load_quantized(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: its "
                          "MoLF layers have float bases; load the same base quantized, wrap it as molf_config.json "
                          "says, then molf.load(model, path)")
-    _assign(model, _state_file(os.path.join(path, MOLF_WEIGHTS), set(float_state_dict(model)), path))
+    _assign(model, _state_file(os.path.join(path, MOLF_WEIGHTS), set(float_state_dict(model)), path,
+                               _reads_tensors(model)))
     return model
 
 
@@ -541,11 +552,17 @@ def load_fsdp_quantized(model: nn.Module, path) -> None:
                          f"Trainer's sharded model folder {FSDP_SHARDS}: not a checkpoint of an FSDP2 run")
 
 
-def _state_file(file: str, wanted: set, path) -> dict[str, torch.Tensor]:
-    """molf_model.safetensors, its tied names restored, checked to hold exactly the keys `wanted`."""
+def _state_file(file: str, wanted: set, path, read: bool = True) -> dict:
+    """molf_model.safetensors (its names alone, each to None, where not `read`), its tied names restored,
+    checked to hold exactly the keys `wanted`."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(file)
+    if read:
+        state = load_file(file)
+    else:
+        with safe_open(file, "pt") as f:
+            state = dict.fromkeys(f.keys())
     for alias, original in _aliases(file).items():  # tied tensors are stored once, under either name
         for name, other in ((alias, original), (original, alias)):
             if name not in state and other in state:

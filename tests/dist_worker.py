@@ -220,8 +220,20 @@ def refusals_worker(rank, world, init_dir, out_dir):
 
 def load_worker(rank, world, init_dir, out_dir, folders):
     """molf.load of each folder into a model sharded by FSDP2 (fully_shard per layer and at the root), after which
-    the rank's full parameters are recorded (before: a RuntimeError from an invalid storage on every rank)."""
-    result = {}
+    the rank's full parameters are recorded (before: a RuntimeError from an invalid storage on every rank), and
+    how many weight files the rank read tensors from (rank 0 alone: the others take theirs by broadcast)."""
+    import safetensors.torch
+
+    from molf import checkpoint
+    result = {"reads": 0}
+
+    def counted(read):
+        def reading(*args, **kwargs):
+            result["reads"] += 1
+            return read(*args, **kwargs)
+        return reading
+    safetensors.torch.load_file = counted(safetensors.torch.load_file)
+    checkpoint._read_weights = counted(checkpoint._read_weights)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_dir}", rank=rank, world_size=world)
         for folder in folders:

@@ -221,7 +221,8 @@ def test_load_best_model_at_end_under_fsdp2(tmp_path, base):
 def test_molf_load_into_a_model_sharded_by_fsdp2(tmp_path):
     """molf.load into a wrapped model after fully_shard (a script resuming its own FSDP2 run), on every rank:
     the full tensors of a molf checkpoint, and of a folder that model.save_pretrained wrote in the wrapped
-    layout, go to each rank's shards, tied embeddings included (before: a RuntimeError on every rank)."""
+    layout, go to each rank's shards, tied embeddings included (before: a RuntimeError on every rank). Rank 0
+    alone reads the tensors and broadcasts them (the host holds one copy of the checkpoint, not one per rank)."""
     import dist_worker
     torch.manual_seed(1)
     model = molf.wrap(tiny_qwen2(seed=0), backend="eager", **dist_worker.CFG)
@@ -240,6 +241,7 @@ def test_molf_load_into_a_model_sharded_by_fsdp2(tmp_path):
         assert "error" not in result, result["error"]
         for folder in folders:
             assert torch.equal(result[folder], want), (rank, folder)
+        assert (result["reads"] > 0) == (rank == 0), (rank, result["reads"])
 
 
 def test_fsdp2_after_other_device_meshes_routes_as_one_process(tmp_path, single_process):
