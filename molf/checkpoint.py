@@ -552,7 +552,7 @@ def load_fsdp_quantized(model: nn.Module, path) -> None:
                          f"Trainer's sharded model folder {FSDP_SHARDS}: not a checkpoint of an FSDP2 run")
 
 
-def _state_file(file: str, wanted: set, path, read: bool = True) -> dict:
+def _state_file(file: str, wanted: set, path, read: bool) -> dict:
     """molf_model.safetensors (its names alone, each to None, where not `read`), its tied names restored,
     checked to hold exactly the keys `wanted`."""
     from safetensors import safe_open

@@ -757,9 +757,9 @@ def merge(model: nn.Module) -> nn.Module:
     """Turn every MoLFLinear of `model` back into a plain nn.Linear with the experts folded in; in place."""
     if isinstance(model, MoLFLinear):
         raise TypeError("merge(model) replaces MoLF layers inside a model; for one layer call layer.merge()")
-    _dist.refuse_shards(model, "molf.merge", "merge an unsharded model: molf.from_pretrained(checkpoint), or molf.load "
-                  "into the model built and wrapped alike before fully_shard (molf.save_pretrained(model, path, "
-                  "state_dict=sd) writes the merged checkpoint directly)")
+    _dist.refuse_shards(model, "molf.merge", "merge an unsharded model: molf.from_pretrained(checkpoint), or "
+                        "molf.load into the model built and wrapped alike before fully_shard (molf.save_pretrained("
+                        "model, path, state_dict=sd) writes the merged checkpoint directly)")
     dequantized = []
     for name, m in list(model.named_modules()):
         if isinstance(m, MoLFLinear):

@@ -557,11 +557,9 @@ def _moment_like(p: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> to
     fused kernels walk a parameter, its gradient and its moments as one flat array: a moment saved for a
     transposed parameter and loaded for a row-major one would otherwise be refused). A DTensor (FSDP2) keeps the
     layout it was saved with: its local shards are laid out by FSDP."""
-    m = saved.to(device=p.device, dtype=dtype, copy=True)
-    if type(m) is not torch.Tensor or type(p.data) is not torch.Tensor or m.stride() == p.stride():
-        return m
-    like = torch.empty_like(p, dtype=dtype)  # p's strides where p is dense, else row-major
-    return m if like.stride() == m.stride() else like.copy_(m)
+    if type(saved) is not torch.Tensor or type(p.data) is not torch.Tensor:
+        return saved.to(device=p.device, dtype=dtype, copy=True)
+    return torch.empty_like(p, dtype=dtype).copy_(saved)  # p's strides where p is dense, else row-major
 
 
 class EagerRoutedAdamW:
