@@ -530,26 +530,47 @@ FSDP_SHARDS = "pytorch_model_fsdp_0"  # the Trainer's sharded model folder (acce
 
 
 def load_fsdp_quantized(model: nn.Module, path) -> None:
-    """Load a checkpoint the Trainer wrote under FSDP2 into the shards of a model whose MoLF layers have
-    bitsandbytes-quantized bases (accelerate's load_fsdp_model cannot: it loads every key, and the shards hold
-    no quantization state). Only float_state_dict's keys load, the experts and every float tensor: from molf's
-    float state (FULL_STATE_DICT checkpoints, written by MoLFTrainer) or from the Trainer's sharded folder
-    (SHARDED_STATE_DICT); the quantized weights, frozen, stay as loaded. Call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
+    """Load a checkpoint of an FSDP2 run into the shards of a model whose MoLF layers have bitsandbytes-quantized
+    bases (accelerate's load_fsdp_model cannot: it loads every key, and the shards hold no quantization state).
+    Only float_state_dict's keys load, the experts and every float tensor: from molf's float state (FULL_STATE_DICT
+    checkpoints, written by MoLFTrainer), from the Trainer's sharded folder (SHARDED_STATE_DICT) or, as
+    accelerate's save_fsdp_model wrote them, a torch.distributed.checkpoint folder or a full state dict's file;
+    the quantized weights, frozen, stay as loaded. Call it on every rank."""
     inner = unwrap_model(model)
-    if is_molf_checkpoint(path):
+    if os.path.isfile(path):
+        _load_full_floats(inner, path)
+    elif is_molf_checkpoint(path):
         load(inner, path)
-    elif os.path.isdir(os.path.join(path, FSDP_SHARDS)):
-        import torch.distributed.checkpoint as dcp
-
-        wanted = set(float_state_dict(inner))
-        state = {k: v for k, v in get_model_state_dict(inner).items() if k in wanted}
-        dcp.load({"model": state}, checkpoint_id=os.path.join(path, FSDP_SHARDS))  # in place, this rank's shards
-        set_model_state_dict(inner, state, options=StateDictOptions(strict=False))
+    elif os.path.isdir(os.path.join(path, FSDP_SHARDS)) or os.path.isfile(os.path.join(path, ".metadata")):
+        shards = os.path.join(path, FSDP_SHARDS)
+        _load_sharded_floats(inner, shards if os.path.isdir(shards) else path)
     else:
         raise ValueError(f"{path} holds neither molf's float state ({MOLF_CONFIG}, {MOLF_WEIGHTS}) nor the "
                          f"Trainer's sharded model folder {FSDP_SHARDS}: not a checkpoint of an FSDP2 run")
+
+
+def _load_sharded_floats(model: nn.Module, folder) -> None:
+    """float_state_dict's keys from a torch.distributed.checkpoint folder, into this rank's shards, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    wanted = set(float_state_dict(model))
+    state = {k: v for k, v in get_model_state_dict(model).items() if k in wanted}
+    dcp.load({"model": state}, checkpoint_id=folder)
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+
+
+def _load_full_floats(model: nn.Module, file) -> None:
+    """float_state_dict's keys from a file torch.save wrote a full state dict to (accelerate's
+    pytorch_model_fsdp.bin): every rank checks the names (memory-mapped, no tensor read), rank 0's tensors are
+    broadcast to the shards."""
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    wanted = set(float_state_dict(model))
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(f"{file} does not fit this model: missing {missing[:5]} ({len(missing)} keys); load the "
+                         "same base quantized and wrap it as in the run that saved it")
+    _assign(model, {k: state[k] for k in wanted})
 
 
 def _state_file(file: str, wanted: set, path, read: bool) -> dict:

@@ -192,6 +192,24 @@ def test_molf_trainer_under_fsdp2_with_a_4bit_base(tmp_path, state_dict_type):
                            torch.cat(list(q.lora_A), 0))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the worker's ranks train on the CPU, where the tests "
+                                                     "quantize on the GPU when there is one")
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_accelerate_state_of_an_fsdp2_run_on_a_4bit_base(tmp_path, state_dict_type):
+    """A loop of the user's own (no Trainer) under accelerate's FSDP2, MoLF-E over an nf4 base: the state
+    accelerator.save_state wrote at step 2 loads with molf.integrations.accelerate.load_state (the experts and
+    float tensors into the shards; optimizer, scheduler, RNG as accelerate loads them) and the resumed run ends
+    bitwise as the uninterrupted one (accelerator.load_state itself fails there in torch, on every rank: a
+    KeyError on the quantization state for FULL_STATE_DICT, unexpected keys for SHARDED_STATE_DICT)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install molf[quant])")
+    r0, r1 = trainer_ranks(tmp_path, f"accelerate-nf4:{state_dict_type}")
+    assert r0["fsdp"] and r0["step"] == r0["resumed_step"] == 4 and r0["lr"] == r0["resumed_lr"]
+    assert not torch.equal(r0["saved"], r0["params"])
+    for r in (r0, r1):
+        assert torch.equal(r["resumed_loaded"], r0["saved"]) and torch.equal(r["resumed_params"], r0["params"])
+        assert torch.equal(r["resumed_routing"], r0["routing"]) and torch.equal(r["params"], r0["params"])
+
+
 @pytest.mark.parametrize("base", ["float", "nf4"])
 def test_load_best_model_at_end_under_fsdp2(tmp_path, base):
     """load_best_model_at_end under the FSDP2 Trainer loads the best checkpoint into the shards; with a 4-bit base,

@@ -557,6 +557,38 @@ def test_accelerate_prepare_with_accumulation_and_clipping_matches_a_plain_loop(
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(pa, pb))
 
 
+def test_molf_accelerate_load_state_outside_fsdp_is_accelerate_s(tmp_path):
+    """molf.integrations.accelerate.load_state on a run without FSDP2 (one process): accelerate's load_state, the
+    weights and the optimizer's state back as saved, accelerate's own functions as they were."""
+    accelerate = pytest.importorskip("accelerate")
+    from molf.integrations.accelerate import load_state, saved_model_path
+    ids = Rows().ids
+    model = molf.wrap(tiny_qwen2(), ranks=(8,), alphas=(8,), train_base=True, backend="eager")
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt = acc.prepare(model, molf.MoLFAdamW(model, lr=1e-3, backend="eager"))
+
+    def train():
+        acc.backward(model(ids[:2], labels=ids[:2]).loss)
+        opt.step()
+        opt.zero_grad()
+    train()
+    acc.save_state(str(tmp_path))
+    saved = [p.detach().clone() for p in model.parameters()], unwrap_optimizer(opt).molf_step
+    train()
+    loader = accelerate.accelerator.load_fsdp_model
+    load_state(acc, str(tmp_path))
+    assert accelerate.accelerator.load_fsdp_model is loader
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved[0]))
+    assert unwrap_optimizer(opt).molf_step == saved[1] == 1
+    full, sharded, local = (SimpleNamespace(state_dict_type=SimpleNamespace(name=n))
+                            for n in ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"))
+    assert saved_model_path(full, "ck", 1) == os.path.join("ck", "pytorch_model_fsdp_1.bin")
+    folder = os.path.join("ck", "pytorch_model_fsdp_0")
+    assert saved_model_path(sharded, "ck") == saved_model_path(sharded, folder) == folder
+    with pytest.raises(ValueError, match="state_dict_type=LOCAL_STATE_DICT: an FSDP2 run on a quantized base"):
+        saved_model_path(local, "ck")
+
+
 def test_sequence_classifier_trains_and_its_checkpoint_loads_as_its_own_class(tmp_path):
     """A classification head on a wrapped model (the head is new, so it trains as a plain parameter, also under
     freeze_others): the checkpoint loads with AutoModelForSequenceClassification (merged) and with

@@ -5,7 +5,9 @@ fsdp_config={"version": 2, "state_dict_type": ...}, with which transformers buil
 shards the model and points the optimizer at the shards; "launcher": TrainingArguments without FSDP options, the
 set-up `accelerate launch` gives through the environment (DDP, or FSDP with --use_fsdp). Under FSDP a second run
 resumes from the step-2 checkpoint. The first run ends with trainer.save_model(OUT/final) on every rank. ":best":
-evaluated at each checkpoint, the greater eval loss best (step 2's), load_best_model_at_end; no resume."""
+evaluated at each checkpoint, the greater eval loss best (step 2's), load_best_model_at_end; no resume.
+"accelerate-nf4:STATE_DICT_TYPE": no Trainer, a loop of the user's own around Accelerator(fsdp_plugin=FSDP2) and
+MoLF-E over a 4-bit base, accelerator.save_state at step 2, resumed there by molf.integrations.accelerate.load_state."""
 import os
 import sys
 
@@ -72,8 +74,51 @@ def train(out, mode, resume=None):
             "best": trainer.state.best_model_checkpoint}
 
 
+def accelerate_loop(out, mode, resume=None):
+    """4 steps (from step 2 with `resume`) of a plain loop that accelerate.prepare's FSDP2 shards; the state saved
+    (accelerator.save_state) after step 2 of the first run."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from molf.integrations.accelerate import load_state
+    model = build(out, "-nf4")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=mode.split(":")[1],
+                                            auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+    accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+    opt = molf.MoLFAdamW(model, lr=3e-3, backend="eager")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    model, opt, schedule = accelerator.prepare(model, opt, schedule)
+
+    def floats():
+        ps = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters() if p.is_floating_point()]
+        return torch.cat([p.detach().flatten() for p in ps])
+    result = {"fsdp": accelerator.is_fsdp2}
+    if resume:
+        load_state(accelerator, resume)
+        result["loaded"] = floats()
+    rows = Rows()
+    for step in range(2 if resume else 0, 4):
+        accelerator.backward(model(**{k: v[None] for k, v in rows[step].items()}).loss)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        if step == 1 and not resume:
+            accelerator.save_state(os.path.join(out, "state"))
+            result["saved"] = floats()
+    return {**result, "params": floats(), "routing": opt.optimizer.routing.clone(), "step": opt.optimizer.molf_step,
+            "lr": schedule.get_last_lr()}
+
+
 if __name__ == "__main__":
     out, mode = sys.argv[1], sys.argv[2]
+    if mode.startswith("accelerate-nf4"):
+        force_fsdp_on_cpu_ranks()
+        result = accelerate_loop(os.path.join(out, "run"), mode)
+        resumed = accelerate_loop(os.path.join(out, "resumed"), mode, resume=os.path.join(out, "run", "state"))
+        result.update({f"resumed_{k}": v for k, v in resumed.items()})
+        torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+        exit_rank_without_finalizing()
     if mode.startswith("fsdp2") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         force_fsdp_on_cpu_ranks()
     result = train(out, mode)
