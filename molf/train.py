@@ -351,7 +351,7 @@ def _check(cfg: TrainConfig):
     """Every input that can be checked before a model is built: one TrainError line each."""
     from . import _checks
 
-    missing = missing_modules("transformers", "matplotlib")
+    missing = missing_modules("transformers", "accelerate", "matplotlib")  # accelerate: transformers' Trainer's
     if missing:  # checked first: the routing plots are drawn after training, which they would have lost
         raise TrainError(f"molf train needs {' and '.join(missing)} (the Trainer, the routing plots): pip install "
                          f"{' '.join(missing)}, or pip install 'molf[train]'")

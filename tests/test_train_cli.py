@@ -495,10 +495,11 @@ def test_train_bad_options_one_line_exit_2(tmp_path, capsys, args, message):
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".molf-train-")]
 
 
-@pytest.mark.parametrize("module", ["matplotlib", "transformers"])
+@pytest.mark.parametrize("module", ["matplotlib", "transformers", "accelerate"])
 def test_a_missing_optional_dependency_is_one_line_before_training(tmp_path, capsys, monkeypatch, module):
     """`pip install molf` without the train extra: molf train used to train, then fail drawing the routing plots
-    (matplotlib) and publish nothing; molf plot printed a traceback."""
+    (matplotlib) and publish nothing; molf plot printed a traceback; without accelerate (which transformers'
+    Trainer needs and pip install transformers does not bring) a traceback from transformers."""
     import sys
     monkeypatch.setitem(sys.modules, module, None)  # import fails, as when the package is not installed
     out = tmp_path / "out"
