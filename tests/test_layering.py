@@ -1,6 +1,7 @@
 """The import graph, read from the source with ast (imports inside functions included): no cycles, the
 kernels a leaf, the reference an oracle that nothing at run time imports."""
 import ast
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +97,35 @@ def test_the_checkout_does_not_pose_as_a_top_level_kernels_package():
     spec = importlib.util.find_spec("kernels")
     assert spec is None or Path(spec.origin).resolve().parent != ROOT / "kernels", spec.origin
     assert Path(molf.kernels.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_molf_runs_without_triton(tmp_path):
+    """Triton is a dependency on Linux only (no wheels for macOS; Windows has its own fork): without it molf
+    imports, wraps, trains and saves on its eager backend (the C loops on the CPU), and backend='triton' says
+    what is missing."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+sys.modules["triton"] = None  # as where it is not installed
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import torch, molf
+from helpers import tiny_qwen2
+model = molf.wrap(tiny_qwen2(), ranks=(4,), alphas=(8,))
+opt = molf.MoLFAdamW(model, lr=1e-2)
+ids = torch.randint(0, 64, (2, 8))
+before = [p.detach().clone() for p in model.parameters()]
+model(ids, labels=ids).loss.backward()
+opt.step()
+assert opt.routing.any() and not all(map(torch.equal, before, model.parameters()))
+molf.save_pretrained(model, {str(tmp_path / "saved")!r})
+assert "triton" not in [k for k, v in sys.modules.items() if v is not None]
+try:
+    molf.MoLFLinear(torch.nn.Linear(8, 8), ranks=(2,), alphas=(4,), backend="triton")(torch.randn(2, 8))
+except RuntimeError as e:
+    print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "backend='triton' needs the triton package, which is not importable"
