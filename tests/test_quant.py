@@ -256,6 +256,30 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
         molf.load(plain, tmp_path / "ckpt")
 
 
+def test_a_full_state_dict_file_loads_its_float_tensors_only(tmp_path):
+    """checkpoint.load_fsdp_quantized of a file torch.save wrote a full state dict to (accelerate's
+    pytorch_model_fsdp.bin, FULL_STATE_DICT; here one process, no shards): the experts and float tensors load,
+    the quantized weights and their quantization state stay as loaded; a file without them is refused."""
+    from molf.checkpoint import load_fsdp_quantized
+    model = molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    opt = molf.MoLFAdamW(model, lr=1e-2)
+    ids = batch().to(DEVICE)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    full = model.state_dict()
+    assert any(k.endswith("absmax") for k in full)
+    torch.save(full, tmp_path / "pytorch_model_fsdp.bin")
+    fresh = molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
+    assert not torch.equal(fresh(ids).logits, model(ids).logits)
+    load_fsdp_quantized(fresh, str(tmp_path / "pytorch_model_fsdp.bin"))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+    torch.save({k: v for k, v in full.items() if "lora_B" not in k}, tmp_path / "partial.bin")
+    with pytest.raises(ValueError, match=r"partial.bin does not fit this model: missing \['model.layers.0"):
+        load_fsdp_quantized(fresh, str(tmp_path / "partial.bin"))
+
+
 def test_saves_of_both_kinds_into_one_folder_leave_nothing_stale_behind(tmp_path):
     """A float model's molf save into a folder that holds a quantized model's (an adapter) removes the adapter:
     plain transformers, finding adapter_config.json, loaded that adapter onto its base instead of the new merged
