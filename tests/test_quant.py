@@ -236,12 +236,8 @@ def test_checkpoint_of_a_quantized_model_restores_exactly(tmp_path):
     weights; molf.load restores the experts bitwise into a freshly loaded and wrapped quantized model."""
     model = quantized_qwen2(tmp_path)
     molf.wrap(model, ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
-    opt = molf.MoLFAdamW(model, lr=1e-2)
     ids = batch().to(DEVICE)
-    for _ in range(3):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, molf.MoLFAdamW(model, lr=1e-2), ids, 3)
     molf.save_pretrained(model, tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "molf_config.json", "molf_model.safetensors"]
@@ -262,12 +258,8 @@ def test_a_full_state_dict_file_loads_its_float_tensors_only(tmp_path):
     the quantized weights and their quantization state stay as loaded; a file without them is refused."""
     from molf.checkpoint import load_fsdp_quantized
     model = molf.wrap(quantized_qwen2(tmp_path), ranks=(2, 8), alphas=(8, 8), train_base=False, backend="eager")
-    opt = molf.MoLFAdamW(model, lr=1e-2)
     ids = batch().to(DEVICE)
-    for _ in range(2):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, molf.MoLFAdamW(model, lr=1e-2), ids, 2)
     full = model.state_dict()
     assert any(k.endswith("absmax") for k in full)
     torch.save(full, tmp_path / "pytorch_model_fsdp.bin")
