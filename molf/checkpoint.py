@@ -516,8 +516,13 @@ def _config(path) -> dict:
         return json.load(f)
 
 
+def has_quantized_bases(model: nn.Module) -> bool:
+    """Whether a MoLF layer of `model` (also inside torch.compile's or (D)DP's wrapper) has a quantized base."""
+    return any(m.quantized for _, m in molf_layers(unwrap_model(model)))
+
+
 def _load_quantized(model: nn.Module, path) -> nn.Module:
-    if not any(m.quantized for _, m in molf_layers(model)):
+    if not has_quantized_bases(model):
         raise ValueError(f"the molf checkpoint in {path} (saved from a quantized base) does not fit this model: its "
                          "MoLF layers have float bases; load the same base quantized, wrap it as molf_config.json "
                          "says, then molf.load(model, path)")
@@ -526,7 +531,8 @@ def _load_quantized(model: nn.Module, path) -> nn.Module:
     return model
 
 
-FSDP_SHARDS = "pytorch_model_fsdp_0"  # the Trainer's sharded model folder (accelerate's save_fsdp_model, model 0)
+FSDP_MODEL_NAME = "pytorch_model_fsdp"  # accelerate's save_fsdp_model: the file (.bin) or folder (_i) of model i
+FSDP_SHARDS = f"{FSDP_MODEL_NAME}_0"  # the Trainer's sharded model folder (model 0)
 
 
 def load_fsdp_quantized(model: nn.Module, path) -> None:

@@ -18,12 +18,6 @@ import accelerate.accelerator
 
 from .. import checkpoint
 
-FSDP_MODEL_NAME = "pytorch_model_fsdp"  # accelerate's save_fsdp_model: the file or folder of model i
-
-
-def _quantized_molf(model) -> bool:
-    return any(m.quantized for _, m in checkpoint.molf_layers(checkpoint.unwrap_model(model)))
-
 
 def saved_model_path(plugin, input_dir, model_index: int = 0) -> str:
     """Where accelerate's save_state wrote model `model_index` of an FSDP2 run: the full state dict's file
@@ -31,9 +25,9 @@ def saved_model_path(plugin, input_dir, model_index: int = 0) -> str:
     kind = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type))
     suffix = "" if model_index == 0 else f"_{model_index}"
     if kind == "FULL_STATE_DICT":
-        return os.path.join(input_dir, f"{FSDP_MODEL_NAME}{suffix}.bin")
+        return os.path.join(input_dir, f"{checkpoint.FSDP_MODEL_NAME}{suffix}.bin")
     if kind == "SHARDED_STATE_DICT":
-        folder = f"{FSDP_MODEL_NAME}_{model_index}"
+        folder = f"{checkpoint.FSDP_MODEL_NAME}_{model_index}"
         return str(input_dir) if os.path.basename(os.path.normpath(input_dir)) == folder \
             else os.path.join(input_dir, folder)
     raise ValueError(f"state_dict_type={kind}: an FSDP2 run on a quantized base resumes from FULL_STATE_DICT or "
@@ -47,7 +41,7 @@ def _quantized_bases_load_floats():
     original = accelerate.accelerator.load_fsdp_model
 
     def load_fsdp_model(fsdp_plugin, accelerator, model, input_dir, model_index=0, *args, **kwargs):
-        if not (accelerator.is_fsdp2 and _quantized_molf(model)):
+        if not (accelerator.is_fsdp2 and checkpoint.has_quantized_bases(model)):
             return original(fsdp_plugin, accelerator, model, input_dir, model_index, *args, **kwargs)
         accelerator.wait_for_everyone()
         checkpoint.load_fsdp_quantized(model, saved_model_path(fsdp_plugin, input_dir, model_index))

@@ -238,7 +238,7 @@ class MoLFTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
-        if self.is_fsdp_enabled and any(m.quantized for _, m in checkpoint.molf_layers(target)):
+        if self.is_fsdp_enabled and checkpoint.has_quantized_bases(target):
             # accelerate's load_fsdp_model loads every key: the shards hold no bitsandbytes quantization state
             checkpoint.load_fsdp_quantized(target, resume_from_checkpoint)
             return
@@ -255,7 +255,7 @@ class MoLFTrainer(Trainer):
         if not self.is_fsdp_enabled and best and checkpoint.is_molf_checkpoint(best) and checkpoint.molf_layers(model):
             checkpoint.load(model, best)
             return
-        if self.is_fsdp_enabled and best and any(m.quantized for _, m in checkpoint.molf_layers(model)):
+        if self.is_fsdp_enabled and best and checkpoint.has_quantized_bases(model):
             checkpoint.load_fsdp_quantized(model, best)
             return
         return super()._load_best_model()
