@@ -23,6 +23,31 @@ BF16_INTERPRETER = ("bf16 tl.dot is wrong under Triton's CPU interpreter (triton
                     "bf16 cases run on the GPU only")
 
 
+def interpreter_numpy_conflict() -> str | None:
+    """Why this Triton's CPU interpreter cannot run molf's kernels with this NumPy, or None. Triton before 3.7
+    turns a loop bound taken from a kernel argument into int(a 1-element array), which NumPy 2.4 refuses:
+    every kernel would fail with "only 0-dimensional arrays can be converted to Python scalars"."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    from packaging.version import Version
+    if Version(triton.__version__).release < (3, 7) and Version(numpy.__version__).release >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} (Triton "
+                "before 3.7 converts 1-element arrays to int, which NumPy 2.4 refuses): pip install 'numpy<2.4' "
+                "into this environment, or a newer torch with its triton >= 3.7")
+    return None
+
+
+def pytest_configure(config):
+    conflict = interpreter_numpy_conflict()
+    if conflict:
+        raise pytest.UsageError(conflict)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -129,3 +129,24 @@ except RuntimeError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "backend='triton' needs the triton package, which is not importable"
+
+
+def test_an_interpreter_that_numpy_breaks_stops_the_suite_with_the_reason(monkeypatch):
+    """Triton < 3.7's CPU interpreter with NumPy >= 2.4 fails every kernel ("only 0-dimensional arrays can be
+    converted to Python scalars", seen with torch 2.11 / Triton 3.6): the suite says why and what to install."""
+    import sys
+    import types
+    from conftest import interpreter_numpy_conflict
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, refused in (("3.6.0", "2.4.6", True), ("3.2.0", "2.5.0rc1", True),
+                                                   ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+                                                   ("3.9.0+git1", "2.5.0", False)):
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=triton_version))
+        monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__=numpy_version))
+        reason = interpreter_numpy_conflict()
+        assert (reason is not None) == refused, (triton_version, numpy_version, reason)
+        if refused:
+            assert f"Triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason
+            assert "numpy<2.4" in reason
+    monkeypatch.delenv("TRITON_INTERPRET")  # compiled kernels (a GPU) never meet the interpreter's conversion
+    assert interpreter_numpy_conflict() is None
