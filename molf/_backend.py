@@ -46,10 +46,10 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
         fits = all(d in KERNEL_DTYPES for d in dtypes)
         return "triton" if device.type == "cuda" and triton_available() and fits else "eager"
     if backend == "triton":
-        odd = next((d for d in dtypes if d not in KERNEL_DTYPES), None)
-        if odd is not None:
-            raise TypeError(f"backend='triton': the Triton kernels compute in float32, float16 and bfloat16, got "
-                            f"{odd} tensors; use backend='eager', or 'auto' (torch ops for {odd})")
+        for odd in dtypes:  # a loop: torch 2.7's torch.compile cannot trace next(generator)
+            if odd not in KERNEL_DTYPES:
+                raise TypeError(f"backend='triton': the Triton kernels compute in float32, float16 and bfloat16, "
+                                f"got {odd} tensors; use backend='eager', or 'auto' (torch ops for {odd})")
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
         if device.type != "cuda" and not interpreting():

@@ -186,11 +186,12 @@ class MoLFLinear(nn.Module):
         w = self.base.weight
         if torch.is_autocast_enabled(x.device.type):
             return  # every product runs in the autocast dtype
-        odd = next((p for p in (*experts[0], *experts[1]) if p.dtype != want), None)
-        if odd is not None:
-            raise TypeError(f"the layer's LoRA experts are {odd.dtype} but its "
-                            f"{'first expert' if self.quantized else 'base weight'} is {want}: a MoLF layer computes "
-                            "in one dtype; cast the layer as a whole (layer.to(dtype)), or run it under torch.autocast")
+        for p in (*experts[0], *experts[1]):  # a loop: torch 2.7's torch.compile cannot trace next(generator)
+            if p.dtype != want:
+                raise TypeError(f"the layer's LoRA experts are {p.dtype} but its "
+                                f"{'first expert' if self.quantized else 'base weight'} is {want}: a MoLF layer "
+                                "computes in one dtype; cast the layer as a whole (layer.to(dtype)), or run it under "
+                                "torch.autocast")
         if x.dtype != w.dtype and not self.quantized:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's weight dtype {w.dtype}; "
                             "cast the input or run under torch.autocast")
