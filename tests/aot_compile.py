@@ -51,7 +51,9 @@ def variants():
             bm, bn = (64, 32) if dt == "fp32" else (128, 64)  # as molf_linear._one_pass_grid
             cx = dict(HAS_DBIAS=dbias, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16 if dbias else 64)
             yield f"lowrank_grads {dt} dbias={dbias}", L._lowrank_grads_kernel, sig, cx, dict(num_warps=8)
-    for dt in ("fp16", "bf16"):  # the Hopper descriptor path: forward (B operands transposed) and dx (not)
+    # the Hopper descriptor path: forward (B operands transposed) and dx (not); a Triton without host-side
+    # descriptors (before 3.4) has no tensordesc type, and the layer never takes that path there
+    for dt in ("fp16", "bf16") if L.tensor_descriptor_class() is not None else ():
         for nk, drop, (bm, bn, warps, sub) in ((True, 0, (128, 256, 8, True)), (False, 3, (128, 128, 8, True)),
                                                (True, 0, (64, 128, 4, False))):
             bk = 64
@@ -135,6 +137,8 @@ def pipelined_variants():
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     target = GPUTarget("cuda", arch, 32)
+    if L.tensor_descriptor_class() is None:
+        print(f"no descriptors in Triton {triton.__version__}: the _mm2_tma variants are not compiled")
     for name, fn, sig, cx, opts in variants():
         k = compile_one(fn, sig, cx, target, **opts)
         print(f"ok sm_{arch} {name}: {len(k.asm['ptx'])} chars of PTX")

@@ -12,6 +12,10 @@ from helpers import batch, rel_err, tiny_qwen2
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
+# FSDP2's gradient averaging rounds otherwise than one process's mean (torch 2.7's reduce-scatter with ReduceOp.AVG:
+# 4e-5 from one process after 10 steps, on both backends, Adam magnifying the rounding of near-zero gradients;
+# within 1e-5 on torch 2.11 and later). The routing is compared exactly.
+FSDP2_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def test_routing_identical_on_ranks_and_equal_to_one_process(tmp_path, single_pr
     assert torch.equal(r0["routes"], ref_routes)
     assert (ref_routes.sum((0, 1)) > 0).all(), "the run should route to both experts"
     assert torch.equal(r0["params"], r1["params"])
-    assert rel_err(r0["params"], ref_params) <= 1e-5
+    assert rel_err(r0["params"], ref_params) <= (FSDP2_TOL if mode == "fsdp2" else 1e-5)
     # save after 5 steps and resume: the same last 5 steps
     assert torch.equal(r0["resumed_routes"], ref_routes[5:])
     assert torch.equal(r0["resumed_params"], r0["params"])
@@ -274,7 +278,7 @@ def test_fsdp2_after_other_device_meshes_routes_as_one_process(tmp_path, single_
         result = torch.load(tmp_path / f"meshes-{rank}.pt", weights_only=True)
         assert "error" not in result, result["error"]
         assert torch.equal(result["routes"], ref_routes)
-        assert rel_err(result["params"], ref_params) <= 1e-5
+        assert rel_err(result["params"], ref_params) <= FSDP2_TOL
 
 
 @pytest.mark.parametrize("kind, world", [("hsdp", 4), ("bf16-compute", 2)])
@@ -290,13 +294,16 @@ def test_hsdp_and_fsdp2_mixed_precision_route_as_one_process(tmp_path, single_pr
     ref_routes, ref_params, ref_scores = single_process
     results = [torch.load(tmp_path / f"{kind}-{rank}.pt", weights_only=True) for rank in range(world)]
     for result in results:
+        if "Cannot use ReduceOp.AVG with Gloo" in result.get("error", ""):
+            pytest.skip(f"torch {torch.__version__}'s HSDP all-reduces fp32 gradients with ReduceOp.AVG, which gloo "
+                        "lacks (NCCL has it); later torch (2.11 here) runs it on gloo")
         assert "error" not in result, result["error"]
         assert torch.equal(result["routes"], results[0]["routes"])
         assert torch.equal(result["params"], results[0]["params"])
     if kind == "hsdp":
         assert torch.equal(results[0]["routes"], ref_routes)
-        assert rel_err(results[0]["params"], ref_params) <= 1e-5
-        assert rel_err(results[0]["scores"], ref_scores) <= 1e-5
+        assert rel_err(results[0]["params"], ref_params) <= FSDP2_TOL
+        assert rel_err(results[0]["scores"], ref_scores) <= FSDP2_TOL
     else:
         assert rel_err(results[0]["params"], ref_params) <= 1e-2
 

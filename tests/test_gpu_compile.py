@@ -18,5 +18,8 @@ def test_all_kernels_compile_for_sm90(tmp_path):
     r = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     compiled = [ln for ln in r.stdout.splitlines() if ln.startswith("ok sm_90")]
-    assert len(compiled) == 47, r.stdout
+    from molf.kernels._utils import tensor_descriptor_class
+    descriptors = tensor_descriptor_class() is not None  # Triton < 3.4 has none: its 6 _mm2_tma variants left out
+    assert len(compiled) == (47 if descriptors else 41), r.stdout
+    assert sum("_mm2_tma" in ln for ln in compiled) == (6 if descriptors else 0), r.stdout
     assert sum(ln.startswith("pipelined sm_90") for ln in r.stdout.splitlines()) == 2, r.stdout

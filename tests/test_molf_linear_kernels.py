@@ -20,6 +20,10 @@ from molf.kernels.molf_linear import _launch_mm2
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, K, N, ranks): odd sizes, not multiples of any block; M = 0 and M = 1.
+DESCRIPTORS = L.tensor_descriptor_class() is not None
+needs_descriptors = pytest.mark.skipif(not DESCRIPTORS, reason="this Triton has no host-side TMA descriptors "
+                                       "(triton.tools.tensor_descriptor, Triton >= 3.4): the layer runs the pointer "
+                                       "kernels, tested without descriptors below")
 SHAPES = [(37, 45, 70, (5, 19)), (1, 17, 13, (3,)), (0, 24, 8, (2,)), (70, 33, 40, (16, 1, 7))]
 
 
@@ -484,6 +488,7 @@ def tma(monkeypatch):
     return spy
 
 
+@needs_descriptors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("form", ["forward", "dx", "dx_dropout"])
 def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
@@ -514,6 +519,7 @@ def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
     assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (programs,)  # interpreter: 3 programs walk the tiles
 
 
+@needs_descriptors
 def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
     monkeypatch.setenv("MOLF_TMA", "1")
     h = dict(dtype=torch.float16, device=DEVICE)
@@ -536,6 +542,22 @@ def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
     assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP) == hopper  # by default: Hopper GPUs, not the interpreter
 
 
+def test_without_tritons_descriptors_every_product_takes_the_pointer_kernel(monkeypatch):
+    """A Triton without host-side descriptors (before 3.4): no product takes the descriptor path, even forced."""
+    monkeypatch.setenv("MOLF_TMA", "1")
+    monkeypatch.setattr(L, "tensor_descriptor_class", lambda: None)
+    h = dict(dtype=torch.float16, device=DEVICE)
+    a1, b1 = torch.randn(8, 16, **h), torch.randn(24, 16, **h).t()
+    a2, b2, out = torch.randn(8, 8, **h), torch.randn(24, 8, **h).t(), torch.empty(8, 24, **h)
+    for drop in (L.NO_DROP, L.DROP_SECOND):
+        assert not L.tma_path(a1, b1, a2, b2, out, drop)
+    spy = KernelSpy(L._mm2_tma_kernel)
+    monkeypatch.setattr(L, "_mm2_tma_kernel", spy)
+    got = L.product(a1, b1, a2=a2, b2=b2)
+    assert spy.grids == []
+    assert_close(got, a1.double() @ b1.double() + a2.double() @ b2.double(), TOL[torch.float16], "pointer kernel")
+
+
 @pytest.mark.parametrize("shape", [(48, 40, (8, 16)), (45, 40, (8, 16)), (48, 40, (5,))],
                          ids=["aligned", "K45-pointer-x", "r5-pointer-lowrank"])
 def test_layer_on_tma_path_equals_pointer_path(monkeypatch, shape):
@@ -554,7 +576,8 @@ def test_layer_on_tma_path_equals_pointer_path(monkeypatch, shape):
     monkeypatch.setattr(L, "_mm2_tma_kernel", spy)
     torch.manual_seed(9)
     y_t, gr_t = grads(fused, x, g)
-    assert len(spy.grids) == (2 if shape[0] % 8 == 0 and sum(ranks) % 8 == 0 else 0)  # forward y and dx
+    aligned = shape[0] % 8 == 0 and sum(ranks) % 8 == 0
+    assert len(spy.grids) == (2 if aligned and DESCRIPTORS else 0)  # forward y and dx
     assert_close(y_t, y, TOL[torch.float16], "y")
     for key in gr:
         assert_close(gr_t[key], gr[key], TOL[torch.float16], f"d{key}")
