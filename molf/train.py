@@ -355,6 +355,10 @@ def _check(cfg: TrainConfig):
     if missing:  # checked first: the routing plots are drawn after training, which they would have lost
         raise TrainError(f"molf train needs {' and '.join(missing)} (the Trainer, the routing plots): pip install "
                          f"{' '.join(missing)}, or pip install 'molf[train]'")
+    try:
+        importlib.import_module(".integrations.hf", __package__)  # it refuses a transformers too old
+    except ImportError as e:
+        raise TrainError(str(e)) from None
     if cfg.mode not in MODES:
         raise TrainError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     world = os.environ.get("WORLD_SIZE", "1")

@@ -513,6 +513,24 @@ def test_a_missing_optional_dependency_is_one_line_before_training(tmp_path, cap
         assert "molf plot needs matplotlib: pip install matplotlib" in capsys.readouterr().err
 
 
+def test_a_transformers_4_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """Under transformers 4.57 (the last 4.x) the suite failed in 34 tests: the Trainer integration refuses a
+    transformers before 5 when it is imported, and molf train says so in one line before anything runs."""
+    import importlib
+    import sys
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    monkeypatch.delitem(sys.modules, "molf.integrations.hf", raising=False)
+    monkeypatch.delitem(sys.modules, "molf.integrations.trl", raising=False)
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.17, found 4\.57\.6: pip install -U"):
+        importlib.import_module("molf.integrations.hf")
+    out = tmp_path / "out"
+    assert main(["train", "--output", str(out), "--no-progress", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "molf train: error: molf's Trainer integration needs transformers >= 5.17" in err[0], err
+    assert not out.exists()
+
+
 def test_messages_need_a_chat_template(tmp_path, capsys):
     data = write_jsonl(tmp_path / "m.jsonl", RECORDS["messages"])
     assert main(["train", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]) == 2

@@ -14,7 +14,15 @@ import json
 import os
 import warnings
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+import transformers
+
+# Under transformers 4.57 (the last 4.x; trl 1.0, accelerate 1.4) the suite failed in 34 tests: checkpoints,
+# resume, trl's references. molf is tested from 5.17 (pyproject's floor).
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"molf's Trainer integration needs transformers >= 5.17, found {transformers.__version__}: "
+                      "pip install -U 'transformers>=5.17', or pip install -U 'molf[train]'")
+
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from .. import checkpoint
 from ..optim import MoLFAdamW
