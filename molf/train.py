@@ -356,7 +356,8 @@ def _check(cfg: TrainConfig):
         raise TrainError(f"molf train needs {' and '.join(missing)} (the Trainer, the routing plots): pip install "
                          f"{' '.join(missing)}, or pip install 'molf[train]'")
     try:
-        importlib.import_module(".integrations.hf", __package__)  # it refuses a transformers too old
+        from .integrations import check_transformers
+        check_transformers()
     except ImportError as e:
         raise TrainError(str(e)) from None
     if cfg.mode not in MODES:

@@ -14,18 +14,14 @@ import json
 import os
 import warnings
 
-import transformers
+from . import check_transformers
 
-# Under transformers 4.57 (the last 4.x; trl 1.0, accelerate 1.4) the suite failed in 34 tests: checkpoints,
-# resume, trl's references. molf is tested from 5.17 (pyproject's floor).
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"molf's Trainer integration needs transformers >= 5.17, found {transformers.__version__}: "
-                      "pip install -U 'transformers>=5.17', or pip install -U 'molf[train]'")
+check_transformers()
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from .. import checkpoint
-from ..optim import MoLFAdamW
+from .. import checkpoint  # noqa: E402
+from ..optim import MoLFAdamW  # noqa: E402
 
 ROUTING_FILE = "molf_routing.jsonl"
 # The Trainer's AdamW choices, which MoLFAdamW stands in for silently (its hyperparameters are read).
