@@ -19,11 +19,11 @@ from molf._math import dropout_keep
 from molf.kernels.molf_linear import _launch_mm2
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (M, K, N, ranks): odd sizes, not multiples of any block; M = 0 and M = 1.
 DESCRIPTORS = L.tensor_descriptor_class() is not None
 needs_descriptors = pytest.mark.skipif(not DESCRIPTORS, reason="this Triton has no host-side TMA descriptors "
                                        "(triton.tools.tensor_descriptor, Triton >= 3.4): the layer runs the pointer "
                                        "kernels, tested without descriptors below")
+# (M, K, N, ranks): odd sizes, not multiples of any block; M = 0 and M = 1.
 SHAPES = [(37, 45, 70, (5, 19)), (1, 17, 13, (3,)), (0, 24, 8, (2,)), (70, 33, 40, (16, 1, 7))]
 
 
@@ -519,12 +519,18 @@ def test_tma_path_matches_formula(tma, nan_empty, dtype, form):
     assert tma.grids[0](dict(BLOCK_M=32, BLOCK_N=32)) == (programs,)  # interpreter: 3 programs walk the tiles
 
 
+def descriptor_operands():
+    """fp16 operands of C = A1 B1 + A2 B2 (8 x 24 output, K 16, rank 8) that descriptors can take, and C."""
+    h = dict(dtype=torch.float16, device=DEVICE)
+    a1, b1 = torch.randn(8, 16, **h), torch.randn(24, 16, **h).t()
+    return a1, b1, torch.randn(8, 8, **h), torch.randn(24, 8, **h).t(), torch.empty(8, 24, **h)
+
+
 @needs_descriptors
 def test_tma_path_takes_only_what_descriptors_can(monkeypatch):
     monkeypatch.setenv("MOLF_TMA", "1")
+    a1, b1, a2, b2, out = descriptor_operands()
     h = dict(dtype=torch.float16, device=DEVICE)
-    a1, b1 = torch.randn(8, 16, **h), torch.randn(24, 16, **h).t()
-    a2, b2, out = torch.randn(8, 8, **h), torch.randn(24, 8, **h).t(), torch.empty(8, 24, **h)
     assert L.tma_path(a1, b1, a2, b2, out, L.NO_DROP)
     assert L.tma_path(a1, b1, a2, b2, out, L.DROP_SECOND)
     assert not L.tma_path(a1, b1, None, None, out, L.NO_DROP)  # a single product: the pointer kernel
@@ -546,9 +552,7 @@ def test_without_tritons_descriptors_every_product_takes_the_pointer_kernel(monk
     """A Triton without host-side descriptors (before 3.4): no product takes the descriptor path, even forced."""
     monkeypatch.setenv("MOLF_TMA", "1")
     monkeypatch.setattr(L, "tensor_descriptor_class", lambda: None)
-    h = dict(dtype=torch.float16, device=DEVICE)
-    a1, b1 = torch.randn(8, 16, **h), torch.randn(24, 16, **h).t()
-    a2, b2, out = torch.randn(8, 8, **h), torch.randn(24, 8, **h).t(), torch.empty(8, 24, **h)
+    a1, b1, a2, b2, out = descriptor_operands()
     for drop in (L.NO_DROP, L.DROP_SECOND):
         assert not L.tma_path(a1, b1, a2, b2, out, drop)
     spy = KernelSpy(L._mm2_tma_kernel)
